@@ -1,0 +1,1 @@
+"""Built-in middlewares, installed as llmproxy.middlewares."""

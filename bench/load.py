@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Load generator of the llmproxy benchmark (aiohttp client, uvloop).
+
+Sends N POST requests with a fixed body, at most C in flight, reads every response to the
+end, checks it, and reports count, errors, wall time and latency percentiles as JSON.
+
+One-shot:
+    python bench/load.py --url http://127.0.0.1:4000/v1/chat/completions \
+        --n 2000 --c 16 [--stream] [--key sk-...] [--model bench-model]
+
+Server mode (what bench/run.py uses, so the interpreter starts once): read one JSON
+command per stdin line, answer one JSON result per stdout line, exit at EOF.
+    {"url": ..., "n": 2000, "c": 16, "body": {...}, "headers": {...},
+     "check": "openai-json" | "openai-sse" | "anthropic-json" | "anthropic-sse",
+     "timeout": 60, "deadline": 600}
+
+Checks: status 200 and
+    openai-json     a JSON object with a non-empty "choices" list
+    openai-sse      the body ends with "data: [DONE]"
+    anthropic-json  a JSON object with "type": "message"
+    anthropic-sse   the last event is message_stop
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+import aiohttp
+import orjson
+
+MAX_ERROR_SAMPLES = 5
+
+
+def _check(kind: str, status: int, data: bytes) -> str | None:
+    """None when the response is good, else a short reason."""
+    if status != 200:
+        return f"HTTP {status}: {data[:200]!r}"
+    if kind == "openai-sse":
+        if not data.rstrip().endswith(b"data: [DONE]"):
+            return f"stream does not end with data: [DONE]: ...{data[-200:]!r}"
+        return None
+    if kind == "anthropic-sse":
+        if b"event: message_stop" not in data[-300:]:
+            return f"stream does not end with message_stop: ...{data[-200:]!r}"
+        return None
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return f"not JSON: {data[:200]!r}"
+    if kind == "openai-json":
+        if not isinstance(obj, dict) or not obj.get("choices"):
+            return f"no choices: {data[:200]!r}"
+    elif kind == "anthropic-json":
+        if not isinstance(obj, dict) or obj.get("type") != "message":
+            return f"not a message: {data[:200]!r}"
+    return None
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    idx = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[idx]
+
+
+async def run_load(cmd: dict) -> dict:
+    url: str = cmd["url"]
+    n = int(cmd["n"])
+    c = max(1, min(int(cmd.get("c", 16)), n if n > 0 else 1))
+    body = orjson.dumps(cmd["body"])
+    headers = {"Content-Type": "application/json", **cmd.get("headers", {})}
+    kind = cmd.get("check", "openai-json")
+    timeout = aiohttp.ClientTimeout(total=float(cmd.get("timeout", 60)))
+    deadline = float(cmd.get("deadline", 600))
+
+    next_index = 0
+    ok = 0
+    errors = 0
+    error_samples: list[str] = []
+    latencies: list[float] = []
+    bytes_in = 0
+
+    def note(reason: str) -> None:
+        if len(error_samples) < MAX_ERROR_SAMPLES and reason not in error_samples:
+            error_samples.append(reason)
+
+    def record_error(reason: str) -> None:
+        nonlocal errors
+        errors += 1
+        note(reason)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal next_index, ok, bytes_in
+        while next_index < n:  # bounded: every pass takes one of the n indices
+            next_index += 1
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers=headers) as resp:
+                    data = await resp.read()
+                    status = resp.status
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection refused/reset, timeout, ...
+                record_error(f"{type(exc).__name__}: {exc}"[:300])
+                continue
+            latencies.append(time.perf_counter() - t0)
+            bytes_in += len(data)
+            reason = _check(kind, status, data)
+            if reason is None:
+                ok += 1
+            else:
+                record_error(reason)
+
+    connector = aiohttp.TCPConnector(limit=0)
+    t_start = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                     auto_decompress=False) as session:
+        tasks = [asyncio.ensure_future(worker(session)) for _ in range(c)]
+        done, pending = await asyncio.wait(tasks, timeout=deadline)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            note(f"deadline of {deadline:.0f}s reached")
+        for t in done:
+            if t.exception() is not None:
+                note(f"worker crashed: {t.exception()!r}"[:300])
+    wall = time.perf_counter() - t_start
+
+    unfinished = n - ok - errors
+    if unfinished > 0:  # cut off by the deadline or a crash: count as errors
+        errors += unfinished
+    latencies.sort()
+    return {
+        "url": url,
+        "n": n,
+        "c": c,
+        "ok": ok,
+        "errors": errors,
+        "error_samples": error_samples,
+        "wall_s": wall,
+        "rps": ok / wall if wall > 0 else None,
+        "bytes_in": bytes_in,
+        "latency_ms": {
+            "p50": _ms(_percentile(latencies, 0.50)),
+            "p90": _ms(_percentile(latencies, 0.90)),
+            "p99": _ms(_percentile(latencies, 0.99)),
+            "max": _ms(latencies[-1] if latencies else None),
+        },
+    }
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000.0, 3)
+
+
+def serve(loop: asyncio.AbstractEventLoop) -> None:
+    for line in sys.stdin:  # bounded by the commands the harness sends; ends at EOF
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            result = loop.run_until_complete(run_load(orjson.loads(line)))
+        except Exception as exc:
+            result = {"fatal": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+        sys.stdout.flush()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--serve", action="store_true", help="read JSON commands from stdin")
+    ap.add_argument("--url")
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--c", type=int, default=16)
+    ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--key", default=None, help="sent as Authorization: Bearer KEY")
+    ap.add_argument("--model", default="bench-model")
+    ap.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")
+    args = ap.parse_args()
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        if args.serve:
+            serve(loop)
+            return
+        if not args.url:
+            ap.error("--url is required (or --serve)")
+        body: dict = {"model": args.model, "messages": [{"role": "user", "content": "hello"}]}
+        if args.stream:
+            body["stream"] = True
+        cmd = {
+            "url": args.url, "n": args.n, "c": args.c, "body": body,
+            "headers": {"Authorization": f"Bearer {args.key}"} if args.key else {},
+            "check": "openai-sse" if args.stream else "openai-json",
+            "timeout": args.timeout,
+        }
+        result = loop.run_until_complete(run_load(cmd))
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        sys.exit(1 if result["errors"] else 0)
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,876 @@
+#!/usr/bin/env python3
+"""llmproxy benchmark: CPU per request of the proxy against a bare aiohttp floor.
+
+    .venv/bin/python bench/run.py                       # floor vs proxy, chat + chat-stream
+    .venv/bin/python bench/run.py --targets floor,floor-b   # harness self-check, ratio ~1.0
+    .venv/bin/python bench/run.py --targets floor,proxy,proxy-scheduler
+    .venv/bin/python bench/run.py --target proxy-mine=my-extra.yaml
+    .venv/bin/python bench/run.py --list                # targets and scenarios known
+
+It starts a mock provider (bench/upstream.py), one process per target (bench/floor.py, or
+`python -m llmproxy serve` with a generated config) and a load generator (bench/load.py),
+all on free 127.0.0.1 ports. For each scenario it warms every target up, then runs the
+targets in turn, --rounds times (floor, proxy, floor, proxy, ...), and for each run reads
+the target's CPU time (its whole process tree) before and after. The table gives the median
+CPU microseconds per request of each target and its ratio to the first target (the floor).
+Raw numbers go to bench/results/latest.json. See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import select
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+MASTER_KEY = "sk-bench-master-0123456789abcdef0123456789"
+UPSTREAM_KEY = "sk-upstream-dummy"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+DEFAULT_PROXY_CMD = "{python} -m llmproxy serve --config {config}"
+
+
+# --------------------------------------------------------------------------- scenarios
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: str
+    body: dict
+    check: str        # see bench/load.py
+    api: str          # "openai" | "anthropic": which auth headers, which model
+    stream: bool
+    description: str
+
+
+CHAT_MESSAGES = [{"role": "user", "content": "hello"}]
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
+    Scenario("chat", "/v1/chat/completions",
+             {"model": "bench-model", "messages": CHAT_MESSAGES},
+             "openai-json", "openai", False, "OpenAI chat, non-stream"),
+    Scenario("chat-stream", "/v1/chat/completions",
+             {"model": "bench-model", "messages": CHAT_MESSAGES, "stream": True},
+             "openai-sse", "openai", True, "OpenAI chat, stream (24 chunks + [DONE])"),
+    Scenario("messages", "/v1/messages",
+             {"model": "bench-claude", "max_tokens": 64, "messages": CHAT_MESSAGES},
+             "anthropic-json", "anthropic", False, "Anthropic messages, non-stream"),
+    Scenario("messages-stream", "/v1/messages",
+             {"model": "bench-claude", "max_tokens": 64, "messages": CHAT_MESSAGES,
+              "stream": True},
+             "anthropic-sse", "anthropic", True, "Anthropic messages, stream"),
+]}
+DEFAULT_SCENARIOS = "chat,chat-stream"
+
+
+def scenario_headers(sc: Scenario) -> dict:
+    if sc.api == "anthropic":
+        return {"x-api-key": MASTER_KEY, "anthropic-version": "2023-06-01"}
+    return {"Authorization": f"Bearer {MASTER_KEY}"}
+
+
+# --------------------------------------------------------------------------- targets
+#
+# A target is a process the load is sent to. kind "floor" runs bench/floor.py; kind
+# "proxy" runs the proxy command (default `python -m llmproxy serve --config FILE`) with
+# the base config below, deep-merged with `config`, with `deployment` merged into every
+# deployment. Add a row here (or pass --target NAME=EXTRA.yaml) to benchmark a feature.
+
+@dataclass
+class TargetSpec:
+    name: str
+    kind: str                       # "floor" | "proxy"
+    description: str = ""
+    config: dict = field(default_factory=dict)
+    deployment: dict = field(default_factory=dict)
+    extra_files: list[str] = field(default_factory=list)
+
+
+_NO_LIMIT_DEPLOYMENT = {"rpm": 100_000_000, "tpm": 100_000_000_000, "max_queue_size": 10_000}
+
+ROWS: list[TargetSpec] = [
+    TargetSpec("floor", "floor", "bare aiohttp pass-through (bench/floor.py)"),
+    TargetSpec("floor-b", "floor", "a second floor instance: harness self-check, ratio ~1.0"),
+    TargetSpec("proxy", "proxy", "llmproxy, middlewares: [] (access log and metrics on)"),
+    TargetSpec("proxy-scheduler", "proxy", "llmproxy + scheduler (limits far above the load)",
+               config={"middlewares": [{"scheduler": {"default_max_tokens": 256}}]},
+               deployment=_NO_LIMIT_DEPLOYMENT),
+    TargetSpec("proxy-pii", "proxy", "llmproxy + pii mask (built-in recognizers)",
+               config={"middlewares": [{"pii": {"mode": "mask"}}]}),
+    TargetSpec("proxy-tracing", "proxy", "llmproxy + tracing (no OTLP exporter)",
+               config={"middlewares": ["tracing"]}),
+]
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """Merge extra into base in place: dicts recursively, anything else (lists too) replaces."""
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def load_extra_yaml(path: str) -> tuple[dict, dict]:
+    """An extra config file: YAML merged into the proxy config; its optional top-level key
+    `bench_deployment` is merged into every deployment instead."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: expected a YAML mapping at the top level")
+    dep = data.pop("bench_deployment", None) or {}
+    if not isinstance(dep, dict):
+        raise SystemExit(f"{path}: bench_deployment must be a mapping")
+    return data, dep
+
+
+def proxy_config(spec: TargetSpec, port: int, upstream_port: int,
+                 scenarios: list[Scenario]) -> dict:
+    cfg: dict = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "master_key": MASTER_KEY,
+        "models": [{
+            "name": "bench-model",
+            "deployments": [{
+                "provider": "openai", "model": "bench-model",
+                "api_base": f"http://127.0.0.1:{upstream_port}/v1", "api_key": UPSTREAM_KEY,
+            }],
+        }],
+        "middlewares": [],
+    }
+    if any(sc.api == "anthropic" for sc in scenarios):
+        cfg["models"].append({
+            "name": "bench-claude",
+            "deployments": [{
+                "provider": "anthropic", "model": "bench-claude",
+                "api_base": f"http://127.0.0.1:{upstream_port}", "api_key": UPSTREAM_KEY,
+            }],
+        })
+    deep_merge(cfg, spec.config)
+    dep_extra = dict(spec.deployment)
+    for path in spec.extra_files:
+        data, dep = load_extra_yaml(path)
+        deep_merge(cfg, data)
+        deep_merge(dep_extra, dep)
+    if dep_extra:
+        for model in cfg.get("models", []):
+            for dep in model.get("deployments", []):
+                deep_merge(dep, dep_extra)
+    return cfg
+
+
+# --------------------------------------------------------------------------- /proc
+
+def _read_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat from field 3 (state) on; None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode("ascii", "replace")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return raw[raw.rfind(")") + 2:].split()   # comm may contain spaces and parentheses
+
+
+# indices into _read_stat()'s list: field number - 3
+_PPID, _UTIME, _STIME, _CUTIME, _CSTIME, _STARTTIME = 1, 11, 12, 13, 14, 19
+
+
+def descendants(pid: int) -> list[tuple[int, int]]:
+    """(pid, starttime) of every live descendant of pid, by walking /proc/*/stat ppids."""
+    children: dict[int, list[int]] = {}
+    start: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        st = _read_stat(int(name))
+        if st is None:
+            continue
+        children.setdefault(int(st[_PPID]), []).append(int(name))
+        start[int(name)] = int(st[_STARTTIME])
+    out: list[tuple[int, int]] = []
+    frontier = [pid]
+    seen = {pid}
+    while frontier:  # bounded: each pid is visited once
+        nxt = []
+        for p in frontier:
+            for c in children.get(p, ()):
+                if c not in seen:
+                    seen.add(c)
+                    out.append((c, start[c]))
+                    nxt.append(c)
+        frontier = nxt
+    return out
+
+
+def _schedstat_ns(pid: int) -> int:
+    """On-CPU nanoseconds of all live threads of pid (/proc/<pid>/task/*/schedstat)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+            pass
+    return total
+
+
+def tree_cpu(pid: int) -> dict:
+    """CPU used so far by pid and its live descendants.
+
+    ticks: utime+stime (+cutime+cstime, the reaped children) from /proc/<pid>/stat, in
+    clock ticks (1/CLK_TCK s), covers every thread, 10 ms resolution.
+    ns: sum of /proc/<pid>/task/*/schedstat run time, nanosecond resolution."""
+    pids = [pid] + [p for p, _ in descendants(pid)]
+    ticks = 0
+    ns = 0
+    for p in pids:
+        st = _read_stat(p)
+        if st is None:
+            continue
+        ticks += int(st[_UTIME]) + int(st[_STIME]) + int(st[_CUTIME]) + int(st[_CSTIME])
+        ns += _schedstat_ns(p)
+    return {"ticks": ticks, "ns": ns, "pids": len(pids)}
+
+
+def schedstat_available() -> bool:
+    try:
+        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/schedstat") as f:
+            int(f.read().split()[0])
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+# --------------------------------------------------------------------------- processes
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class Proc:
+    """A child process whose output goes to a log file; stopped by PID."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path,
+                 env: dict | None = None, **popen_kw) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.popen = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=popen_kw.pop("stdin", subprocess.DEVNULL),
+            stdout=popen_kw.pop("stdout", self._log), stderr=self._log,
+            start_new_session=True, **popen_kw)
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                text = f.read().decode("utf-8", "replace")
+        except OSError as e:
+            return f"(cannot read {self.log_path}: {e})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, wait, SIGKILL if needed; then SIGKILL any descendant left behind
+        (checked by start time, so a recycled PID is never hit)."""
+        try:
+            if self.popen.poll() is None:
+                kids = descendants(self.pid)
+                self.popen.send_signal(signal.SIGTERM)
+                try:
+                    self.popen.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.popen.kill()
+                    self.popen.wait(5)
+                for pid, start in kids:
+                    st = _read_stat(pid)
+                    if st is not None and int(st[_STARTTIME]) == start:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+        finally:
+            self._log.close()
+
+
+class LoadClient:
+    """bench/load.py --serve: one JSON command per line in, one JSON result per line out."""
+
+    def __init__(self, python: str, log_path: Path) -> None:
+        self.proc = Proc("load", [python, str(BENCH / "load.py"), "--serve"], log_path, REPO,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self._buf = b""
+
+    def run(self, cmd: dict, timeout: float) -> dict:
+        p = self.proc.popen
+        p.stdin.write(json.dumps(cmd).encode() + b"\n")
+        p.stdin.flush()
+        deadline = time.monotonic() + timeout
+        fd = p.stdout.fileno()
+        while b"\n" not in self._buf:  # bounded by the deadline
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"load generator gave no answer in {timeout:.0f}s")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise RuntimeError("load generator exited:\n" + self.proc.log_tail())
+                self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        result = json.loads(line)
+        if "fatal" in result:
+            raise RuntimeError(f"load generator failed: {result['fatal']}")
+        return result
+
+    def stop(self) -> None:
+        try:
+            if self.proc.popen.stdin:
+                self.proc.popen.stdin.close()  # EOF ends its command loop
+            self.proc.popen.wait(5)
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+        self.proc.stop()
+
+
+def wait_ready(proc: Proc, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:  # bounded by the deadline
+        if not proc.alive():
+            raise StartError(proc, f"exited with code {proc.popen.returncode} before ready")
+        try:
+            status, _ = http_get(url, timeout=1.0)
+            if status == 200:
+                return
+            last = f"HTTP {status}"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.1)
+    raise StartError(proc, f"not ready after {timeout:.0f}s ({url}: {last})")
+
+
+class StartError(Exception):
+    def __init__(self, proc: Proc, why: str) -> None:
+        super().__init__(f"{proc.name} {why}")
+        self.proc = proc
+
+
+# --------------------------------------------------------------------------- running
+
+@dataclass
+class Target:
+    spec: TargetSpec
+    port: int
+    proc: Proc
+    config_path: Path | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def start_target(spec: TargetSpec, args, tmp: Path, upstream_port: int,
+                 scenarios: list[Scenario]) -> Target:
+    port = free_port()
+    upstream_root = f"http://127.0.0.1:{upstream_port}"
+    log = tmp / f"{spec.name}.log"
+    env = dict(os.environ)
+    env["BENCH_UPSTREAM_URL"] = upstream_root
+    env["BENCH_UPSTREAM_API_BASE"] = upstream_root + "/v1"
+    config_path = None
+    if spec.kind == "floor":
+        argv = [args.python, str(BENCH / "floor.py"), "--port", str(port),
+                "--upstream", upstream_root, "--api-key", UPSTREAM_KEY]
+        cwd = REPO
+    else:
+        import yaml
+
+        cfg = proxy_config(spec, port, upstream_port, scenarios)
+        config_path = tmp / f"{spec.name}.yaml"
+        config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        values = {"python": args.python, "port": port, "config": str(config_path),
+                  "upstream": upstream_root, "api_base": upstream_root + "/v1",
+                  "bench": str(BENCH), "repo": str(REPO), "master_key": MASTER_KEY,
+                  "upstream_key": UPSTREAM_KEY}
+        argv = [tok.format(**values) for tok in shlex.split(args.proxy_cmd)]
+        cwd = tmp  # the default SQLite file lands in the temp dir, not in the repo
+    proc = Proc(spec.name, argv, log, cwd, env)
+    target = Target(spec, port, proc, config_path)
+    if args.pin:
+        pin(proc.pid, {0})
+    return target
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    try:
+        os.sched_setaffinity(pid, cpus)
+    except OSError as e:
+        print(f"warning: cannot pin pid {pid} to {cpus}: {e}", file=sys.stderr)
+
+
+def upstream_requests(upstream_port: int) -> int | None:
+    try:
+        status, body = http_get(f"http://127.0.0.1:{upstream_port}/bench/stats")
+        return json.loads(body)["requests"] if status == 200 else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def measure(load: LoadClient, target: Target, sc: Scenario, n: int, args,
+            upstream: Proc, upstream_port: int, warmup: bool = False) -> dict:
+    """One load run against one target, with CPU deltas of target, upstream and load."""
+    run: dict = {"target": target.name, "scenario": sc.name, "n": n, "warmup": warmup}
+    if not target.proc.alive():
+        run.update(ok=0, errors=n, error_samples=[f"{target.name} is not running"],
+                   cpu_us_per_req=None)
+        return run
+    cmd = {"url": f"http://127.0.0.1:{target.port}{sc.path}", "n": n, "c": args.c,
+           "body": sc.body, "headers": scenario_headers(sc), "check": sc.check,
+           "timeout": args.request_timeout, "deadline": args.run_timeout}
+    up0 = upstream_requests(upstream_port)
+    t0, u0, l0 = tree_cpu(target.proc.pid), tree_cpu(upstream.pid), tree_cpu(load.proc.pid)
+    res = load.run(cmd, timeout=args.run_timeout + 30)
+    time.sleep(args.settle)  # let deferred work (batched writes, log flushes) land in the window
+    t1, u1, l1 = tree_cpu(target.proc.pid), tree_cpu(upstream.pid), tree_cpu(load.proc.pid)
+    up1 = upstream_requests(upstream_port)
+
+    def us_per_req(a: dict, b: dict, clock: str) -> float:
+        if clock == "ns":
+            return (b["ns"] - a["ns"]) / 1000.0 / n
+        return (b["ticks"] - a["ticks"]) * 1e6 / CLK_TCK / n
+
+    run.update(
+        ok=res["ok"], errors=res["errors"], error_samples=res["error_samples"],
+        wall_s=res["wall_s"], rps=res["rps"], latency_ms=res["latency_ms"],
+        bytes_in=res["bytes_in"],
+        cpu_us_per_req_stat=us_per_req(t0, t1, "ticks"),
+        cpu_us_per_req_schedstat=us_per_req(t0, t1, "ns") if args.clock_has_ns else None,
+        target_ticks=t1["ticks"] - t0["ticks"], target_ns=t1["ns"] - t0["ns"],
+        target_pids=t1["pids"],
+        upstream_cpu_us_per_req=us_per_req(u0, u1, "ns" if args.clock_has_ns else "ticks"),
+        load_cpu_us_per_req=us_per_req(l0, l1, "ns" if args.clock_has_ns else "ticks"),
+        upstream_calls=(up1 - up0) if up0 is not None and up1 is not None else None,
+    )
+    run["cpu_us_per_req"] = (run["cpu_us_per_req_schedstat"] if args.clock == "schedstat"
+                             else run["cpu_us_per_req_stat"])
+    if not target.proc.alive():
+        run["errors"] = max(run["errors"], 1)
+        run["error_samples"] = run["error_samples"] + [f"{target.name} died during the run"]
+    return run
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: list[dict], targets: list[Target], scenarios: list[Scenario]) -> dict:
+    out: dict = {}
+    base = targets[0].name
+    for sc in scenarios:
+        rows: dict = {}
+        for t in targets:
+            mine = [r for r in runs if r["scenario"] == sc.name and r["target"] == t.name]
+            measured = [r for r in mine if not r["warmup"]]
+            errors = sum(r["errors"] for r in mine)
+            calls_off = [r for r in measured
+                         if r.get("upstream_calls") is not None and r["upstream_calls"] != r["n"]]
+            rows[t.name] = {
+                "cpu_us_per_req_median": median([r.get("cpu_us_per_req") for r in measured]),
+                "cpu_us_per_req_rounds": [r.get("cpu_us_per_req") for r in measured],
+                "cpu_us_per_req_stat_median": median([r.get("cpu_us_per_req_stat") for r in measured]),
+                "cpu_us_per_req_schedstat_median":
+                    median([r.get("cpu_us_per_req_schedstat") for r in measured]),
+                "rps_median": median([r.get("rps") for r in measured]),
+                "p50_ms_median": median([(r.get("latency_ms") or {}).get("p50") for r in measured]),
+                "p99_ms_median": median([(r.get("latency_ms") or {}).get("p99") for r in measured]),
+                "upstream_cpu_us_per_req_median":
+                    median([r.get("upstream_cpu_us_per_req") for r in measured]),
+                "errors": errors,
+                "error_samples": sorted({s for r in mine for s in r.get("error_samples", [])})[:5],
+                "upstream_calls_mismatch": [(r["n"], r["upstream_calls"]) for r in calls_off],
+                "status": "FAILED" if errors or not measured else "ok",
+            }
+        b = rows[base]["cpu_us_per_req_median"]
+        for name, row in rows.items():
+            m = row["cpu_us_per_req_median"]
+            row["ratio"] = (m / b) if (m is not None and b) else None
+            pairs = []
+            base_rounds = rows[base]["cpu_us_per_req_rounds"]
+            for x, y in zip(row["cpu_us_per_req_rounds"], base_rounds):
+                if x is not None and y:
+                    pairs.append(x / y)
+            row["ratio_per_round"] = pairs
+        out[sc.name] = rows
+    return out
+
+
+def fmt(v: float | None, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def print_table(summary: dict, targets: list[Target], args) -> bool:
+    base = targets[0].name
+    head = ["scenario"]
+    for i, t in enumerate(targets):
+        head.append(f"{t.name} µs/req")
+        if i:
+            head.append("ratio" if len(targets) == 2 else f"{t.name}/{base}")
+    head.append("status")
+    lines = []
+    all_ok = True
+    for sc_name, rows in summary.items():
+        cells = [sc_name]
+        bad = []
+        for i, t in enumerate(targets):
+            row = rows[t.name]
+            cells.append(fmt(row["cpu_us_per_req_median"], 1))
+            if i:
+                cells.append(fmt(row["ratio"], 2))
+            if row["status"] != "ok":
+                bad.append(f"{t.name}: {row['errors']} errors" if row["errors"]
+                           else f"{t.name}: no runs")
+        cells.append("FAILED (" + "; ".join(bad) + ")" if bad else "ok")
+        all_ok = all_ok and not bad
+        lines.append(cells)
+    widths = [max(len(r[i]) for r in [head] + lines) for i in range(len(head))]
+
+    def render(cells: list[str]) -> str:
+        parts = [cells[0].ljust(widths[0])]
+        parts += [c.rjust(w) for c, w in zip(cells[1:-1], widths[1:-1])]
+        parts.append(cells[-1])
+        return "   ".join(parts)
+
+    print()
+    print(f"CPU per request, target process tree, median of {args.rounds} alternating rounds "
+          f"(clock: {args.clock}; N={args.n} non-stream / {args.n_stream} stream; C={args.c})")
+    print(render(head))
+    for cells in lines:
+        print(render(cells))
+
+    print()
+    print("per round, µs/req (order of runs: " + ", ".join(t.name for t in targets) + ", ...):")
+    for sc_name, rows in summary.items():
+        for t in targets:
+            vals = " ".join(fmt(v, 1) for v in rows[t.name]["cpu_us_per_req_rounds"])
+            print(f"  {sc_name:<16} {t.name:<18} {vals}")
+
+    print()
+    print("wall clock (informational: load, target and upstream share "
+          f"{os.cpu_count()} cores):")
+    print(f"  {'scenario':<16} {'target':<18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'upstream µs/req':>16}")
+    for sc_name, rows in summary.items():
+        for t in targets:
+            r = rows[t.name]
+            print(f"  {sc_name:<16} {t.name:<18} {fmt(r['rps_median']):>8} "
+                  f"{fmt(r['p50_ms_median'], 2):>8} {fmt(r['p99_ms_median'], 2):>8} "
+                  f"{fmt(r['upstream_cpu_us_per_req_median'], 1):>16}")
+
+    notes = []
+    for sc_name, rows in summary.items():
+        for t in targets:
+            r = rows[t.name]
+            if r["error_samples"]:
+                notes.append(f"{sc_name}/{t.name} errors, e.g.: " + " | ".join(r["error_samples"][:3]))
+            if r["upstream_calls_mismatch"]:
+                notes.append(f"{sc_name}/{t.name}: upstream saw a different number of calls than "
+                             f"requests sent (sent, seen): {r['upstream_calls_mismatch'][:3]}")
+            a, b = r["cpu_us_per_req_stat_median"], r["cpu_us_per_req_schedstat_median"]
+            if a and b and abs(a - b) / b > 0.15 and a * args.n / 1e6 * CLK_TCK > 20:
+                notes.append(f"{sc_name}/{t.name}: /proc stat ({a:.1f}) and schedstat ({b:.1f}) "
+                             "µs/req disagree by >15% (threads that exited?)")
+    if notes:
+        print()
+        for n in notes:
+            print("note: " + n)
+    return all_ok
+
+
+def check_llmproxy(python: str, cwd: Path) -> str | None:
+    """None if `python -m llmproxy version` works, else why not."""
+    try:
+        p = subprocess.run([python, "-m", "llmproxy", "version"], cwd=cwd, capture_output=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return "`python -m llmproxy version` did not answer in 60 s"
+    if p.returncode != 0:
+        err = (p.stderr or p.stdout).decode("utf-8", "replace").strip().splitlines()[-3:]
+        return f"`python -m llmproxy version` exited {p.returncode}: " + " / ".join(err)
+    return None
+
+
+def resolve_targets(args) -> list[TargetSpec]:
+    known = {r.name: r for r in ROWS}
+    for item in args.target:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--target expects NAME=EXTRA.yaml, got {item!r}")
+        if not Path(path).is_file():
+            raise SystemExit(f"--target {name}: no such file {path}")
+        known[name] = TargetSpec(name, "proxy", f"llmproxy + {path}",
+                                 extra_files=[str(Path(path).resolve())])
+    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    for item in args.target:  # --target rows are run even if --targets does not name them
+        name = item.partition("=")[0]
+        if name not in names:
+            names.append(name)
+    if len(names) < 1 or len(set(names)) != len(names):
+        raise SystemExit(f"--targets needs distinct names, got {args.targets!r}")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown target(s) {unknown}; known: {sorted(known)}")
+    specs = [copy.deepcopy(known[n]) for n in names]
+    if args.proxy_config_extra:
+        for s in specs:
+            if s.kind == "proxy":
+                s.extra_files.append(str(Path(args.proxy_config_extra).resolve()))
+    return specs
+
+
+def parse_args(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(
+        description="CPU per request of llmproxy against a bare aiohttp floor.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--targets", default="floor,proxy",
+                    help="comma-separated rows to run; the first is the baseline of the ratios")
+    ap.add_argument("--target", action="append", default=[], metavar="NAME=EXTRA.yaml",
+                    help="add a proxy row whose config is the base config merged with this "
+                         "YAML (top-level key bench_deployment: merged into every deployment)")
+    ap.add_argument("--proxy-config-extra", metavar="FILE",
+                    help="YAML merged into the config of every proxy row")
+    ap.add_argument("--proxy-cmd", default=DEFAULT_PROXY_CMD,
+                    help="command of proxy rows; placeholders {python} {port} {config} "
+                         "{upstream} {api_base} {bench} {repo} {master_key} {upstream_key}")
+    ap.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
+                    help="comma-separated, from: " + ", ".join(SCENARIOS))
+    ap.add_argument("--n", type=int, default=2000, help="requests per non-stream run")
+    ap.add_argument("--n-stream", type=int, default=1000, help="requests per stream run")
+    ap.add_argument("--c", type=int, default=16, help="concurrency")
+    ap.add_argument("--rounds", type=int, default=5, help="measured rounds per target")
+    ap.add_argument("--warmup", type=int, default=200, help="warm-up requests per target and scenario")
+    ap.add_argument("--clock", choices=["auto", "stat", "schedstat"], default="auto",
+                    help="stat: /proc/PID/stat utime+stime (10 ms ticks); schedstat: "
+                         "/proc/PID/task/*/schedstat (ns); auto: schedstat when readable")
+    ap.add_argument("--settle", type=float, default=0.5,
+                    help="seconds to wait after a run before reading CPU (deferred work)")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin targets to CPU 0, upstream and load generator to CPU 1")
+    ap.add_argument("--start-timeout", type=float, default=20.0, help="seconds to become ready")
+    ap.add_argument("--request-timeout", type=float, default=60.0, help="per request, seconds")
+    ap.add_argument("--run-timeout", type=float, default=300.0, help="per load run, seconds")
+    ap.add_argument("--out", default=str(BENCH / "results" / "latest.json"), help="JSON results")
+    ap.add_argument("--keep-logs", action="store_true",
+                    help="keep the temp dir with logs and configs (kept anyway on failure)")
+    ap.add_argument("--python", default=sys.executable, help="interpreter for child processes")
+    ap.add_argument("--list", action="store_true", help="list targets and scenarios, then exit")
+    args = ap.parse_args(argv)
+    for name in ("n", "n_stream", "c", "rounds"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        ap.error("--warmup must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        print("targets (--targets a,b,...; the first is the baseline):")
+        for r in ROWS:
+            print(f"  {r.name:<18} {r.kind:<6} {r.description}")
+        print("scenarios (--scenarios):")
+        for s in SCENARIOS.values():
+            print(f"  {s.name:<18} {s.path:<22} {s.description}")
+        return 0
+
+    has_ns = schedstat_available()
+    if args.clock == "auto":
+        args.clock = "schedstat" if has_ns else "stat"
+    elif args.clock == "schedstat" and not has_ns:
+        raise SystemExit("--clock schedstat: /proc/<pid>/task/<tid>/schedstat is not readable here")
+    args.clock_has_ns = has_ns
+
+    specs = resolve_targets(args)
+    sc_names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    bad = [n for n in sc_names if n not in SCENARIOS]
+    if bad or not sc_names:
+        raise SystemExit(f"unknown scenario(s) {bad}; known: {list(SCENARIOS)}")
+    scenarios = [SCENARIOS[n] for n in sc_names]
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    tmp = Path(tempfile.mkdtemp(prefix="llmproxy-bench-"))
+    procs: list[Proc] = []
+    load: LoadClient | None = None
+    failed = True
+    t_begin = time.monotonic()
+    try:
+        if any(s.kind == "proxy" for s in specs) and args.proxy_cmd == DEFAULT_PROXY_CMD:
+            why = check_llmproxy(args.python, tmp)
+            if why:
+                print(f"error: the proxy cannot run yet: {why}\n"
+                      "hint: test the harness with --targets floor,floor-b, or point the "
+                      "proxy rows elsewhere with --proxy-cmd", file=sys.stderr)
+                return 2
+
+        upstream_port = free_port()
+        upstream = Proc("upstream", [args.python, str(BENCH / "upstream.py"), "--port",
+                                     str(upstream_port), "--api-key", UPSTREAM_KEY],
+                        tmp / "upstream.log", REPO)
+        procs.append(upstream)
+        load = LoadClient(args.python, tmp / "load.log")
+        if args.pin:
+            pin(upstream.pid, {1})
+            pin(load.proc.pid, {1})
+        wait_ready(upstream, f"http://127.0.0.1:{upstream_port}/health/liveliness",
+                   args.start_timeout)
+
+        targets: list[Target] = []
+        for spec in specs:
+            t = start_target(spec, args, tmp, upstream_port, scenarios)
+            procs.append(t.proc)
+            targets.append(t)
+        for t in targets:
+            wait_ready(t.proc, f"http://127.0.0.1:{t.port}/health/liveliness",
+                       args.start_timeout)
+            print(f"started {t.name:<16} pid {t.proc.pid:<7} port {t.port}"
+                  + (f"  config {t.config_path}" if t.config_path else ""), flush=True)
+
+        # idle CPU of each target over one second: background work the table includes
+        idle0 = {t.name: tree_cpu(t.proc.pid) for t in targets}
+        time.sleep(1.0)
+        idle = {}
+        for t in targets:
+            b = tree_cpu(t.proc.pid)
+            key = "ns" if has_ns else "ticks"
+            scale = 1e-3 if has_ns else 1e6 / CLK_TCK
+            idle[t.name] = (b[key] - idle0[t.name][key]) * scale  # µs of CPU in ~1 s idle
+
+        runs: list[dict] = []
+        for sc in scenarios:
+            n = args.n_stream if sc.stream else args.n
+            skip: set[str] = set()
+            if args.warmup:
+                for t in targets:
+                    r = measure(load, t, sc, args.warmup, args, upstream, upstream_port, warmup=True)
+                    runs.append(r)
+                    print(f"warm-up  {sc.name:<16} {t.name:<16} ok {r['ok']}/{args.warmup}"
+                          + (f"  errors {r['errors']}: {r['error_samples'][:1]}" if r["errors"] else ""),
+                          flush=True)
+                    if r["ok"] == 0:
+                        skip.add(t.name)  # nothing works: do not spend rounds on it
+            for rnd in range(args.rounds):
+                for t in targets:
+                    if t.name in skip:
+                        continue
+                    r = measure(load, t, sc, n, args, upstream, upstream_port)
+                    r["round"] = rnd
+                    runs.append(r)
+                    print(f"round {rnd + 1}/{args.rounds}  {sc.name:<16} {t.name:<16} "
+                          f"{fmt(r.get('cpu_us_per_req'), 1):>8} µs/req  "
+                          f"{fmt(r.get('rps')):>6} req/s  errors {r['errors']}", flush=True)
+
+        summary = summarize(runs, targets, scenarios)
+        all_ok = print_table(summary, targets, args)
+        for t in targets:
+            if not t.proc.alive():
+                all_ok = False
+                print(f"\n{t.name} is not running any more; log {t.proc.log_path}:\n"
+                      + t.proc.log_tail())
+
+        result = {
+            "meta": {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "duration_s": round(time.monotonic() - t_begin, 1),
+                "git_rev": _git_rev(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "clk_tck": CLK_TCK,
+                "clock": args.clock,
+                "args": {k: v for k, v in vars(args).items() if k not in ("list",)},
+                "targets": [{"name": t.name, "kind": t.spec.kind, "description": t.spec.description,
+                             "argv": t.proc.argv,
+                             "config": t.config_path.read_text() if t.config_path else None}
+                            for t in targets],
+                "idle_cpu_us_per_s": idle,
+            },
+            "summary": summary,
+            "runs": runs,
+        }
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"\nraw numbers: {out}   ({time.monotonic() - t_begin:.0f} s)")
+        failed = not all_ok
+        return 0 if all_ok else 1
+    except StartError as e:
+        print(f"error: {e}\nlog {e.proc.log_path}, last lines:\n{e.proc.log_tail()}",
+              file=sys.stderr)
+        return 1
+    finally:
+        if load is not None:
+            load.stop()
+        for p in reversed(procs):
+            p.stop()
+        if failed or args.keep_logs:
+            print(f"logs and configs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _git_rev() -> str | None:
+    try:
+        p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                           capture_output=True, timeout=10)
+        return p.stdout.decode().strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

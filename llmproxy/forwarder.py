@@ -1,0 +1,356 @@
+"""The terminal element of the chain: attempts upstream, retries and falls back before the
+first byte, then relays the answer chunk by chunk while counting tokens.
+
+Protocol mechanics, always on, in this order:
+1. pick a deployment (router), take its admission lease (if a middleware installed one);
+2. open the upstream request; connect plus first byte are bounded by `timeout`;
+3. classify the answer: 2xx relays; 401/403, 429, 5xx, connect errors and timeouts cool the
+   deployment down and are retried (`num_retries`, `retry_after`, then `fallbacks`);
+   any other 4xx reaches the client unchanged; an Anthropic stream whose first event is
+   `error` counts as a failure before the first byte;
+4. response headers: hop-by-hop (RFC 9110 §7.6.1 and any named in `Connection`) dropped,
+   then framing (`Content-Length`, `Content-Encoding`: bodies are forwarded decoded and may
+   be changed by middlewares), `Set-Cookie`, and the provider's own rate-limit headers;
+5. relay: each chunk is written as it arrives; an SSE parser beside it counts tokens and
+   removes the usage-only chunk the proxy asked for; gaps between chunks are bounded by
+   `stream_idle_timeout`; a mid-stream failure ends the stream with the API's SSE error;
+6. cleanup (registered on the context, run by the writer whatever happened): close the
+   upstream connection, give back the lease with the real usage, fill the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, AsyncIterator
+
+import aiohttp
+import orjson
+
+from . import errors
+from .context import Attempt, Reply
+from .errors import ProxyError
+from .pricing import cost
+from .providers.base import Upstream, UpstreamConnectError
+from .sse import SSEParser
+from .usage import AnthropicStreamMeter, OpenAIStreamMeter, anthropic_usage, openai_usage, prompt_text
+
+if TYPE_CHECKING:
+    from .config import Model, Router as RouterConfig
+    from .context import Context, Lease
+    from .router import DeploymentState, Router
+    from .services import Services
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+# Framing and headers that describe the provider, not this answer to this client.
+NOT_FORWARDED = frozenset({"content-length", "content-encoding", "set-cookie", "set-cookie2", "date",
+                           "server", "x-request-id", "retry-after", "alt-svc"})
+RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+MAX_ERROR_BODY = 1 << 20
+
+
+def response_headers(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    named: set[str] = set()
+    for name, value in raw:
+        if name.lower() == "connection":
+            named.update(token.strip().lower() for token in value.split(","))
+    out = []
+    for name, value in raw:
+        low = name.lower()
+        if low in HOP_BY_HOP or low in NOT_FORWARDED or low in named or low.startswith(RATE_LIMIT_PREFIXES):
+            continue
+        if low == "x-request-id":
+            continue
+        out.append((name, value))
+    return out
+
+
+class _Failure(Exception):
+    """An attempt that failed before the first byte; `error` is what the client would get."""
+
+    def __init__(self, error: ProxyError, outcome: str, cool_for: float | None) -> None:
+        self.error = error
+        self.outcome = outcome
+        self.cool_for = cool_for
+
+
+class Forwarder:
+    def __init__(self, router: "Router", models: dict[str, "Model"], config: "RouterConfig",
+                 services: "Services") -> None:
+        self.router = router
+        self.models = models
+        self.config = config
+        self.services = services
+
+    async def __call__(self, ctx: "Context") -> Reply:
+        assert ctx.model is not None
+        cfg = self.config
+        names = [ctx.model.name] + [n for n in cfg.fallbacks.get(ctx.model.name, ()) if n != ctx.model.name]
+        failures: list[_Failure] = []
+        for name in names:
+            if not self.router.serves(name, ctx.api):
+                continue
+            for _ in range(1 + cfg.num_retries):
+                if failures and cfg.retry_after:
+                    await asyncio.sleep(cfg.retry_after)
+                state = self.router.pick(name, ctx.api, ctx.admission)
+                try:
+                    return await self._attempt(ctx, state)
+                except _Failure as failure:
+                    if failure.cool_for is not None:
+                        self.router.cool(state, failure.cool_for)
+                    failures.append(failure)
+        # The last failure decides, but a 429 only when every attempt was rate limited.
+        assert failures, "a model with no deployment for this API passed validation"
+        if all(f.error.status == 429 for f in failures):
+            raise failures[-1].error
+        raise next(f for f in reversed(failures) if f.error.status != 429).error
+
+    async def _attempt(self, ctx: "Context", state: "DeploymentState") -> Reply:
+        dep = state.deployment
+        record = ctx.record
+        lease: Lease | None = None
+        if ctx.admission is not None:
+            lease = await ctx.admission.acquire(ctx, dep)
+        ctx.deployment = dep
+        state.inflight += 1
+        t0 = time.perf_counter()
+        upstream: Upstream | None = None
+        first: list[bytes] = []
+        parser = SSEParser() if ctx.stream else None
+        meter = None
+        handed_over = False
+        try:
+            try:
+                async with asyncio.timeout(dep.timeout):
+                    upstream = await state.provider.open(ctx)
+                    if 200 <= upstream.status < 300:
+                        meter = self._meter(ctx, state)
+                        await self._read_first(ctx, upstream, parser, meter, first)
+                    else:
+                        failure_body = await _read_bounded(upstream)
+            except TimeoutError:
+                raise _Failure(errors.upstream_timeout(
+                    f"The upstream deployment did not answer within {dep.timeout:g} seconds."),
+                    "timeout", self.config.cooldown_seconds) from None
+            except UpstreamConnectError as exc:
+                raise _Failure(errors.upstream_error(f"The upstream deployment could not be reached ({exc})."),
+                               "connect_error", self.config.cooldown_seconds) from None
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                raise _Failure(errors.upstream_error(f"The upstream connection failed ({type(exc).__name__})."),
+                               "connect_error", self.config.cooldown_seconds) from None
+            if meter is None:
+                return self._upstream_status(ctx, state, upstream, failure_body)
+            if isinstance(meter, AnthropicStreamMeter) and meter.first_event_error is not None:
+                err = meter.first_event_error
+                raise _Failure(errors.upstream_error(
+                    f"The upstream stream failed before its first byte ({err.get('type', 'error')})."),
+                    "stream_error", self.config.cooldown_seconds)
+            record.attempts.append(Attempt(dep.id, "ok", time.perf_counter() - t0))
+            record.deployment = dep.id
+            record.provider = dep.provider
+            reply = Reply(upstream.status, response_headers(upstream.headers),
+                          self._relay(ctx, upstream, parser, meter, first))
+            ctx.cleanups.append(_Finish(ctx, state, upstream, meter, lease))
+            handed_over = True
+            return reply
+        except _Failure as failure:
+            record.attempts.append(Attempt(dep.id, failure.outcome, time.perf_counter() - t0))
+            raise
+        finally:
+            if not handed_over:
+                state.inflight -= 1
+                if upstream is not None:
+                    upstream.close()
+                if lease is not None:
+                    lease.release(None)
+
+    def _meter(self, ctx: "Context", state: "DeploymentState"):
+        if ctx.api == "messages":
+            return AnthropicStreamMeter() if ctx.stream else _BodyMeter(anthropic_usage)
+        if ctx.stream:
+            drop = not ctx.client_wants_usage and state.deployment.stream_usage
+            return OpenAIStreamMeter(drop_usage_chunk=drop)
+        return _BodyMeter(openai_usage)
+
+    async def _read_first(self, ctx, upstream: Upstream, parser: SSEParser | None, meter, first: list[bytes]) -> None:
+        """Read until the first byte (for an Anthropic stream, until the first whole event,
+        which decides whether the attempt failed)."""
+        body = upstream.body
+        while True:
+            try:
+                chunk = await body.__anext__()
+            except StopAsyncIteration:
+                return
+            if not chunk:
+                continue
+            first.append(chunk)
+            if not isinstance(meter, AnthropicStreamMeter):
+                return
+            events = parser.feed(chunk)
+            for ev in events:
+                meter.feed(ev)
+            if events:
+                return
+
+    def _upstream_status(self, ctx: "Context", state: "DeploymentState", upstream: Upstream, body: bytes) -> Reply:
+        status = upstream.status
+        dep = state.deployment
+        cooldown = self.config.cooldown_seconds
+        if status in (401, 403):
+            raise _Failure(errors.upstream_auth_error(
+                f"The upstream deployment rejected the proxy's credentials (HTTP {status})."),
+                f"http_{status}", cooldown)
+        if status == 429:
+            retry_after = _retry_after(upstream.headers)
+            raise _Failure(errors.upstream_rate_limited(
+                "The upstream provider is rate limiting this model; try again later.", retry_after),
+                "http_429", retry_after if retry_after is not None else cooldown)
+        if status >= 500:
+            raise _Failure(errors.upstream_error(f"The upstream deployment failed (HTTP {status})."),
+                           f"http_{status}", cooldown)
+        # Any other status (a 4xx about the request itself) reaches the client unchanged.
+        ctx.record.attempts.append(Attempt(dep.id, f"http_{status}"))
+        ctx.record.deployment = dep.id
+        ctx.record.provider = dep.provider
+        return Reply(status, response_headers(upstream.headers), body)
+
+    async def _relay(self, ctx: "Context", upstream: Upstream, parser: SSEParser | None, meter,
+                     first: list[bytes]) -> AsyncIterator[bytes]:
+        record = ctx.record
+        if first:
+            record.ttfb_s = time.perf_counter() - ctx.started
+        try:
+            if parser is None:  # a JSON answer: pass through, keep a copy to read usage at the end
+                for chunk in first:
+                    meter.parts.append(chunk)
+                    yield chunk
+                async for chunk in upstream.body:
+                    meter.parts.append(chunk)
+                    yield chunk
+                return
+            can_drop = getattr(meter, "drop_usage_chunk", False)
+            pre_fed = isinstance(meter, AnthropicStreamMeter)  # _read_first fed these already
+            for chunk in first:
+                out = chunk if pre_fed else _pass(parser, meter, chunk, can_drop)
+                if out:
+                    yield out
+            async for chunk in upstream.body:
+                out = _pass(parser, meter, chunk, can_drop)
+                if out:
+                    yield out
+            for ev in parser.close():
+                if not meter.feed(ev) and can_drop:
+                    yield ev.raw  # held back until now; without can_drop it went out already
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError) or isinstance(exc, aiohttp.ServerTimeoutError):
+                err = errors.upstream_timeout(
+                    f"The upstream stream was idle for more than {ctx.deployment.stream_idle_timeout:g} seconds.")
+            else:
+                err = errors.upstream_error(f"The upstream stream failed ({type(exc).__name__}).")
+            record.status = err.status
+            record.error_type, record.error_code = err.type, err.code
+            if parser is not None:
+                yield err.sse(ctx.api)
+
+
+def _pass(parser: SSEParser, meter, chunk: bytes, can_drop: bool) -> bytes:
+    """Feed one chunk to the parser and meter; return the bytes to send now.
+
+    When nothing can be removed from this stream, the chunk goes out as it came. When the
+    usage-only chunk may be removed, a partial event is held back until it is whole (it might
+    be that chunk); a chunk that holds only whole events and drops none still goes out as is.
+    """
+    if not can_drop:
+        for ev in parser.feed(chunk):
+            meter.feed(ev)
+        return chunk
+    carried = bool(parser.pending)
+    kept = []
+    dropped = False
+    for ev in parser.feed(chunk):
+        if meter.feed(ev):
+            dropped = True
+        else:
+            kept.append(ev.raw)
+    if not dropped and not carried and not parser.pending:
+        return chunk
+    return b"".join(kept)
+
+
+class _BodyMeter:
+    """Usage of a non-streamed answer, read from the whole body once it has passed."""
+
+    __slots__ = ("parts", "parse")
+
+    def __init__(self, parse) -> None:
+        self.parts: list[bytes] = []
+        self.parse = parse
+
+    def result(self, ctx: "Context"):
+        from .usage import Usage
+        from . import tokenizer
+
+        usage = None
+        if self.parts:
+            try:
+                body = orjson.loads(b"".join(self.parts))
+            except orjson.JSONDecodeError:
+                body = None
+            if isinstance(body, dict):
+                usage = self.parse(body)
+        if usage is None:
+            usage = Usage(prompt_tokens=tokenizer.count_tokens(prompt_text(ctx.body, ctx.api)), estimated=True)
+        return usage
+
+
+class _Finish:
+    """Runs once when the request ends: close upstream, account usage, give back the lease."""
+
+    __slots__ = ("ctx", "state", "upstream", "meter", "lease")
+
+    def __init__(self, ctx, state, upstream, meter, lease) -> None:
+        self.ctx, self.state, self.upstream, self.meter, self.lease = ctx, state, upstream, meter, lease
+
+    def __call__(self) -> None:
+        ctx, record = self.ctx, self.ctx.record
+        self.state.inflight -= 1
+        self.upstream.close()
+        meter = self.meter
+        if isinstance(meter, _BodyMeter):
+            usage = meter.result(ctx)
+        else:
+            usage = meter.result(prompt_text(ctx.body, ctx.api))
+        record.prompt_tokens = usage.prompt_tokens
+        record.completion_tokens = usage.completion_tokens
+        record.cached_tokens = usage.cached_tokens
+        record.cache_creation_tokens = usage.cache_creation_tokens
+        record.reasoning_tokens = usage.reasoning_tokens
+        record.tokens_estimated = usage.estimated
+        record.spend = cost(self.state.model.pricing, usage)
+        if self.lease is not None:
+            self.lease.release(usage)
+
+
+async def _read_bounded(upstream: Upstream) -> bytes:
+    parts = []
+    size = 0
+    async for chunk in upstream.body:
+        parts.append(chunk)
+        size += len(chunk)
+        if size > MAX_ERROR_BODY:
+            break
+    return b"".join(parts)
+
+
+def _retry_after(headers: list[tuple[str, str]]) -> float | None:
+    for name, value in headers:
+        if name.lower() == "retry-after":
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None

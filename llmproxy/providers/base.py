@@ -1,0 +1,120 @@
+"""The upstream side behind one small interface (after httpcore's): plain values in,
+`Upstream(status, headers, body)` out. The body iterator yields bytes as they arrive;
+`close()` releases or aborts the connection and is always called by the forwarder.
+
+Header policy, in this order (the forwarder's side is in `forwarder.py`):
+1. upstream gets only the allowlisted client headers (`FORWARD_HEADERS`), never the
+   client's key, cookies or OpenAI organisation/project headers;
+2. then the provider's own auth (the deployment's key) and the deployment's `headers`;
+3. `Accept-Encoding: identity` is asked for; a compressed answer is decoded by the
+   client session and forwarded without its `Content-Encoding` (one policy, tested).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, ClassVar
+
+import aiohttp
+import orjson
+
+if TYPE_CHECKING:
+    from ..config import Deployment
+    from ..context import Context
+    from ..services import Services
+
+FORWARD_HEADERS = (
+    "accept",
+    "anthropic-version",
+    "anthropic-beta",
+    "openai-beta",
+    "traceparent",
+    "tracestate",
+)
+
+
+@dataclass(slots=True)
+class Upstream:
+    status: int
+    headers: list[tuple[str, str]]
+    body: AsyncIterator[bytes]
+    close: Callable[[], None]
+
+    async def read_all(self) -> bytes:
+        parts = [chunk async for chunk in self.body]
+        return b"".join(parts)
+
+
+class UpstreamConnectError(Exception):
+    """The upstream could not be reached (DNS, refused, reset before an answer)."""
+
+
+class Provider:
+    """Base of every provider. Subclasses set `apis` (the endpoint kinds they serve),
+    `requires_api_key`, `offline`, an optional `Options` dataclass for extra
+    deployment keys, and implement `open`."""
+
+    apis: ClassVar[frozenset[str]] = frozenset()
+    requires_api_key: ClassVar[bool] = True
+    offline: ClassVar[bool] = False
+    Options: ClassVar[type | None] = None
+
+    def __init__(self, deployment: "Deployment", options: Any, services: "Services") -> None:
+        self.deployment = deployment
+        self.options = options
+        self.services = services
+
+    async def open(self, ctx: "Context") -> Upstream:
+        raise NotImplementedError  # abstract
+
+
+class HTTPProvider(Provider):
+    """A provider reached over HTTP through the process's shared client session."""
+
+    default_base: ClassVar[str] = ""
+    paths: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, deployment: "Deployment", options: Any, services: "Services") -> None:
+        super().__init__(deployment, options, services)
+        self.base = (deployment.api_base or self.default_base).rstrip("/")
+        self.fixed_headers = {k.lower(): v for k, v in self.auth_headers().items()}
+        self.fixed_headers.update({k.lower(): v for k, v in deployment.headers.items()})
+        self.fixed_headers["content-type"] = "application/json"
+        self.fixed_headers["accept-encoding"] = "identity"
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=deployment.timeout, sock_read=deployment.stream_idle_timeout
+        )
+
+    def auth_headers(self) -> dict[str, str]:
+        return {}
+
+    def request_headers(self, ctx: "Context") -> dict[str, str]:
+        headers = {}
+        client = ctx.headers
+        for name in FORWARD_HEADERS:
+            value = client.get(name)
+            if value is not None:
+                headers[name] = value
+        headers.update(self.fixed_headers)
+        return headers
+
+    def request_body(self, ctx: "Context") -> bytes:
+        body = ctx.body
+        model = self.deployment.model
+        if body.get("model") != model:
+            body = {**body, "model": model}
+        return orjson.dumps(body)
+
+    async def open(self, ctx: "Context") -> Upstream:
+        url = self.base + self.paths[ctx.api]
+        session = self.services.http
+        try:
+            resp = await session.post(
+                url, data=self.request_body(ctx), headers=self.request_headers(ctx), timeout=self.timeout
+            )
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
+                raise asyncio.TimeoutError() from exc
+            raise UpstreamConnectError(f"{type(exc).__name__}: {exc}") from exc
+        return Upstream(resp.status, list(resp.headers.items()), resp.content.iter_any(), resp.close)

@@ -1,0 +1,32 @@
+"""OpenAI and any OpenAI-compatible server (`api_base` includes `/v1`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import orjson
+
+from .base import HTTPProvider
+
+if TYPE_CHECKING:
+    from ..context import Context
+
+
+class OpenAIProvider(HTTPProvider):
+    apis: ClassVar[frozenset[str]] = frozenset({"chat", "completions", "embeddings"})
+    default_base = "https://api.openai.com/v1"
+    paths = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.deployment.api_key}"} if self.deployment.api_key else {}
+
+    def request_body(self, ctx: "Context") -> bytes:
+        body = ctx.body
+        model = self.deployment.model
+        if body.get("model") != model:
+            body = {**body, "model": model}
+        if ctx.stream and self.deployment.stream_usage and not ctx.client_wants_usage:
+            # Ask upstream to count; the forwarder removes the usage-only chunk again.
+            opts = body.get("stream_options")
+            body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
+        return orjson.dumps(body)

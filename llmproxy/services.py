@@ -1,0 +1,29 @@
+"""Shared services handed to middlewares, providers and event sinks at construction.
+
+Nothing here is reached through module globals: whoever needs a service is given it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from .config import Config
+    from .metrics import Metrics
+
+
+@dataclass(slots=True)
+class Services:
+    config: "Config"
+    metrics: "Metrics"
+    http: "aiohttp.ClientSession | None" = None  # set at startup, one per process
+    clock: Callable[[], float] = time.monotonic  # injectable for time-based logic
+    wall: Callable[[], float] = time.time
+    # Filled by later issues (store, redis); plugins may look for them and must cope with None.
+    store: Any = None
+    redis: Any = None
+    readiness: dict[str, Any] = field(default_factory=dict)  # component -> state, shown on /health/readiness

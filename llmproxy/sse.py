@@ -1,0 +1,177 @@
+"""Incremental Server-Sent Events parser that keeps every byte.
+
+Feed it upstream chunks as they arrive; it returns complete events, each with its
+parsed ``event``/``data`` fields and the exact ``raw`` bytes it was made of. Joining
+the ``raw`` of every event returned by :meth:`SSEParser.feed` and
+:meth:`SSEParser.close` gives back the input byte for byte, so a caller can forward
+events unchanged or drop one without re-serializing anything.
+
+Parsing follows the WHATWG SSE rules: lines end with ``\\n``, ``\\r\\n`` or ``\\r``; a
+blank line ends an event; ``field: value`` loses one space after the colon; ``data``
+lines are joined with ``\\n``; a line without a colon is a field with an empty value;
+comments (``:``), ``id`` and ``retry`` are kept in ``raw`` and otherwise ignored; a
+leading UTF-8 BOM is ignored. Unlike a browser, the parser also returns events
+that carry neither ``data`` nor ``event`` (only comments, or a lone blank line) with
+``data=b""``, so their bytes can still be forwarded.
+
+A ``\\r`` that ends a chunk may be the first half of ``\\r\\n``. When such a ``\\r``
+is the blank line closing an event, that event is held until the next byte (or
+:meth:`SSEParser.close`) says which, so the result never depends on how the stream
+was split. Servers that use ``\\n`` or ``\\r\\n`` are never delayed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["Event", "SSEParser"]
+
+# A line terminator followed by another one: the end of a blank line. The first
+# terminator's lone "\r" must not be the start of a "\r\n" pair.
+_BLANK_LINE = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(slots=True)
+class Event:
+    """One SSE event; ``raw`` includes its terminating blank line."""
+
+    event: str | None  # value of the last ``event:`` field, None if absent
+    data: bytes  # ``data:`` values joined with b"\n"; b"" if none
+    raw: bytes  # the exact bytes received for this event
+
+
+def _parse(raw: bytes, body: bytes) -> Event:
+    """Build an Event from ``body``, the lines of ``raw`` (BOM removed if any)."""
+    if b"\r" in body:
+        body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    event: str | None = None
+    data: list[bytes] = []
+    for line in body.split(b"\n"):
+        if line[:5] == b"data:":
+            value = line[5:]
+            data.append(value[1:] if value[:1] == b" " else value)
+            continue
+        if not line or line[:1] == b":":
+            continue
+        colon = line.find(b":")
+        if colon < 0:
+            name, value = line, b""
+        else:
+            name, value = line[:colon], line[colon + 1 :]
+            if value[:1] == b" ":
+                value = value[1:]
+        if name == b"data":
+            data.append(value)
+        elif name == b"event":
+            event = value.decode("utf-8", "replace")
+    if not data:
+        return Event(event, b"", raw)
+    return Event(event, data[0] if len(data) == 1 else b"\n".join(data), raw)
+
+
+class SSEParser:
+    """Turns a byte stream, split anywhere, into complete :class:`Event` objects."""
+
+    __slots__ = ("_buf", "_held", "_scan", "_bom_checked")
+
+    def __init__(self) -> None:
+        self._buf = b""  # start of the unfinished event
+        self._held: list[bytes] = []  # later chunks without any line terminator
+        self._scan = 0  # offset in _buf before which no blank line can start
+        self._bom_checked = False
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes received that do not yet form a complete event."""
+        if self._held:
+            self._buf = b"".join((self._buf, *self._held))
+            self._held.clear()
+        return self._buf
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        """Add ``chunk``; return the events it completed, in order."""
+        if not chunk:
+            return []
+        buf = self._buf
+        if not buf:
+            return self._split(chunk, 0, final=False)
+        if b"\n" not in chunk and b"\r" not in chunk and buf[-1] != 13:
+            # Cannot end an event: avoid re-copying a long event on every chunk.
+            self._held.append(chunk)
+            return []
+        if self._held:
+            buf = b"".join((buf, *self._held, chunk))
+            self._held.clear()
+        else:
+            buf += chunk
+        return self._split(buf, self._scan, final=False)
+
+    def close(self) -> list[Event]:
+        """End of stream: return what is left, including an unterminated last event.
+
+        Any leftover bytes become an event (``data=b""`` if they hold no field), so
+        no input is ever lost.
+        """
+        buf = self.pending
+        if not buf:
+            return []
+        events = self._split(buf, self._scan, final=True)
+        if self._buf:
+            events.append(self._event(self._buf))
+        self._buf = b""
+        self._scan = 0
+        return events
+
+    def _split(self, buf: bytes, scan: int, final: bool) -> list[Event]:
+        """Cut every complete event off the front of ``buf``; keep the rest."""
+        events: list[Event] = []
+        pos = 0
+        size = len(buf)
+        if b"\r" not in buf:
+            # Fast path: "\n" line endings only.
+            while pos < size:
+                if buf[pos] == 10:  # blank line right at an event start
+                    end = pos + 1
+                else:
+                    i = buf.find(b"\n\n", scan if scan > pos else pos)
+                    if i < 0:
+                        break
+                    end = i + 2
+                events.append(self._event(buf[pos:end]))
+                pos = end
+        else:
+            while pos < size:
+                first = buf[pos]
+                if first == 10:
+                    end = pos + 1
+                elif first == 13:
+                    if pos + 1 < size:
+                        end = pos + 2 if buf[pos + 1] == 10 else pos + 1
+                    elif final:
+                        end = size
+                    else:
+                        break  # "\r" ends the buffer: wait to see whether "\n" follows
+                else:
+                    m = _BLANK_LINE.search(buf, scan if scan > pos else pos)
+                    if m is None:
+                        break
+                    end = m.end()
+                    if end == size and buf[end - 1] == 13 and not final:
+                        break  # as above
+                events.append(self._event(buf[pos:end]))
+                pos = end
+        rest = buf[pos:] if pos else buf
+        self._buf = rest
+        # A blank line ("\r\n\r\n" at most) not found yet must end in bytes still to
+        # come, or be held back for its final "\r": it starts in the last 3 bytes.
+        self._scan = len(rest) - 3 if len(rest) > 3 else 0
+        return events
+
+    def _event(self, raw: bytes) -> Event:
+        if not self._bom_checked:
+            self._bom_checked = True
+            if raw[:3] == _BOM:
+                return _parse(raw, raw[3:])
+        return _parse(raw, raw)

@@ -1,0 +1,478 @@
+"""Token usage of an answer: read from the provider when it says, else estimated.
+
+Non-streamed answers: :func:`openai_usage` and :func:`anthropic_usage` read the
+``usage`` object of the decoded body.
+
+Streamed answers: a meter sees every :class:`~llmproxy.sse.Event` as it passes. On
+the hot path it works on bytes: it decodes JSON only for the few events that carry
+usage, and otherwise keeps the event's ``data`` bytes (a list append). Only if the
+stream ends without usage does :meth:`result` decode those bytes, gather the
+generated text and count it with :mod:`llmproxy.tokenizer` (``estimated=True``).
+
+Anthropic note: its ``input_tokens`` excludes cache reads and cache writes. Here
+``prompt_tokens`` is always the whole prompt, so for Anthropic it is
+``input_tokens + cache_read_input_tokens + cache_creation_input_tokens``. Cost code
+prices ``prompt_tokens - cached_tokens - cache_creation_tokens`` at the input price
+and the other two at their cache prices, for either provider.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from llmproxy.sse import Event
+from llmproxy.tokenizer import count_tokens
+
+__all__ = [
+    "AnthropicStreamMeter",
+    "OpenAIStreamMeter",
+    "Usage",
+    "anthropic_usage",
+    "openai_usage",
+    "prompt_text",
+]
+
+
+@dataclass(slots=True)
+class Usage:
+    """Tokens of one request. ``prompt_tokens`` includes cached and cache-write tokens."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # OpenAI prompt_tokens_details.cached_tokens; Anthropic cache_read_input_tokens
+    cached_tokens: int = 0
+    cache_creation_tokens: int = 0  # Anthropic cache_creation_input_tokens
+    reasoning_tokens: int = 0  # OpenAI completion_tokens_details.reasoning_tokens
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _int(value: Any) -> int:
+    """A token count from JSON: ints only (not bools), negatives clamped, else 0."""
+    if type(value) is int:
+        return value if value > 0 else 0
+    if type(value) is float and value > 0:
+        return int(value)
+    return 0
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _from_openai(usage: dict) -> Usage:
+    prompt = _int(usage.get("prompt_tokens"))
+    completion = _int(usage.get("completion_tokens"))
+    if not completion and "completion_tokens" not in usage:
+        # Embeddings give only prompt_tokens and total_tokens.
+        completion = max(_int(usage.get("total_tokens")) - prompt, 0)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_tokens=_int(_dict(usage.get("prompt_tokens_details")).get("cached_tokens")),
+        reasoning_tokens=_int(
+            _dict(usage.get("completion_tokens_details")).get("reasoning_tokens")
+        ),
+    )
+
+
+def openai_usage(body: dict) -> Usage | None:
+    """Usage of a non-streamed OpenAI answer (chat, completions, embeddings)."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    return _from_openai(usage) if isinstance(usage, dict) else None
+
+
+def anthropic_usage(body: dict) -> Usage | None:
+    """Usage of a non-streamed Anthropic Messages answer; prompt includes cache tokens."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    read = _int(usage.get("cache_read_input_tokens"))
+    write = _int(usage.get("cache_creation_input_tokens"))
+    return Usage(
+        prompt_tokens=_int(usage.get("input_tokens")) + read + write,
+        completion_tokens=_int(usage.get("output_tokens")),
+        cached_tokens=read,
+        cache_creation_tokens=write,
+    )
+
+
+def _loads(data: bytes) -> dict | None:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _count_pieces(pieces: dict[Any, list[str]]) -> int:
+    """Count each run of text as one string, as the model produced it."""
+    return sum(count_tokens("".join(parts)) for parts in pieces.values())
+
+
+# `"usage"` as a JSON key whose value is an object. Inside a JSON string a quote is
+# escaped, so this cannot match text content; `"usage": null` does not match.
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+
+
+class OpenAIStreamMeter:
+    """Reads usage from an OpenAI chat/completions stream; may hide the usage-only chunk."""
+
+    __slots__ = ("_drop", "_usage", "_kept", "_events")
+
+    def __init__(self, drop_usage_chunk: bool) -> None:
+        self._drop = bool(drop_usage_chunk)
+        self._usage: Usage | None = None
+        self._kept: list[bytes] = []  # data of events, for estimation if no usage comes
+        self._events = 0
+
+    @property
+    def events_seen(self) -> int:
+        return self._events
+
+    @property
+    def drop_usage_chunk(self) -> bool:
+        """Whether this meter removes the usage-only chunk."""
+        return self._drop
+
+    @property
+    def usage(self) -> Usage | None:
+        """The usage the server sent, if any so far."""
+        return self._usage
+
+    def feed(self, ev: Event) -> bool:
+        """Look at one event; True means remove it before the client sees it.
+
+        Only the usage-only chunk (``choices`` empty or absent, ``usage`` an object) is
+        removed, and only when the meter was made with ``drop_usage_chunk=True``.
+        """
+        self._events += 1
+        data = ev.data
+        if _USAGE_OBJECT.search(data) is None:
+            if self._usage is None and data[:1] == b"{":
+                self._kept.append(data)
+            return False
+        obj = _loads(data)
+        if obj is None:
+            return False
+        usage = obj.get("usage")
+        if not isinstance(usage, dict):
+            if self._usage is None:
+                self._kept.append(data)
+            return False
+        self._usage = _from_openai(usage)
+        self._kept.clear()
+        return self._drop and not obj.get("choices")
+
+    def result(self, prompt_text: str) -> Usage:
+        """The server's usage, else an estimate from the streamed text and ``prompt_text``."""
+        if self._usage is not None:
+            return self._usage
+        pieces: dict[Any, list[str]] = {}
+        for data in self._kept:
+            obj = _loads(data)
+            if obj is None:
+                continue
+            choices = obj.get("choices")
+            if not isinstance(choices, list):
+                continue
+            for choice in choices:
+                if isinstance(choice, dict):
+                    _collect_choice(choice, pieces)
+        return Usage(
+            prompt_tokens=count_tokens(prompt_text),
+            completion_tokens=_count_pieces(pieces),
+            estimated=True,
+        )
+
+
+def _collect_choice(choice: dict, pieces: dict[Any, list[str]]) -> None:
+    """Add the generated text of one streamed choice to ``pieces``."""
+    index = choice.get("index")
+    text = choice.get("text")  # legacy completions
+    if isinstance(text, str):
+        pieces.setdefault((index, "text"), []).append(text)
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return
+    for key in ("content", "reasoning_content", "reasoning"):
+        value = delta.get(key)
+        if isinstance(value, str):
+            pieces.setdefault((index, key), []).append(value)
+    calls = delta.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            if not isinstance(call, dict):
+                continue
+            function = _dict(call.get("function"))
+            for key in ("name", "arguments"):
+                value = function.get(key)
+                if isinstance(value, str):
+                    pieces.setdefault((index, call.get("index"), key), []).append(value)
+
+
+# content_block_delta: delta type -> the field holding generated text
+_ANTHROPIC_DELTA_KEYS = {
+    "text_delta": "text",
+    "input_json_delta": "partial_json",
+    "thinking_delta": "thinking",
+}
+
+
+class AnthropicStreamMeter:
+    """Reads usage from an Anthropic Messages stream; never removes an event."""
+
+    __slots__ = (
+        "_events",
+        "_started",
+        "_input",
+        "_cache_read",
+        "_cache_write",
+        "_output",
+        "_has_start",
+        "_has_output",
+        "_deltas",
+        "_first_error",
+    )
+
+    def __init__(self) -> None:
+        self._events = 0
+        self._started = False  # saw an event with a type or data
+        self._input = self._cache_read = self._cache_write = self._output = 0
+        self._has_start = False
+        self._has_output = False
+        self._deltas: list[bytes] = []  # content_block_delta data, for estimation
+        self._first_error: dict | None = None
+
+    @property
+    def events_seen(self) -> int:
+        return self._events
+
+    @property
+    def first_event_error(self) -> dict | None:
+        """The ``error`` object when the stream's first event is an ``error`` event.
+
+        Events with neither ``event`` nor ``data`` (comments, blank lines) do not
+        count as the first event.
+        """
+        return self._first_error
+
+    def feed(self, ev: Event) -> bool:
+        """Look at one event; always returns False (nothing is removed)."""
+        self._events += 1
+        kind = ev.event
+        data = ev.data
+        obj: dict | None = None
+        if kind is None:
+            if not data:
+                return False
+            kind, obj = self._sniff(data)
+        first = not self._started
+        self._started = True
+        if kind == "content_block_delta":
+            if not self._has_output:
+                self._deltas.append(data)
+        elif kind == "message_start":
+            obj = obj if obj is not None else _loads(data)
+            if obj is not None:
+                self._read_usage(_dict(_dict(obj.get("message")).get("usage")), start=True)
+        elif kind == "message_delta":
+            obj = obj if obj is not None else _loads(data)
+            if obj is not None:
+                self._read_usage(_dict(obj.get("usage")), start=False)
+        elif kind == "error" and first:
+            obj = obj if obj is not None else _loads(data)
+            error = obj.get("error") if obj is not None else None
+            if not isinstance(error, dict):
+                error = {"type": "api_error", "message": data.decode("utf-8", "replace")}
+            self._first_error = error
+        return False
+
+    @staticmethod
+    def _sniff(data: bytes) -> tuple[str | None, dict | None]:
+        """Event type from ``data`` when the ``event:`` line is missing (rare).
+
+        Only events that may matter are decoded; deltas are recognised by bytes.
+        """
+        if b'"message_' in data or b'"error"' in data:
+            obj = _loads(data)
+            if obj is not None:
+                kind = obj.get("type")
+                return (kind if isinstance(kind, str) else None), obj
+        elif b'"content_block_delta"' in data:
+            return "content_block_delta", None
+        return None, None
+
+    def _read_usage(self, usage: dict, start: bool) -> None:
+        """Take the fields present; message_delta's output_tokens is cumulative."""
+        value = usage.get("input_tokens")
+        if value is not None:
+            self._input = _int(value)
+            self._has_start = True
+        elif start:
+            self._has_start = True
+        value = usage.get("cache_read_input_tokens")
+        if value is not None:
+            self._cache_read = _int(value)
+        value = usage.get("cache_creation_input_tokens")
+        if value is not None:
+            self._cache_write = _int(value)
+        value = usage.get("output_tokens")
+        if value is not None:
+            self._output = _int(value)
+            if not start:
+                self._has_output = True
+                self._deltas.clear()
+
+    def result(self, prompt_text: str) -> Usage:
+        """Usage from the stream; output (and prompt, if no message_start) estimated if missing."""
+        usage = Usage(
+            prompt_tokens=self._input + self._cache_read + self._cache_write,
+            completion_tokens=self._output,
+            cached_tokens=self._cache_read,
+            cache_creation_tokens=self._cache_write,
+        )
+        if not self._has_output:
+            usage.completion_tokens = self._estimate_output()
+            usage.estimated = True
+        if not self._has_start:
+            usage.prompt_tokens = max(
+                count_tokens(prompt_text), self._cache_read + self._cache_write
+            )
+            usage.estimated = True
+        return usage
+
+    def _estimate_output(self) -> int:
+        pieces: dict[Any, list[str]] = {}
+        for data in self._deltas:
+            obj = _loads(data)
+            if obj is None or obj.get("type") != "content_block_delta":
+                continue
+            delta = _dict(obj.get("delta"))
+            key = _ANTHROPIC_DELTA_KEYS.get(delta.get("type"))  # type: ignore[arg-type]
+            value = delta.get(key) if key else None
+            if isinstance(value, str):
+                pieces.setdefault(obj.get("index"), []).append(value)
+        return _count_pieces(pieces)
+
+
+def _json_text(value: Any) -> str:
+    """JSON text of a structured value (tool inputs, schemas), for counting."""
+    if isinstance(value, str):
+        return value
+    try:
+        return orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return str(value)
+
+
+def _parts_text(content: Any, out: list[str]) -> None:
+    """OpenAI message content: a string or a list of parts; text parts only."""
+    if isinstance(content, str):
+        out.append(content)
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                text = part.get("text")
+                if isinstance(text, str):
+                    out.append(text)
+            elif isinstance(part, str):
+                out.append(part)
+
+
+def _chat_text(body: dict, out: list[str]) -> None:
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if not isinstance(message, dict):
+            continue
+        _parts_text(message.get("content"), out)
+        name = message.get("name")
+        if isinstance(name, str):
+            out.append(name)
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            function = _dict(_dict(call).get("function"))
+            for key in ("name", "arguments"):
+                value = function.get(key)
+                if isinstance(value, str):
+                    out.append(value)
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        function = _dict(tool).get("function")
+        if isinstance(function, dict):
+            out.append(_json_text(function))
+
+
+def _strings(value: Any, out: list[str]) -> None:
+    """A str or a list of str (lists of token ids are ignored)."""
+    if isinstance(value, str):
+        out.append(value)
+    elif isinstance(value, list):
+        out.extend(item for item in value if isinstance(item, str))
+
+
+def _anthropic_blocks(content: Any, out: list[str]) -> None:
+    if isinstance(content, str):
+        out.append(content)
+        return
+    if not isinstance(content, list):
+        return
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text":
+            text = block.get("text")
+            if isinstance(text, str):
+                out.append(text)
+        elif kind == "tool_use":
+            name = block.get("name")
+            if isinstance(name, str):
+                out.append(name)
+            if "input" in block:
+                out.append(_json_text(block.get("input")))
+        elif kind == "tool_result":
+            _anthropic_blocks(block.get("content"), out)
+
+
+def _messages_text(body: dict, out: list[str]) -> None:
+    _anthropic_blocks(body.get("system"), out)
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if isinstance(message, dict):
+            _anthropic_blocks(message.get("content"), out)
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, dict):
+            keys = ("name", "description", "input_schema")
+            out.append(_json_text({k: tool[k] for k in keys if k in tool}))
+
+
+def prompt_text(body: dict, api: str) -> str:
+    """The text of a request a tokenizer should count, for ``api`` in
+    "chat", "completions", "embeddings" or "messages". Never raises; what is not
+    text (images, token ids, unknown shapes) is skipped. Tool definitions are
+    included as JSON.
+    """
+    if not isinstance(body, dict):
+        return ""
+    out: list[str] = []
+    try:
+        if api == "chat":
+            _chat_text(body, out)
+        elif api == "completions":
+            _strings(body.get("prompt"), out)
+        elif api == "embeddings":
+            _strings(body.get("input"), out)
+        elif api == "messages":
+            _messages_text(body, out)
+    except RecursionError:  # absurdly nested tool_result content
+        pass
+    return "\n".join(out)

@@ -1,0 +1,78 @@
+"""Validation of the fields the proxy itself reads (SPEC §2); every other field is forwarded
+untouched, so new API parameters work without a release."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import invalid_request
+
+_BODY_FIELD = {"chat": "messages", "messages": "messages", "completions": "prompt", "embeddings": "input"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_body(api: str, body: Any) -> None:
+    """Raise a 400 `ProxyError` naming the field for a body the proxy cannot read."""
+    if not isinstance(body, dict):
+        raise invalid_request("The request body must be a JSON object.")
+    model = body.get("model")
+    if model is None:
+        raise invalid_request("Missing required parameter: 'model'.", "model")
+    if not isinstance(model, str) or not model:
+        raise invalid_request("'model' must be a non-empty string.", "model")
+    field = _BODY_FIELD[api]
+    value = body.get(field)
+    if value is None:
+        raise invalid_request(f"Missing required parameter: '{field}'.", field)
+    if api in ("chat", "messages"):
+        if not isinstance(value, list):
+            raise invalid_request("'messages' must be an array of message objects.", "messages")
+        for i, msg in enumerate(value):
+            if not isinstance(msg, dict):
+                raise invalid_request(f"'messages[{i}]' must be an object.", f"messages[{i}]")
+            if not isinstance(msg.get("role"), str):
+                raise invalid_request(f"'messages[{i}].role' must be a string.", f"messages[{i}].role")
+            content = msg.get("content")
+            if content is not None and not isinstance(content, (str, list)):
+                raise invalid_request(f"'messages[{i}].content' must be a string or an array.",
+                                      f"messages[{i}].content")
+            if isinstance(content, list) and not all(isinstance(p, dict) for p in content):
+                raise invalid_request(f"'messages[{i}].content' parts must be objects.", f"messages[{i}].content")
+        if api == "messages":
+            system = body.get("system")
+            if system is not None and not isinstance(system, (str, list)):
+                raise invalid_request("'system' must be a string or an array of blocks.", "system")
+    elif api == "completions":
+        if not isinstance(value, (str, list)):
+            raise invalid_request("'prompt' must be a string or an array.", "prompt")
+    elif api == "embeddings":
+        if not isinstance(value, (str, list)):
+            raise invalid_request("'input' must be a string or an array.", "input")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise invalid_request("'stream' must be a boolean.", "stream")
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise invalid_request("'stream_options' must be an object.", "stream_options")
+        inc = opts.get("include_usage")
+        if inc is not None and not isinstance(inc, bool):
+            raise invalid_request("'stream_options.include_usage' must be a boolean.",
+                                  "stream_options.include_usage")
+    for name in ("max_tokens", "max_completion_tokens"):
+        v = body.get(name)
+        if v is not None and (not _is_int(v) or v < 0):
+            raise invalid_request(f"'{name}' must be a non-negative integer.", name)
+
+
+def client_key(headers: Any) -> str | None:
+    """The key from `Authorization: Bearer`, `x-api-key` or `api-key`, in that order."""
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return headers.get("x-api-key") or headers.get("api-key") or None

@@ -1,0 +1,84 @@
+"""Shared fixtures: a recording fake upstream and an in-process proxy in front of it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+from aiohttp.test_utils import TestServer
+from hypothesis import settings
+
+from llmproxy.config import parse_config
+from llmproxy.plugins import Registry
+from llmproxy.server import Gateway
+from llmproxy.testing import FakeUpstream
+
+settings.register_profile("ci", deadline=None, max_examples=100)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
+
+MASTER = "sk-test-master-0123456789abcdefghijklmnopqrstuv"
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    fake = await FakeUpstream().start()
+    yield fake
+    await fake.close()
+
+
+class Proxy:
+    def __init__(self, gateway: Gateway, server: TestServer) -> None:
+        self.gateway = gateway
+        self.server = server
+        self.records: list[Any] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+
+class RecordingSink:
+    def __init__(self, records: list) -> None:
+        self.records = records
+
+    def emit(self, record: Any) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+async def make_proxy() -> AsyncIterator[Callable[..., Any]]:
+    servers: list[TestServer] = []
+
+    async def make(config: dict[str, Any], registry: Registry | None = None) -> Proxy:
+        cfg = parse_config(config)
+        gateway = Gateway(cfg, registry)
+        server = TestServer(gateway.app(), host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        proxy = Proxy(gateway, server)
+        gateway.sinks.append(RecordingSink(proxy.records))
+        return proxy
+
+    yield make
+    for server in servers:
+        await server.close()
+
+
+def openai_config(upstream: FakeUpstream, **extra: Any) -> dict[str, Any]:
+    """One OpenAI-style model and one Anthropic-style model, both on the fake upstream."""
+    config: dict[str, Any] = {
+        "master_key": MASTER,
+        "models": [
+            {"name": "gpt-test", "pricing": {"input_per_1m": 1, "output_per_1m": 2},
+             "deployments": [{"provider": "openai", "model": "gpt-upstream", "api_base": upstream.url + "/v1",
+                              "api_key": "sk-provider-secret", "timeout": 5}]},
+            {"name": "claude-test",
+             "deployments": [{"provider": "anthropic", "model": "claude-upstream", "api_base": upstream.url,
+                              "api_key": "sk-ant-provider-secret", "timeout": 5}]},
+        ],
+        "router": {"num_retries": 1, "retry_after": 0, "cooldown_seconds": 30},
+    }
+    config.update(extra)
+    return config

@@ -239,9 +239,9 @@ def _resolve_env(data: Any, env: Mapping[str, str], path: str,
             sub = f"{path}[{i}]"
             if isinstance(value, str):
                 value = _substitute(value, env)
-                if isinstance(value, list):
+                if isinstance(value, list):  # no key to drop: an error, index kept
                     errors.append(f"{sub}: {_unset_text(', '.join(value))}")
-                    continue
+                    value = data[i]
                 items.append(value)
             else:
                 items.append(_resolve_env(value, env, sub, unset, errors))
@@ -311,7 +311,9 @@ def unknown_key(path: str, key: Any, known: Sequence[str], what: str = "known") 
     """The error line for an unknown `key` at `path`, with a close match suggested."""
     listed = ", ".join(known) if known else "none"
     msg = f"{_join(path, key)}: unknown key ({what}: {listed})"
-    close = difflib.get_close_matches(str(key), list(known), n=1)
+    word = str(key)
+    close = difflib.get_close_matches(word, list(known), n=1) or [
+        k for k in known if len(word) >= 3 and (word in k or k in word)][:1]
     return msg + (f"; did you mean '{close[0]}'?" if close else "")
 
 
@@ -339,8 +341,11 @@ class _Builder:
             data = {}
         if not isinstance(data, Mapping):
             return self.fail(path, f"expected a mapping, got {_describe(data)}")
+        try:
+            hints = _hints(cls)
+        except (NameError, TypeError) as exc:
+            return self.fail(path, f"cannot resolve the fields of {cls.__qualname__}: {exc}")
         start = len(self.errors)
-        hints = _hints(cls)
         fields = _config_fields(cls)
         extra = next((f for f in fields if f.metadata.get("extra")), None)
         known = known_keys(cls)
@@ -412,7 +417,7 @@ class _Builder:
             return self.sequence(tp, origin or tp, args, v, path)
         if origin in (dict, collections.abc.Mapping) or tp in (dict, collections.abc.Mapping):
             return self.mapping(args[1] if args else Any, v, path)
-        raise TypeError(f"{path}: config type {tp!r} is not supported by build()")
+        return self.fail(path, f"type {tp!r} is not supported by build() (a bug in the dataclass)")
 
     def scalar(self, tp: type, v: Any, path: str) -> Any:
         env = isinstance(v, EnvStr)

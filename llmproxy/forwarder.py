@@ -177,8 +177,9 @@ class Forwarder:
         return _BodyMeter(openai_usage)
 
     async def _read_first(self, ctx, upstream: Upstream, parser: SSEParser | None, meter, first: list[bytes]) -> None:
-        """Read until the first byte (for an Anthropic stream, until the first whole event,
-        which decides whether the attempt failed)."""
+        """Read until the first byte, or for a stream until the first whole event (an Anthropic
+        `error` there fails the attempt). Streams put the bytes of those whole events in
+        `first`, already fed to the meter; a partial event stays pending in the parser."""
         body = upstream.body
         while True:
             try:
@@ -187,13 +188,12 @@ class Forwarder:
                 return
             if not chunk:
                 continue
-            first.append(chunk)
-            if not isinstance(meter, AnthropicStreamMeter):
+            if parser is None:
+                first.append(chunk)
                 return
-            events = parser.feed(chunk)
-            for ev in events:
-                meter.feed(ev)
-            if events:
+            out = _pass(parser, meter, chunk)
+            if out:
+                first.append(out)
                 return
 
     def _upstream_status(self, ctx: "Context", state: "DeploymentState", upstream: Upstream, body: bytes) -> Reply:
@@ -232,19 +232,15 @@ class Forwarder:
                     meter.parts.append(chunk)
                     yield chunk
                 return
-            can_drop = getattr(meter, "drop_usage_chunk", False)
-            pre_fed = isinstance(meter, AnthropicStreamMeter)  # _read_first fed these already
             for chunk in first:
-                out = chunk if pre_fed else _pass(parser, meter, chunk, can_drop)
-                if out:
-                    yield out
+                yield chunk
             async for chunk in upstream.body:
-                out = _pass(parser, meter, chunk, can_drop)
+                out = _pass(parser, meter, chunk)
                 if out:
                     yield out
             for ev in parser.close():
-                if not meter.feed(ev) and can_drop:
-                    yield ev.raw  # held back until now; without can_drop it went out already
+                if not meter.feed(ev):
+                    yield ev.raw
         except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
             if isinstance(exc, TimeoutError) or isinstance(exc, aiohttp.ServerTimeoutError):
                 err = errors.upstream_timeout(
@@ -253,21 +249,19 @@ class Forwarder:
                 err = errors.upstream_error(f"The upstream stream failed ({type(exc).__name__}).")
             record.status = err.status
             record.error_type, record.error_code = err.type, err.code
-            if parser is not None:
-                yield err.sse(ctx.api)
+            if parser is None:
+                raise  # a JSON body cut short: abort the connection rather than end it cleanly
+            yield err.sse(ctx.api)
 
 
-def _pass(parser: SSEParser, meter, chunk: bytes, can_drop: bool) -> bytes:
+def _pass(parser: SSEParser, meter, chunk: bytes) -> bytes:
     """Feed one chunk to the parser and meter; return the bytes to send now.
 
-    When nothing can be removed from this stream, the chunk goes out as it came. When the
-    usage-only chunk may be removed, a partial event is held back until it is whole (it might
-    be that chunk); a chunk that holds only whole events and drops none still goes out as is.
+    Only whole events go out: a partial event waits for its end (it might be the usage-only
+    chunk to remove, and a stream that fails mid-event must still end with a well-formed
+    error event). A chunk that holds whole events only and drops none goes out as it came,
+    without a copy; otherwise the kept events' raw bytes, unchanged.
     """
-    if not can_drop:
-        for ev in parser.feed(chunk):
-            meter.feed(ev)
-        return chunk
     carried = bool(parser.pending)
     kept = []
     dropped = False

@@ -43,15 +43,16 @@ class Event:
 
 
 def _parse(raw: bytes, body: bytes) -> Event:
-    """Build an Event from ``body``, the lines of ``raw`` (BOM removed if any)."""
-    if b"\r" in body:
-        body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    """Build an Event from ``body``: ``raw`` with LF line ends only, and no BOM."""
+    end = body.find(b"\n")
+    if end == len(body) - 2 and body[-1] == 10 and body[:5] == b"data:":
+        # The usual event: one data line and the blank line.
+        return Event(None, body[6:end] if body[5:6] == b" " else body[5:end], raw)
     event: str | None = None
     data: list[bytes] = []
     for line in body.split(b"\n"):
         if line[:5] == b"data:":
-            value = line[5:]
-            data.append(value[1:] if value[:1] == b" " else value)
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
             continue
         if not line or line[:1] == b":":
             continue
@@ -69,6 +70,14 @@ def _parse(raw: bytes, body: bytes) -> Event:
     if not data:
         return Event(event, b"", raw)
     return Event(event, data[0] if len(data) == 1 else b"\n".join(data), raw)
+
+
+def _parse_any(raw: bytes, strip_bom: bool = False) -> Event:
+    """Build an Event from ``raw`` with any line ends, after a BOM if ``strip_bom``."""
+    body = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in raw else raw
+    if strip_bom and body[:3] == _BOM:
+        body = body[3:]
+    return _parse(raw, body)
 
 
 class SSEParser:
@@ -119,7 +128,8 @@ class SSEParser:
             return []
         events = self._split(buf, self._scan, final=True)
         if self._buf:
-            events.append(self._event(self._buf))
+            events.append(_parse_any(self._buf, strip_bom=not self._bom_checked))
+            self._bom_checked = True
         self._buf = b""
         self._scan = 0
         return events
@@ -127,6 +137,7 @@ class SSEParser:
     def _split(self, buf: bytes, scan: int, final: bool) -> list[Event]:
         """Cut every complete event off the front of ``buf``; keep the rest."""
         events: list[Event] = []
+        append = events.append
         pos = 0
         size = len(buf)
         if b"\r" not in buf:
@@ -135,11 +146,12 @@ class SSEParser:
                 if buf[pos] == 10:  # blank line right at an event start
                     end = pos + 1
                 else:
-                    i = buf.find(b"\n\n", scan if scan > pos else pos)
-                    if i < 0:
+                    end = buf.find(b"\n\n", scan if scan > pos else pos)
+                    if end < 0:
                         break
-                    end = i + 2
-                events.append(self._event(buf[pos:end]))
+                    end += 2
+                raw = buf[pos:end]
+                append(_parse(raw, raw))
                 pos = end
         else:
             while pos < size:
@@ -160,18 +172,15 @@ class SSEParser:
                     end = m.end()
                     if end == size and buf[end - 1] == 13 and not final:
                         break  # as above
-                events.append(self._event(buf[pos:end]))
+                append(_parse_any(buf[pos:end]))
                 pos = end
+        if events and not self._bom_checked:
+            self._bom_checked = True
+            if events[0].raw[:3] == _BOM:
+                events[0] = _parse_any(events[0].raw, strip_bom=True)
         rest = buf[pos:] if pos else buf
         self._buf = rest
         # A blank line ("\r\n\r\n" at most) not found yet must end in bytes still to
         # come, or be held back for its final "\r": it starts in the last 3 bytes.
         self._scan = len(rest) - 3 if len(rest) > 3 else 0
         return events
-
-    def _event(self, raw: bytes) -> Event:
-        if not self._bom_checked:
-            self._bom_checked = True
-            if raw[:3] == _BOM:
-                return _parse(raw, raw[3:])
-        return _parse(raw, raw)

@@ -158,6 +158,9 @@ class Config:
     models: tuple[Model, ...] = ()
     router: Router = field(default_factory=Router)
     middlewares: tuple[MiddlewareSpec, ...] = ()
+    # Event sinks besides the built-in metrics and access log (server.access_log), by
+    # entry-point name in group llmproxy.event_sinks, with options like middlewares.
+    event_sinks: tuple[MiddlewareSpec, ...] = ()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str | None = field(default=None, metadata={"config": False})
     unset_env: dict[str, str] = field(default_factory=dict, metadata={"config": False})
@@ -513,17 +516,18 @@ def build(cls: type[T], data: Any, path: str, *, unset_env: Mapping[str, str] | 
 # ---------------------------------------------------------------------------- loader
 
 
-def _middleware_specs(raw: Any, errors: list[str]) -> Any:
-    """MiddlewareSpecs from `- name` or `- name: {options}` items; errors recorded."""
+def _middleware_specs(raw: Any, errors: list[str], key: str = "middlewares", kind: str = "middleware") -> Any:
+    """MiddlewareSpecs from `- name` or `- name: {options}` items; errors recorded.
+    Also used for `event_sinks`, which take the same shape."""
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        errors.append(f"middlewares: expected a list, got {_describe(raw)}")
+        errors.append(f"{key}: expected a list, got {_describe(raw)}")
         return _INVALID
     specs: list[MiddlewareSpec] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(raw):
-        path = f"middlewares[{i}]"
+        path = f"{key}[{i}]"
         if isinstance(item, str):
             name, options = str(item), {}
         elif isinstance(item, Mapping) and len(item) == 1 and isinstance(next(iter(item)), str):
@@ -535,14 +539,14 @@ def _middleware_specs(raw: Any, errors: list[str]) -> Any:
                 continue
         else:
             shape = f"a mapping with {len(item)} keys" if isinstance(item, Mapping) else _describe(item)
-            errors.append(f"{path}: expected a middleware name or a one-key mapping "
+            errors.append(f"{path}: expected a {kind} name or a one-key mapping "
                           f"{{name: options}}, got {shape}")
             continue
         if not name.strip():
-            errors.append(f"{path}: middleware name must not be empty")
+            errors.append(f"{path}: {kind} name must not be empty")
             continue
         if name in seen:
-            errors.append(f"{path}: middleware '{name}' is listed twice (also middlewares[{seen[name]}])")
+            errors.append(f"{path}: {kind} '{name}' is listed twice (also {key}[{seen[name]}])")
             continue
         seen[name] = i
         specs.append(MiddlewareSpec(name=name, options=dict(options), path=f"{path}.{name}"))
@@ -628,6 +632,9 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None, source: str | 
     if "middlewares" in data:
         specs = _middleware_specs(data["middlewares"], errors)
         data["middlewares"] = () if specs is _INVALID else specs
+    if "event_sinks" in data:
+        specs = _middleware_specs(data["event_sinks"], errors, "event_sinks", "event sink")
+        data["event_sinks"] = () if specs is _INVALID else specs
 
     config = builder.dataclass(Config, data, "")
     if config is not _INVALID:

@@ -153,6 +153,7 @@ class Checked:
     middleware_options: list[tuple[MiddlewareSpec, type, object | None]]
     deployment_options: dict[str, object | None]
     providers: dict[str, type]
+    sink_options: list[tuple[MiddlewareSpec, type, object | None]] = dataclasses.field(default_factory=list)
 
 
 def _middleware_options(spec: MiddlewareSpec, cls: type, config: Config, errors: list[str]) -> Any:
@@ -205,6 +206,14 @@ def check_config(config: Config, registry: Registry) -> Checked:
             errors.extend(exc.messages)
             continue
         middlewares.append((spec, cls, _middleware_options(spec, cls, config, errors)))
+    sinks: list[tuple[MiddlewareSpec, type, object | None]] = []
+    for spec in config.event_sinks:
+        try:
+            cls = registry.event_sink(spec.name, spec.path)
+        except ConfigError as exc:
+            errors.extend(exc.messages)
+            continue
+        sinks.append((spec, cls, _middleware_options(spec, cls, config, errors)))
 
     deployment_options: dict[str, object | None] = {}
     providers: dict[str, type] = {}
@@ -233,4 +242,4 @@ def check_config(config: Config, registry: Registry) -> Checked:
                       "server.allow_anonymous: true to serve anonymously" + config.unset_hint("master_key"))
     if errors:
         raise ConfigError(errors)
-    return Checked(middlewares, deployment_options, providers)
+    return Checked(middlewares, deployment_options, providers, sinks)

@@ -1,5 +1,5 @@
 """Which deployment serves the next attempt: least in-flight per unit of weight, ties at
-random, skipping deployments in cooldown (SPEC §3 `router`)."""
+random weighted by `weight`, skipping deployments in cooldown (SPEC §3 `router`)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,11 @@ class Router:
                 best, best_load = [s], load
             elif load == best_load:
                 best.append(s)
-        return best[0] if len(best) == 1 else self.rng.choice(best)
+        if len(best) == 1:
+            return best[0]
+        # Ties (always the case when idle) go at random in proportion to weight, so that
+        # `weight` is each deployment's share of traffic at any load.
+        return self.rng.choices(best, weights=[s.deployment.weight for s in best])[0]
 
     def cool(self, state: DeploymentState, seconds: float) -> None:
         if seconds > 0:

@@ -73,6 +73,7 @@ class Gateway:
             spec.name == "auth" for spec, _, _ in checked.middleware_options)
         self.chain: Next = self._compose()
         self.sinks: list[Any] = [cls(opts, s) for cls, opts in self._sink_classes()]
+        self.sinks += [cls(opts, s) for _, cls, opts in checked.sink_options]
         self.draining = False
         self.max_body = config.server.max_body_bytes
 

@@ -117,9 +117,25 @@ def _count_pieces(pieces: dict[Any, list[str]]) -> int:
     return sum(count_tokens("".join(parts)) for parts in pieces.values())
 
 
-# `"usage"` as a JSON key whose value is an object. Inside a JSON string a quote is
-# escaped, so this cannot match text content; `"usage": null` does not match.
-_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+# What follows `"usage"` when it is a key (a string value is never followed by a
+# colon); group 1 is "{" when the value is an object, empty for `"usage": null`.
+_AFTER_KEY = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*(\{?)")
+
+
+def _has_usage_object(data: bytes) -> bool:
+    """Whether the chunk's ``usage`` key holds an object, judged on bytes.
+
+    Searches from the end, where OpenAI-style servers put ``usage``. A ``"usage"``
+    inside text content is escaped (``\\"usage\\"``) or not followed by a colon,
+    and is skipped.
+    """
+    i = data.rfind(b'"usage"')
+    while i >= 0:
+        m = _AFTER_KEY.match(data, i + 7)
+        if m is not None:
+            return bool(m.group(1))
+        i = data.rfind(b'"usage"', 0, i)
+    return False
 
 
 class OpenAIStreamMeter:
@@ -155,7 +171,7 @@ class OpenAIStreamMeter:
         """
         self._events += 1
         data = ev.data
-        if _USAGE_OBJECT.search(data) is None:
+        if not _has_usage_object(data):
             if self._usage is None and data[:1] == b"{":
                 self._kept.append(data)
             return False

@@ -107,6 +107,12 @@ def test_least_inflight_per_weight():
     assert picks.count("d1") == 6 and picks.count("d0") == 2
 
 
+def test_idle_ties_follow_weight():
+    router = _states([1, 3], lambda: 0.0)
+    picks = [router.pick("m", "chat").deployment.model for _ in range(400)]
+    assert 240 < picks.count("d1") < 360  # about 3 in 4 (seeded)
+
+
 def test_all_cooling_picks_the_one_whose_cooldown_ends_first():
     now = [100.0]
     router = _states([1, 1], lambda: now[0])

@@ -67,6 +67,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("chat-stream", "/v1/chat/completions",
              {"model": "bench-model", "messages": CHAT_MESSAGES, "stream": True},
              "openai-sse", "openai", True, "OpenAI chat, stream (24 chunks + [DONE])"),
+    Scenario("chat-stream-paced", "/v1/chat/completions",
+             {"model": "bench-model", "messages": CHAT_MESSAGES, "stream": True,
+              "bench_chunk_delay_ms": 1},
+             "openai-sse", "openai", True,
+             "OpenAI chat, stream, 1 ms between events (each event read on its own)"),
     Scenario("messages", "/v1/messages",
              {"model": "bench-claude", "max_tokens": 64, "messages": CHAT_MESSAGES},
              "anthropic-json", "anthropic", False, "Anthropic messages, non-stream"),
@@ -588,22 +593,24 @@ def print_table(summary: dict, targets: list[Target], args) -> bool:
     for cells in lines:
         print(render(cells))
 
+    sw = max([len("scenario")] + [len(k) for k in summary])
+    tw = max([len("target")] + [len(t.name) for t in targets])
     print()
     print("per round, µs/req (order of runs: " + ", ".join(t.name for t in targets) + ", ...):")
     for sc_name, rows in summary.items():
         for t in targets:
             vals = " ".join(fmt(v, 1) for v in rows[t.name]["cpu_us_per_req_rounds"])
-            print(f"  {sc_name:<16} {t.name:<18} {vals}")
+            print(f"  {sc_name:<{sw}}  {t.name:<{tw}}  {vals}")
 
     print()
     print("wall clock (informational: load, target and upstream share "
           f"{os.cpu_count()} cores):")
-    print(f"  {'scenario':<16} {'target':<18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+    print(f"  {'scenario':<{sw}}  {'target':<{tw}}  {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'upstream µs/req':>16}")
     for sc_name, rows in summary.items():
         for t in targets:
             r = rows[t.name]
-            print(f"  {sc_name:<16} {t.name:<18} {fmt(r['rps_median']):>8} "
+            print(f"  {sc_name:<{sw}}  {t.name:<{tw}}  {fmt(r['rps_median']):>8} "
                   f"{fmt(r['p50_ms_median'], 2):>8} {fmt(r['p99_ms_median'], 2):>8} "
                   f"{fmt(r['upstream_cpu_us_per_req_median'], 1):>16}")
 
@@ -798,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
                 for t in targets:
                     r = measure(load, t, sc, args.warmup, args, upstream, upstream_port, warmup=True)
                     runs.append(r)
-                    print(f"warm-up  {sc.name:<16} {t.name:<16} ok {r['ok']}/{args.warmup}"
+                    print(f"warm-up    {sc.name:<17} {t.name:<16} ok {r['ok']}/{args.warmup}"
                           + (f"  errors {r['errors']}: {r['error_samples'][:1]}" if r["errors"] else ""),
                           flush=True)
                     if r["ok"] == 0:
@@ -810,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = measure(load, t, sc, n, args, upstream, upstream_port)
                     r["round"] = rnd
                     runs.append(r)
-                    print(f"round {rnd + 1}/{args.rounds}  {sc.name:<16} {t.name:<16} "
+                    print(f"round {rnd + 1}/{args.rounds}  {sc.name:<17} {t.name:<16} "
                           f"{fmt(r.get('cpu_us_per_req'), 1):>8} µs/req  "
                           f"{fmt(r.get('rps')):>6} req/s  errors {r['errors']}", flush=True)
 

@@ -11,6 +11,9 @@ is encoded once per model name and then only written.
                                             stream_options.include_usage), then the
                                             usage-only chunk (choices: []) when asked,
                                             then data: [DONE]
+                                With "bench_chunk_delay_ms": D in the body (an
+                                unknown field, forwarded by any proxy), D ms pass
+                                between two events, so each is read on its own
     POST /v1/messages           Anthropic Messages, stream or not
     GET  /health/liveliness     readiness probe for the harness
     GET  /bench/stats           {"requests": n, ...}: how many model calls were served
@@ -24,6 +27,7 @@ does; this checks that the proxy sends the deployment's key and not the client's
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 import orjson
 from aiohttp import web
@@ -181,6 +185,22 @@ async def _json_body(request: web.Request) -> dict | None:
     return body if isinstance(body, dict) else None
 
 
+def _chunk_delay(body: dict) -> float:
+    """Seconds to sleep between stream events: the body field bench_chunk_delay_ms
+    (0..1000; a proxy forwards unknown fields untouched). 0 = write back to back."""
+    ms = body.get("bench_chunk_delay_ms")
+    if isinstance(ms, (int, float)) and not isinstance(ms, bool) and 0 < ms <= 1000:
+        return ms / 1000.0
+    return 0.0
+
+
+async def _write_events(resp: web.StreamResponse, events: list[bytes], delay: float) -> None:
+    for i, event in enumerate(events):
+        if delay and i:
+            await asyncio.sleep(delay)
+        await resp.write(event)
+
+
 def make_app(api_key: str | None) -> web.Application:
     stats = {"requests": 0, "chat": 0, "chat_stream": 0, "messages": 0,
              "messages_stream": 0, "include_usage": 0, "rejected": 0}
@@ -206,14 +226,13 @@ def make_app(api_key: str | None) -> web.Application:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        delay = _chunk_delay(body)
         if include_usage:
             stats["include_usage"] += 1
-            for event in c.chunks_usage:
-                await resp.write(event)
+            await _write_events(resp, c.chunks_usage, delay)
             await resp.write(c.usage_chunk)
         else:
-            for event in c.chunks:
-                await resp.write(event)
+            await _write_events(resp, c.chunks, delay)
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -236,8 +255,7 @@ def make_app(api_key: str | None) -> web.Application:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        for event in c.message_events:
-            await resp.write(event)
+        await _write_events(resp, c.message_events, _chunk_delay(body))
         await resp.write_eof()
         return resp
 

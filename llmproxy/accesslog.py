@@ -5,7 +5,9 @@ Never a key (only its alias and id), never a provider key, never a prompt or ans
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -16,8 +18,55 @@ if TYPE_CHECKING:
     from .services import Services
 
 
-def configure_logging(stream: Any = None) -> None:
+class LineWriter:
+    """A structlog logger writing JSON lines to a binary stream without a flush per line.
+
+    A flush is a system call; at thousands of requests a second one per access line costs
+    more than the line itself. On a terminal every line is flushed; otherwise lines are
+    flushed when the last flush is `interval` seconds old, by the access log's timer, and at
+    shutdown.
+    """
+
+    __slots__ = ("file", "interval", "_last", "_tty")
+
+    def __init__(self, file: Any, interval: float = 0.25) -> None:
+        self.file = file
+        self.interval = interval
+        self._last = time.monotonic()
+        try:
+            self._tty = file.isatty()
+        except (AttributeError, ValueError):
+            self._tty = False
+
+    def msg(self, message: bytes) -> None:
+        self.file.write(message + b"\n")
+        if self._tty:
+            self.file.flush()
+        elif time.monotonic() - self._last > self.interval:
+            self.flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+    def flush(self) -> None:
+        self._last = time.monotonic()
+        try:
+            self.file.flush()
+        except (OSError, ValueError):
+            pass
+
+
+class _Factory:
+    def __init__(self, writer: LineWriter) -> None:
+        self.writer = writer
+
+    def __call__(self, *args: Any) -> LineWriter:
+        return self.writer
+
+
+def configure_logging(stream: Any = None) -> LineWriter:
     """structlog to JSON lines on stdout (bytes, orjson), set once by the CLI at start."""
+    writer = LineWriter(stream or sys.stdout.buffer)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -25,9 +74,16 @@ def configure_logging(stream: Any = None) -> None:
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
-        logger_factory=structlog.BytesLoggerFactory(stream or sys.stdout.buffer),
+        logger_factory=_Factory(writer),
         cache_logger_on_first_use=True,
     )
+    return writer
+
+
+def flush_logs() -> None:
+    factory = structlog.get_config().get("logger_factory")
+    if isinstance(factory, _Factory):
+        factory.writer.flush()
 
 
 class AccessLog:
@@ -35,6 +91,26 @@ class AccessLog:
 
     def __init__(self, options: Any, services: "Services") -> None:
         self.log = structlog.get_logger("llmproxy.access")
+        self._flusher: asyncio.Task | None = None
+        factory = structlog.get_config().get("logger_factory")
+        # With our own writer configured, the line is rendered here in structlog's JSON shape
+        # (event, level, timestamp) without the processor chain: a third of the cost.
+        self.writer: LineWriter | None = factory.writer if isinstance(factory, _Factory) else None
+        self._second = -1
+        self._stamp = ""
+
+    async def startup(self) -> None:
+        self._flusher = asyncio.create_task(self._flush_every(0.25))
+
+    async def shutdown(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        flush_logs()
+
+    async def _flush_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            flush_logs()
 
     def emit(self, r: "Record") -> None:
         fields: dict[str, Any] = {
@@ -64,4 +140,15 @@ class AccessLog:
             fields["client_disconnected"] = True
         if r.extra:
             fields.update(r.extra)
-        self.log.info("request", **fields)
+        if self.writer is None:
+            self.log.info("request", **fields)
+            return
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        fields["event"] = "request"
+        fields["level"] = "info"
+        fields["timestamp"] = f"{self._stamp}.{int((now - second) * 1e6):06d}Z"
+        self.writer.msg(orjson.dumps(fields, default=str))

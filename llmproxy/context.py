@@ -34,9 +34,13 @@ class Reply:
     status: int
     headers: list[tuple[str, str]]
     body: bytes | AsyncIterator[bytes]
+    # The length of an iterator body when known and untouched (upstream's Content-Length of a
+    # body no middleware changed); `with_body` drops it, so a transformed body is never framed
+    # with a stale length.
+    content_length: int | None = None
 
     def with_body(self, body: bytes | AsyncIterator[bytes]) -> "Reply":
-        return replace(self, body=body)
+        return replace(self, body=body, content_length=None)
 
     def with_headers(self, headers: list[tuple[str, str]]) -> "Reply":
         return replace(self, headers=headers)

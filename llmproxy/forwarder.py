@@ -123,15 +123,22 @@ class Forwarder:
         parser = SSEParser() if ctx.stream else None
         meter = None
         handed_over = False
+        deadline = _Deadline(dep.timeout)
         try:
             try:
-                async with asyncio.timeout(dep.timeout):
+                try:
                     upstream = await state.provider.open(ctx)
                     if 200 <= upstream.status < 300:
                         meter = self._meter(ctx, state)
                         await self._read_first(ctx, upstream, parser, meter, first)
                     else:
                         failure_body = await _read_bounded(upstream)
+                except asyncio.CancelledError:
+                    if deadline.expired():
+                        raise TimeoutError from None
+                    raise
+                finally:
+                    deadline.handle.cancel()
             except TimeoutError:
                 raise _Failure(errors.upstream_timeout(
                     f"The upstream deployment did not answer within {dep.timeout:g} seconds."),
@@ -153,7 +160,8 @@ class Forwarder:
             record.deployment = dep.id
             record.provider = dep.provider
             reply = Reply(upstream.status, response_headers(upstream.headers),
-                          self._relay(ctx, upstream, parser, meter, first))
+                          self._relay(ctx, upstream, parser, meter, first),
+                          upstream.content_length if parser is None else None)
             ctx.cleanups.append(_Finish(ctx, state, upstream, meter, lease))
             handed_over = True
             return reply
@@ -275,6 +283,27 @@ def _pass(parser: SSEParser, meter, chunk: bytes) -> bytes:
     return b"".join(kept)
 
 
+class _Deadline:
+    """`asyncio.timeout` for the hot path at a third of its cost: one timer handle that
+    cancels the task when it fires. The timer firing always surfaces as CancelledError at
+    the await in progress; `expired()` then tells ours from any other cancellation (a client
+    disconnect), which stays a cancellation."""
+
+    __slots__ = ("task", "handle", "fired")
+
+    def __init__(self, seconds: float) -> None:
+        self.task = asyncio.current_task()
+        self.fired = False
+        self.handle = asyncio.get_running_loop().call_later(seconds, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+    def expired(self) -> bool:
+        return self.fired and self.task.uncancel() == 0
+
+
 class _BodyMeter:
     """Usage of a non-streamed answer, read from the whole body once it has passed."""
 
@@ -285,20 +314,58 @@ class _BodyMeter:
         self.parse = parse
 
     def result(self, ctx: "Context"):
-        from .usage import Usage
         from . import tokenizer
+        from .usage import Usage
 
         usage = None
         if self.parts:
-            try:
-                body = orjson.loads(b"".join(self.parts))
-            except orjson.JSONDecodeError:
-                body = None
-            if isinstance(body, dict):
-                usage = self.parse(body)
+            body = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+            found = _usage_object(body)
+            if found is None:  # no cheap answer: read the whole body
+                try:
+                    found = orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    found = None
+            if isinstance(found, dict):
+                usage = self.parse(found)
         if usage is None:
             usage = Usage(prompt_tokens=tokenizer.count_tokens(prompt_text(ctx.body, ctx.api)), estimated=True)
         return usage
+
+
+def _usage_object(body: bytes) -> dict | None:
+    """`{"usage": {...}}` cut from the end of a JSON answer without parsing all of it.
+
+    Providers put `usage` last; an unescaped `"usage"` followed by `:` can only be a key
+    (inside a JSON string the quotes would be escaped). The object is delimited by brace
+    depth (usage objects hold numbers and nested objects, no strings with braces); anything
+    unexpected returns None and the caller parses the whole body.
+    """
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None
+    i = at + 7
+    n = len(body)
+    while i < n and body[i] in b" \t\r\n":
+        i += 1
+    if i >= n or body[i] != 58:  # ':'
+        return None
+    i += 1
+    while i < n and body[i] in b" \t\r\n":
+        i += 1
+    if i >= n or body[i] != 123:  # '{'
+        return None
+    end = body.find(b"}", i)
+    # nested objects: extend until the braces balance
+    while end >= 0 and body.count(b"{", i, end + 1) != body.count(b"}", i, end + 1):
+        end = body.find(b"}", end + 1)
+    if end < 0:
+        return None
+    try:
+        value = orjson.loads(body[i:end + 1])
+    except orjson.JSONDecodeError:
+        return None
+    return {"usage": value} if isinstance(value, dict) else None
 
 
 class _Finish:

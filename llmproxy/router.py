@@ -35,9 +35,10 @@ class Router:
         self.states = states
         self.clock = clock
         self.rng = rng or random.Random()
+        self._serves = {(model, api) for model, group in states.items() for s in group for api in s.provider.apis}
 
     def serves(self, model: str, api: str) -> bool:
-        return any(api in s.provider.apis for s in self.states.get(model, ()))
+        return (model, api) in self._serves
 
     def pick(self, model: str, api: str, admission: "Admission | None" = None) -> DeploymentState:
         """The deployment for the next attempt. When every deployment is cooling down, the

@@ -116,7 +116,7 @@ class Gateway:
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300,
                                              keepalive_timeout=30, enable_cleanup_closed=True)
             self.services.http = aiohttp.ClientSession(
-                connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",),
+                connector=connector, auto_decompress=True,
                 timeout=aiohttp.ClientTimeout(total=None))
         await asyncio.get_running_loop().run_in_executor(None, tokenizer.warm)
         for part in self.middlewares + self.sinks:
@@ -261,6 +261,8 @@ class Gateway:
         for name, value in headers:
             resp.headers.add(name, value)
         resp.headers["x-request-id"] = rid
+        if reply.content_length is not None:
+            resp.content_length = reply.content_length
         try:
             await resp.prepare(request)
             async for chunk in body:

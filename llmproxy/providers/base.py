@@ -40,6 +40,7 @@ class Upstream:
     headers: list[tuple[str, str]]
     body: AsyncIterator[bytes]
     close: Callable[[], None]
+    content_length: int | None = None  # of the decoded body; None when unknown or compressed
 
     async def read_all(self) -> bytes:
         parts = [chunk async for chunk in self.body]
@@ -117,4 +118,5 @@ class HTTPProvider(Provider):
             if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
                 raise asyncio.TimeoutError() from exc
             raise UpstreamConnectError(f"{type(exc).__name__}: {exc}") from exc
-        return Upstream(resp.status, list(resp.headers.items()), resp.content.iter_any(), resp.close)
+        length = resp.content_length if "Content-Encoding" not in resp.headers else None
+        return Upstream(resp.status, list(resp.headers.items()), resp.content.iter_any(), resp.close, length)

@@ -19,19 +19,23 @@ if TYPE_CHECKING:
 
 
 class LineWriter:
-    """A structlog logger writing JSON lines to a binary stream without a flush per line.
+    """A structlog logger writing JSON lines to a binary stream, batched.
 
-    A flush is a system call; at thousands of requests a second one per access line costs
-    more than the line itself. On a terminal every line is flushed; otherwise lines are
-    flushed when the last flush is `interval` seconds old, by the access log's timer, and at
-    shutdown.
+    A write is a system call; at thousands of requests a second one per access line costs
+    more than the line itself (and stdout may be unbuffered: PYTHONUNBUFFERED is common in
+    containers). Lines collect in memory and are written together when the oldest is
+    `interval` seconds old, past `max_bytes`, by the access log's timer, and at shutdown. On
+    a terminal every line is written at once.
     """
 
-    __slots__ = ("file", "interval", "_last", "_tty")
+    __slots__ = ("file", "interval", "max_bytes", "_buf", "_size", "_last", "_tty")
 
-    def __init__(self, file: Any, interval: float = 0.25) -> None:
+    def __init__(self, file: Any, interval: float = 0.25, max_bytes: int = 1 << 16) -> None:
         self.file = file
         self.interval = interval
+        self.max_bytes = max_bytes
+        self._buf: list[bytes] = []
+        self._size = 0
         self._last = time.monotonic()
         try:
             self._tty = file.isatty()
@@ -39,10 +43,9 @@ class LineWriter:
             self._tty = False
 
     def msg(self, message: bytes) -> None:
-        self.file.write(message + b"\n")
-        if self._tty:
-            self.file.flush()
-        elif time.monotonic() - self._last > self.interval:
+        self._buf.append(message + b"\n")
+        self._size += len(message) + 1
+        if self._tty or self._size > self.max_bytes or time.monotonic() - self._last > self.interval:
             self.flush()
 
     log = debug = info = warn = warning = msg
@@ -50,7 +53,13 @@ class LineWriter:
 
     def flush(self) -> None:
         self._last = time.monotonic()
+        if not self._buf:
+            return
+        data = b"".join(self._buf)
+        self._buf.clear()
+        self._size = 0
         try:
+            self.file.write(data)
             self.file.flush()
         except (OSError, ValueError):
             pass

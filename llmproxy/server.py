@@ -76,6 +76,10 @@ class Gateway:
         self.sinks += [cls(opts, s) for _, cls, opts in checked.sink_options]
         self.draining = False
         self.max_body = config.server.max_body_bytes
+        # Request ids: a random per-process prefix and a counter, unique across replicas and
+        # restarts without a random draw (a system call) per request.
+        self._rid_prefix = os.urandom(8).hex()
+        self._seq = 0
 
     def _sink_classes(self) -> list[tuple[type, Any]]:
         names = ["metrics"] + (["access_log"] if self.config.server.access_log else [])
@@ -167,7 +171,8 @@ class Gateway:
         started = time.perf_counter()
         headers = request.headers
         client_rid = _client_request_id(headers.get("x-request-id"))
-        rid = os.urandom(12).hex()
+        self._seq += 1
+        rid = f"{self._rid_prefix}{self._seq:08x}"
         record = Record(rid, client_rid, api, request.path, time.time())
         tp = headers.get("traceparent")
         if tp and len(tp) >= 55:

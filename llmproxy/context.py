@@ -9,7 +9,9 @@ A middleware is any callable `async (ctx, call_next) -> Reply`. It may
 
 Nothing reaches the client until every middleware has returned; exactly one place, the
 writer in `server.py`, touches aiohttp's response, and it always closes the body and runs
-`ctx.cleanups` (even when a wrapper generator never started).
+`ctx.cleanups`. A wrapper generator that never started runs no `finally` (and one whose
+reply a middleware above dropped is never closed): put work that must happen in
+`ctx.cleanups`, not in a generator's `finally`.
 """
 
 from __future__ import annotations

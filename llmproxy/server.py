@@ -68,12 +68,12 @@ class Gateway:
         self.forwarder = Forwarder(self.router, self.models, config.router, s)
         self.middlewares: list[Any] = []
         for spec, cls, options in checked.middleware_options:
-            self.middlewares.append(cls(options, s))
+            self.middlewares.append(_start(spec.path, cls, options, s))
         self.master_gate = bool(config.master_key) and not any(
             spec.name == "auth" for spec, _, _ in checked.middleware_options)
         self.chain: Next = self._compose()
         self.sinks: list[Any] = [cls(opts, s) for cls, opts in self._sink_classes()]
-        self.sinks += [cls(opts, s) for _, cls, opts in checked.sink_options]
+        self.sinks += [_start(spec.path, cls, opts, s) for spec, cls, opts in checked.sink_options]
         self.draining = False
         self.max_body = config.server.max_body_bytes
         # Request ids: a random per-process prefix and a counter, unique across replicas and
@@ -82,8 +82,15 @@ class Gateway:
         self._seq = 0
 
     def _sink_classes(self) -> list[tuple[type, Any]]:
+        """The built-in sinks, through the entry points like any plugin; a registry built by
+        hand for tests or embedding may lack them, and then gets them directly."""
+        from .accesslog import AccessLog
+        from .metrics import MetricsSink
+
+        builtin = {"metrics": MetricsSink, "access_log": AccessLog}
         names = ["metrics"] + (["access_log"] if self.config.server.access_log else [])
-        return [(self.registry.event_sink(n, "event_sinks"), None) for n in names]
+        return [(self.registry.event_sink(n, "event_sinks") if n in self.registry.event_sinks else builtin[n], None)
+                for n in names]
 
     def _compose(self) -> Next:
         handler: Next = self._terminal
@@ -155,10 +162,8 @@ class Gateway:
         body = self.services.metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
-    async def unknown(self, request: web.Request) -> web.Response:
-        err = errors.not_found_path(request.path)
-        api = "messages" if request.headers.get("anthropic-version") else "chat"
-        return web.Response(status=404, body=err.body(api), content_type=_JSON)
+    async def unknown(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "unknown")
 
     # --- the data plane -------------------------------------------------------------------
 
@@ -181,12 +186,20 @@ class Gateway:
         inflight = self.services.metrics.inflight
         inflight.inc()
         reply: Reply | None = None
-        err_api = "messages" if api == "messages" or (api == "models" and "anthropic-version" in headers) else "chat"
+        err_api = "messages" if api == "messages" or (api in ("models", "unknown") and "anthropic-version" in headers) \
+            else "chat"
         try:
             try:
                 ctx = await self._context(request, api, record, started)
                 reply = await self.chain(ctx)
             except ProxyError as exc:
+                reply = _error_reply(exc, err_api)
+                record.error_type, record.error_code = exc.type, exc.code
+            except Exception:
+                # A bug (ours or a plugin's), never the client's fault: a 500 in the API's shape,
+                # logged with its traceback, and counted as such.
+                log.exception("request_failed", request_id=rid, path=request.path)
+                exc = ProxyError(500, "The proxy failed to handle this request.", "api_error", "internal_error")
                 reply = _error_reply(exc, err_api)
                 record.error_type, record.error_code = exc.type, exc.code
             return await self._write(request, reply, record)
@@ -214,6 +227,8 @@ class Gateway:
 
     async def _context(self, request: web.Request, api: str, record: Record, started: float) -> Context:
         headers = request.headers
+        if api == "unknown":
+            raise errors.not_found_path(request.path)
         key = client_key(headers)
         if self.master_gate and (key is None or not hmac.compare_digest(
                 key.encode(), self.config.master_key.encode())):
@@ -230,6 +245,8 @@ class Gateway:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise errors.invalid_request(f"The request body is not valid JSON ({exc}).") from None
+        if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
+            raise errors.invalid_request(f"The request body is nested more than {MAX_DEPTH} levels deep.")
         validate_body(api, body)
         name = body["model"]
         record.model = name
@@ -298,6 +315,34 @@ class Gateway:
                     "data": [{"id": n, "object": "model", "created": created, "owned_by": "llmproxy"}
                              for n in names]}
         return Reply(200, [("Content-Type", _JSON)], orjson.dumps(body))
+
+
+MAX_DEPTH = 200  # orjson writes at most 255 levels; deeper bodies could not be forwarded
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, iteratively (no recursion limit to hit)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return deepest
+
+
+def _start(path: str, cls: type, options: Any, services: Services) -> Any:
+    """Construct a plugin; a failure is a config error naming it, not a traceback at start."""
+    from .config import ConfigError
+
+    try:
+        return cls(options, services)
+    except Exception as exc:
+        raise ConfigError(f"{path}: failed to start: {type(exc).__name__}: {exc}") from exc
 
 
 def _bind(mw: Any, nxt: Next) -> Next:

@@ -29,10 +29,12 @@ from .context import Context, Record, Reply
 
 
 def make_context(body: dict[str, Any], api: str = "chat", headers: dict[str, str] | None = None,
-                 stream: bool | None = None) -> Context:
+                 stream: bool | None = None, model: Any = None) -> Context:
+    """A context as the server builds it; `model` is a `config.Model` when the code under
+    test needs one (the forwarder does)."""
     record = Record("test-request", None, api, f"/v1/{api}", time.time(), model=body.get("model"))
     hdrs = CIMultiDictProxy(CIMultiDict(headers or {}))
-    return Context(api, record.path, hdrs, body, record,
+    return Context(api, record.path, hdrs, body, record, model=model,
                    stream=body.get("stream") is True if stream is None else stream)
 
 

@@ -448,3 +448,32 @@ async def test_wrapper_cleanup_runs_once_after_a_full_read(make_proxy) -> None:
     rec = await one_record(proxy)
     assert seen == {"generator_finally": True, "cleanups": 1}
     assert rec.extra["counter"] == {"chunks": raw.count(b"\n\n"), "started": True}
+
+
+# --- bugs in plugins -------------------------------------------------------------------------
+
+
+class FailsAtStart:
+    def __init__(self, options: Any, services: Any) -> None:
+        raise ValueError("cannot reach the license server")
+
+
+def test_a_middleware_failing_at_construction_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"middlewares\[0\]\.bad: failed to start: ValueError: cannot reach"):
+        gateway(mock_config("bad"), registry(bad=FailsAtStart))
+
+
+@pytest.mark.parametrize("path, shape", [("/v1/chat/completions", "openai"), ("/v1/messages", "anthropic")])
+async def test_a_middleware_bug_is_a_500_in_the_api_shape(upstream, make_proxy, path: str, shape: str) -> None:
+    proxy = await make_proxy(openai_config(upstream, middlewares=["broken"]), registry(broken=Broken))
+    body = GPT if shape == "openai" else CLAUDE
+    status, _, raw = await post(proxy, path, body, AUTH)
+    assert status == 500
+    err = orjson.loads(raw)
+    if shape == "openai":
+        assert (err["error"]["type"], err["error"]["code"]) == ("api_error", "internal_error")
+    else:
+        assert err["type"] == "error" and err["error"]["type"] == "api_error"
+    assert "a bug in a middleware" not in raw.decode()  # internals stay in the log
+    rec = await one_record(proxy)
+    assert rec.status == 500 and rec.error_code == "internal_error"

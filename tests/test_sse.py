@@ -228,7 +228,8 @@ def openai_streams(draw: st.DrawFn) -> tuple[bytes, list[str], bool]:
             return b"data: " + payload + eol + eol
         first = draw(TERMINATORS)
         # "\r" then "\n" would be one "\r\n" line end, not a blank line.
-        blank = draw(st.sampled_from([b"\r", b"\r\n"] if first == b"\r" else [b"\n", b"\r\n", b"\r"]))
+        options = [b"\r", b"\r\n"] if first == b"\r" else [b"\n", b"\r\n", b"\r"]
+        blank = draw(st.sampled_from(options))
         return b"data: " + payload + first + blank
 
     texts = draw(st.lists(TEXT, min_size=1, max_size=6))

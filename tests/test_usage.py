@@ -83,7 +83,8 @@ def test_anthropic_usage(body: dict, expected: Usage | None) -> None:
 
 def openai_stream(with_usage: bool) -> list[Event]:
     events = [sse(chat_chunk(t)) for t in ("Hel", "lo", " there", "!")]
-    events.insert(0, sse(chat_chunk(None) | {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}))
+    role = {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+    events.insert(0, sse(chat_chunk(None) | role))
     if with_usage:
         events.append(sse({"id": "x", "choices": [], "usage": OPENAI_USAGE}))
     events.append(sse(b"[DONE]"))
@@ -126,6 +127,27 @@ def test_openai_word_usage_in_content_is_not_usage() -> None:
     result = meter.result("")
     assert result.estimated
     assert result.completion_tokens == count_tokens('{"usage": {"x": 1}} and "usage": {')
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b'{"choices":[],"usage":{"prompt_tokens":1}}', True),
+        (b'{"choices":[],"usage" :\t{"prompt_tokens":1}}', True),
+        (b'{"choices":[],"usage":null}', False),
+        (b'{"choices":[]}', False),
+        (b'{"usage":{"prompt_tokens":1},"choices":[{"delta":{"content":"say \\"usage"}}]}', True),
+        (b'{"choices":[{"delta":{"content":"say \\"usage"}}],"usage":null}', False),
+        (b'{"choices":[{"delta":{"content":"\\"usage\\": {"}}]}', False),
+    ],
+)
+def test_usage_object_detection_on_bytes(data: bytes, expected: bool) -> None:
+    from llmproxy.usage import _has_usage_object
+
+    assert _has_usage_object(data) is expected
+    meter = OpenAIStreamMeter(drop_usage_chunk=False)
+    meter.feed(sse(data))
+    assert (meter.usage is not None) is expected
 
 
 def test_openai_estimate_without_usage() -> None:

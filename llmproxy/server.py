@@ -183,8 +183,8 @@ class Gateway:
         if tp and len(tp) >= 55:
             record.trace_id = tp[3:35]
         ctx: Context | None = None
-        inflight = self.services.metrics.inflight
-        inflight.inc()
+        metrics = self.services.metrics
+        metrics.inc("llmproxy_inflight_requests")
         reply: Reply | None = None
         err_api = "messages" if api == "messages" or (api in ("models", "unknown") and "anthropic-version" in headers) \
             else "chat"
@@ -207,7 +207,7 @@ class Gateway:
             record.client_disconnected = True
             raise
         finally:
-            inflight.dec()
+            metrics.inc("llmproxy_inflight_requests", (), -1.0)
             if ctx is not None:
                 for cleanup in ctx.cleanups:
                     try:

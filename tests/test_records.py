@@ -75,3 +75,35 @@ async def test_plugin_sink_gets_every_record_once(upstream, make_proxy):
     assert ok.spend == Decimal(4 * 1 + 6 * 1 + 4 * 2) / 1_000_000  # no cache price: cached at input price
     assert missing.status == 404 and bad.status == 400
     assert len({r.request_id for _, r in CollectingSink.seen}) == 3
+
+
+async def test_metrics_endpoint_counts_requests_tokens_and_latency(upstream, make_proxy):
+    import re
+
+    proxy = await make_proxy(openai_config(upstream))
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.post(proxy.url + "/v1/chat/completions", headers=AUTH,
+                              json={"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]}) as r:
+                await r.read()
+        async with s.post(proxy.url + "/v1/chat/completions", headers=AUTH, json={"model": "nope",
+                                                                                  "messages": []}) as r:
+            await r.read()
+        async with s.get(proxy.url + "/metrics") as r:
+            text = await r.text()
+
+    def value(pattern: str) -> float:
+        found = re.search("^" + pattern + r" (\S+)$", text, re.M)
+        assert found, pattern
+        return float(found.group(1))
+
+    ok = 'deployment="openai:gpt-upstream",model="gpt-test"'
+    assert value(r'llmproxy_requests_total\{' + ok + r',status="200"\}') == 3
+    assert value(r'llmproxy_requests_total\{deployment="",model="nope",status="404"\}') == 1
+    assert value(r'llmproxy_tokens_total\{' + ok + r',type="prompt"\}') == 33
+    assert value(r'llmproxy_tokens_total\{' + ok + r',type="completion"\}') == 21
+    assert value(r'llmproxy_request_duration_seconds_count\{' + ok + r'\}') == 3
+    assert value(r'llmproxy_request_duration_seconds_bucket\{deployment="openai:gpt-upstream",le="600.0",'
+                 r'model="gpt-test"\}') == 3
+    assert value(r'llmproxy_spend_usd_total\{' + ok + r'\}') == pytest.approx(3 * (11 + 14) / 1e6)
+    assert value("llmproxy_inflight_requests") == 0

@@ -130,7 +130,8 @@ class Forwarder:
                     upstream = await state.provider.open(ctx)
                     if 200 <= upstream.status < 300:
                         meter = self._meter(ctx, state)
-                        await self._read_first(ctx, upstream, parser, meter, first)
+                        if parser is not None:  # a JSON answer's first byte comes with its headers
+                            await self._read_first(upstream, parser, meter, first)
                     else:
                         failure_body = await _read_bounded(upstream)
                 except asyncio.CancelledError:
@@ -159,9 +160,12 @@ class Forwarder:
             record.attempts.append(Attempt(dep.id, "ok", time.perf_counter() - t0))
             record.deployment = dep.id
             record.provider = dep.provider
-            reply = Reply(upstream.status, response_headers(upstream.headers),
-                          self._relay(ctx, upstream, parser, meter, first),
-                          upstream.content_length if parser is None else None)
+            if parser is None:
+                reply = Reply(upstream.status, response_headers(upstream.headers),
+                              self._relay_json(ctx, upstream, meter), upstream.content_length)
+            else:
+                reply = Reply(upstream.status, response_headers(upstream.headers),
+                              self._relay_sse(ctx, upstream, parser, meter, first))
             ctx.cleanups.append(_Finish(ctx, state, upstream, meter, lease))
             handed_over = True
             return reply
@@ -184,21 +188,11 @@ class Forwarder:
             return OpenAIStreamMeter(drop_usage_chunk=drop)
         return _BodyMeter(openai_usage)
 
-    async def _read_first(self, ctx, upstream: Upstream, parser: SSEParser | None, meter, first: list[bytes]) -> None:
-        """Read until the first byte, or for a stream until the first whole event (an Anthropic
-        `error` there fails the attempt). Streams put the bytes of those whole events in
-        `first`, already fed to the meter; a partial event stays pending in the parser."""
-        body = upstream.body
-        while True:
-            try:
-                chunk = await body.__anext__()
-            except StopAsyncIteration:
-                return
-            if not chunk:
-                continue
-            if parser is None:
-                first.append(chunk)
-                return
+    async def _read_first(self, upstream: Upstream, parser: SSEParser, meter, first: list[bytes]) -> None:
+        """Read a stream until its first whole event (an Anthropic `error` there fails the
+        attempt). The bytes of those events go in `first`, already fed to the meter; a
+        partial event stays pending in the parser."""
+        async for chunk in upstream.body:
             out = _pass(parser, meter, chunk)
             if out:
                 first.append(out)
@@ -226,20 +220,26 @@ class Forwarder:
         ctx.record.provider = dep.provider
         return Reply(status, response_headers(upstream.headers), body)
 
-    async def _relay(self, ctx: "Context", upstream: Upstream, parser: SSEParser | None, meter,
-                     first: list[bytes]) -> AsyncIterator[bytes]:
-        record = ctx.record
-        if first:
-            record.ttfb_s = time.perf_counter() - ctx.started
+    async def _relay_json(self, ctx: "Context", upstream: Upstream, meter: "_BodyMeter") -> AsyncIterator[bytes]:
+        """A JSON answer passes through as it arrives; a copy is kept to read usage at the end.
+        A body cut short aborts the client's connection rather than ending it cleanly."""
+        parts = meter.parts
         try:
-            if parser is None:  # a JSON answer: pass through, keep a copy to read usage at the end
-                for chunk in first:
-                    meter.parts.append(chunk)
-                    yield chunk
-                async for chunk in upstream.body:
-                    meter.parts.append(chunk)
-                    yield chunk
-                return
+            async for chunk in upstream.body:
+                if not parts:
+                    ctx.record.ttfb_s = time.perf_counter() - ctx.started
+                parts.append(chunk)
+                yield chunk
+        except (aiohttp.ClientError, ConnectionError, TimeoutError):
+            record = ctx.record
+            record.status, record.error_type, record.error_code = 502, "api_error", "upstream_error"
+            raise
+
+    async def _relay_sse(self, ctx: "Context", upstream: Upstream, parser: SSEParser, meter,
+                         first: list[bytes]) -> AsyncIterator[bytes]:
+        record = ctx.record
+        record.ttfb_s = time.perf_counter() - ctx.started
+        try:
             for chunk in first:
                 yield chunk
             async for chunk in upstream.body:
@@ -250,15 +250,13 @@ class Forwarder:
                 if not meter.feed(ev):
                     yield ev.raw
         except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
-            if isinstance(exc, TimeoutError) or isinstance(exc, aiohttp.ServerTimeoutError):
+            if isinstance(exc, TimeoutError):  # aiohttp's idle (sock_read) timeout is one too
                 err = errors.upstream_timeout(
                     f"The upstream stream was idle for more than {ctx.deployment.stream_idle_timeout:g} seconds.")
             else:
                 err = errors.upstream_error(f"The upstream stream failed ({type(exc).__name__}).")
             record.status = err.status
             record.error_type, record.error_code = err.type, err.code
-            if parser is None:
-                raise  # a JSON body cut short: abort the connection rather than end it cleanly
             yield err.sse(ctx.api)
 
 

@@ -168,3 +168,24 @@ async def test_split_events_are_reassembled_byte_for_byte(upstream, make_proxy):
         async with s.post(proxy.url + "/v1/chat/completions", json=CHAT, headers=AUTH) as r:
             body = await r.read()
     assert body == b"".join(e for e in events if b'"choices":[]' not in e)
+
+
+async def test_json_body_cut_short_aborts_the_client_connection(upstream, make_proxy):
+    from aiohttp import web
+
+    async def cut(request, got):
+        resp = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "1000"})
+        await resp.prepare(request)
+        await resp.write(b'{"id": "chatcmpl-x", "choices": [')
+        request.transport.close()
+        return resp
+
+    upstream.push(cut)
+    proxy = await make_proxy(openai_config(upstream))
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with s.post(proxy.url + "/v1/chat/completions", headers=AUTH,
+                              json={"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]}) as r:
+                await r.read()
+    await wait_for(lambda: proxy.records)
+    assert proxy.records[-1].status == 502 and proxy.records[-1].error_code == "upstream_error"

@@ -193,7 +193,7 @@ class Forwarder:
         attempt). The bytes of those events go in `first`, already fed to the meter; a
         partial event stays pending in the parser."""
         async for chunk in upstream.body:
-            out = _pass(parser, meter, chunk)
+            out = _parse(parser, meter, chunk)
             if out:
                 first.append(out)
                 return
@@ -268,6 +268,16 @@ def _pass(parser: SSEParser, meter, chunk: bytes) -> bytes:
     error event). A chunk that holds whole events only and drops none goes out as it came,
     without a copy; otherwise the kept events' raw bytes, unchanged.
     """
+    if not parser.pending and chunk[-2:] == b"\n\n" and not meter.wants(chunk):
+        # Whole events the meter has no use for now (the usual chunk): out as they came,
+        # remembered unparsed in case tokens must be estimated at the end.
+        meter.skip(chunk)
+        return chunk
+    return _parse(parser, meter, chunk)
+
+
+def _parse(parser: SSEParser, meter, chunk: bytes) -> bytes:
+    """`_pass` event by event: every event is fed to the meter."""
     carried = bool(parser.pending)
     kept = []
     dropped = False

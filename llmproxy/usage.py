@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
 
@@ -122,6 +122,28 @@ def _count_pieces(pieces: dict[Any, list[str]]) -> int:
 _AFTER_KEY = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*(\{?)")
 
 
+_USAGE_ANYWHERE = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
+
+
+class _Chunk(bytes):
+    """Raw bytes of whole events kept unparsed by a meter's `skip`."""
+
+
+def _datas(kept: list[bytes]) -> Iterator[bytes]:
+    """Event data in arrival order from what a meter kept: event data as is, skipped
+    chunks parsed now (only when an estimate is needed)."""
+    from .sse import SSEParser
+
+    for item in kept:
+        if isinstance(item, _Chunk):
+            parser = SSEParser()
+            for ev in parser.feed(bytes(item)) + parser.close():
+                if ev.data:
+                    yield ev.data
+        else:
+            yield item
+
+
 def _has_usage_object(data: bytes) -> bool:
     """Whether the chunk's ``usage`` key holds an object, judged on bytes.
 
@@ -143,6 +165,9 @@ class OpenAIStreamMeter:
 
     __slots__ = ("_drop", "_usage", "_kept", "_events")
 
+    # The forwarder's fast path: a chunk of whole events that `wants` declines goes out as
+    # is and is only remembered (`skip`), unparsed, in case it must be counted at the end.
+
     def __init__(self, drop_usage_chunk: bool) -> None:
         self._drop = bool(drop_usage_chunk)
         self._usage: Usage | None = None
@@ -162,6 +187,16 @@ class OpenAIStreamMeter:
     def usage(self) -> Usage | None:
         """The usage the server sent, if any so far."""
         return self._usage
+
+    def wants(self, chunk: bytes) -> bool:
+        """Whether a chunk of whole events may hold a usage object (then it must be fed
+        event by event); a cheap bytes check with false positives only."""
+        return _USAGE_ANYWHERE.search(chunk) is not None
+
+    def skip(self, chunk: bytes) -> None:
+        """Remember a chunk of whole events that `wants` declined."""
+        if self._usage is None:
+            self._kept.append(_Chunk(chunk))
 
     def feed(self, ev: Event) -> bool:
         """Look at one event; True means remove it before the client sees it.
@@ -192,7 +227,7 @@ class OpenAIStreamMeter:
         if self._usage is not None:
             return self._usage
         pieces: dict[Any, list[str]] = {}
-        for data in self._kept:
+        for data in _datas(self._kept):
             obj = _loads(data)
             if obj is None:
                 continue
@@ -270,6 +305,15 @@ class AnthropicStreamMeter:
     @property
     def events_seen(self) -> int:
         return self._events
+
+    def wants(self, chunk: bytes) -> bool:
+        """Whether a chunk of whole events may hold usage (message_start, message_delta)."""
+        return b"message_start" in chunk or b"message_delta" in chunk
+
+    def skip(self, chunk: bytes) -> None:
+        """Remember a chunk of whole events that `wants` declined (deltas, for estimation)."""
+        if not self._has_output:
+            self._deltas.append(_Chunk(chunk))
 
     @property
     def first_event_error(self) -> dict | None:
@@ -367,7 +411,7 @@ class AnthropicStreamMeter:
 
     def _estimate_output(self) -> int:
         pieces: dict[Any, list[str]] = {}
-        for data in self._deltas:
+        for data in _datas(self._deltas):
             obj = _loads(data)
             if obj is None or obj.get("type") != "content_block_delta":
                 continue

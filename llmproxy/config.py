@@ -147,6 +147,27 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class DatabaseConfig:
+    """`database:` how the store is reached (`database_url` says where)."""
+
+    sqlite_path: str = "./llmproxy.db"  # used when database_url is absent
+    statement_cache: bool = True  # false for PgBouncer in transaction mode
+
+
+@dataclass(frozen=True)
+class SpendConfig:
+    """`spend:` the spend log writer. Rows are written in batches off the request path;
+    when the database fails they wait (with backoff) and, past `queue_size`, spill to
+    `spill_path`, replayed when the database is back. `retention_days` prunes old rows."""
+
+    batch_size: int = field(default=500, metadata={"min": 1})
+    flush_interval: float = field(default=1.0, metadata={"gt": 0})
+    queue_size: int = field(default=20000, metadata={"min": 1})
+    spill_path: str = "./llmproxy-spend-spill.jsonl"
+    retention_days: int | None = field(default=None, metadata={"min": 1})
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole config. `source` is the file it came from (None: the default config);
     `unset_env` maps the path of each key dropped by substitution to its variable."""
@@ -162,6 +183,8 @@ class Config:
     # entry-point name in group llmproxy.event_sinks, with options like middlewares.
     event_sinks: tuple[MiddlewareSpec, ...] = ()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    spend: SpendConfig = field(default_factory=SpendConfig)
     source: str | None = field(default=None, metadata={"config": False})
     unset_env: dict[str, str] = field(default_factory=dict, metadata={"config": False})
 

@@ -11,7 +11,9 @@ Nothing reaches the client until every middleware has returned; exactly one plac
 writer in `server.py`, touches aiohttp's response, and it always closes the body and runs
 `ctx.cleanups`. A wrapper generator that never started runs no `finally` (and one whose
 reply a middleware above dropped is never closed): put work that must happen in
-`ctx.cleanups`, not in a generator's `finally`.
+`ctx.cleanups`, not in a generator's `finally`. Cleanups run innermost first (the
+forwarder's, which fills the record's usage and spend, before those of the middlewares
+around it), then the record goes to the event sinks.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ from .forwarder import Forwarder
 from .metrics import CONTENT_TYPE, Metrics
 from .plugins import Registry, check_config
 from .router import DeploymentState, Router
-from .services import Services
+from .services import Services, open_redis
+from .store import open_store
 from .validate import client_key, validate_body
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class Gateway:
         # Request ids: a random per-process prefix and a counter, unique across replicas and
         # restarts without a random draw (a system call) per request.
         self._rid_prefix = os.urandom(8).hex()
+        self._owns_store = self._owns_redis = False
         self._seq = 0
 
     def _sink_classes(self) -> list[tuple[type, Any]]:
@@ -86,9 +88,10 @@ class Gateway:
         hand for tests or embedding may lack them, and then gets them directly."""
         from .accesslog import AccessLog
         from .metrics import MetricsSink
+        from .spend import SpendWriter
 
-        builtin = {"metrics": MetricsSink, "access_log": AccessLog}
-        names = ["metrics"] + (["access_log"] if self.config.server.access_log else [])
+        builtin = {"metrics": MetricsSink, "access_log": AccessLog, "spend_log": SpendWriter}
+        names = ["metrics", "spend_log"] + (["access_log"] if self.config.server.access_log else [])
         return [(self.registry.event_sink(n, "event_sinks") if n in self.registry.event_sinks else builtin[n], None)
                 for n in names]
 
@@ -130,6 +133,25 @@ class Gateway:
                 connector=connector, auto_decompress=True,
                 timeout=aiohttp.ClientTimeout(total=None))
         await asyncio.get_running_loop().run_in_executor(None, tokenizer.warm)
+        s = self.services
+        if s.store is None:
+            s.store = await open_store(self.config.database_url, sqlite_path=self.config.database.sqlite_path,
+                                       statement_cache=self.config.database.statement_cache)
+            self._owns_store = True
+            applied = await s.store.migrate()
+            if applied:
+                log.info("migrated", versions=applied)
+        s.readiness["database"] = "ok"
+        if s.redis is None and self.config.redis_url:
+            s.redis = open_redis(self.config.redis_url)
+            self._owns_redis = True
+        if s.redis is not None:
+            try:
+                await s.redis.ping()
+                s.readiness["redis"] = "ok"
+            except Exception as exc:  # Redis may come later; limits fall back meanwhile
+                s.readiness["redis"] = "unreachable"
+                log.warning("redis_unreachable", error=f"{type(exc).__name__}: {exc}")
         for part in self.middlewares + self.sinks:
             start = getattr(part, "startup", None)
             if start is not None:
@@ -146,6 +168,10 @@ class Gateway:
                     log.exception("shutdown_failed", part=type(part).__name__)
         if self.services.http is not None:
             await self.services.http.close()
+        if self._owns_store and self.services.store is not None:
+            await self.services.store.close()
+        if self._owns_redis and self.services.redis is not None:
+            await self.services.redis.aclose()
 
     # --- operations endpoints -----------------------------------------------------------
 
@@ -209,7 +235,7 @@ class Gateway:
         finally:
             metrics.inc("llmproxy_inflight_requests", (), -1.0)
             if ctx is not None:
-                for cleanup in ctx.cleanups:
+                for cleanup in reversed(ctx.cleanups):  # innermost first, like a stack of finally blocks
                     try:
                         cleanup()
                     except Exception:

@@ -27,3 +27,12 @@ class Services:
     store: Any = None
     redis: Any = None
     readiness: dict[str, Any] = field(default_factory=dict)  # component -> state, shown on /health/readiness
+
+
+def open_redis(url: str) -> Any:
+    """A redis.asyncio client whose calls time out quickly: a hung Redis must slow nothing
+    beyond these bounds (callers fall back to local state on errors)."""
+    import redis.asyncio as aioredis
+
+    return aioredis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25,
+                             health_check_interval=15, retry_on_timeout=False)

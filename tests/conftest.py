@@ -21,6 +21,15 @@ settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
 MASTER = "sk-test-master-0123456789abcdefghijklmnopqrstuv"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cwd(tmp_path_factory):
+    """Gateways without an explicit database write ./llmproxy.db: keep that out of the repo."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeUpstream]:
     fake = await FakeUpstream().start()
@@ -48,10 +57,14 @@ class RecordingSink:
 
 
 @pytest.fixture
-async def make_proxy() -> AsyncIterator[Callable[..., Any]]:
+async def make_proxy(tmp_path) -> AsyncIterator[Callable[..., Any]]:
     servers: list[TestServer] = []
 
     async def make(config: dict[str, Any], registry: Registry | None = None) -> Proxy:
+        config = dict(config)
+        n = len(servers)
+        config.setdefault("database", {"sqlite_path": str(tmp_path / f"proxy{n}.db")})
+        config.setdefault("spend", {"spill_path": str(tmp_path / f"spill{n}.jsonl")})
         cfg = parse_config(config)
         gateway = Gateway(cfg, registry)
         server = TestServer(gateway.app(), host="127.0.0.1")

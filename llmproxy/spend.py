@@ -1,0 +1,210 @@
+"""The spend log writer: every request's record becomes one row, written in batches off
+the request path, and no row is lost when the database fails.
+
+- `emit` (the request path) only appends the row to a bounded in-memory queue;
+- a background task writes up to `batch_size` rows every `flush_interval` seconds, or at
+  once when a batch is full;
+- a failed write is retried with exponential backoff (0.5 s doubling to 30 s); rows wait
+  in the queue meanwhile; past `queue_size` the oldest rows are appended to `spill_path`
+  (JSON lines) rather than dropped, and the spill file is replayed into the database once
+  it answers again (and at start);
+- on shutdown (SIGTERM) the queue is flushed once more; what still cannot be written goes
+  to the spill file;
+- each row is keyed by the server's own request id, so a batch retried after a timeout
+  that did commit never doubles a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+
+from .store import SpendRow, StoreError
+
+if TYPE_CHECKING:
+    from .context import Record
+    from .services import Services
+
+log = structlog.get_logger("llmproxy.spend")
+
+
+def row_of(r: "Record") -> SpendRow:
+    return SpendRow(
+        request_id=r.request_id,
+        client_request_id=r.client_request_id,
+        started_at=datetime.fromtimestamp(r.started_at, timezone.utc),
+        key_id=r.key_id,
+        team_id=r.team_id,
+        user_id=r.user_id,
+        model=r.model,
+        deployment=r.deployment,
+        prompt_tokens=r.prompt_tokens,
+        completion_tokens=r.completion_tokens,
+        tokens_estimated=r.tokens_estimated,
+        spend=r.spend,
+        status=r.status,
+        duration_ms=round(r.duration_s * 1000, 3),
+        ttfb_ms=None if r.ttfb_s is None else round(r.ttfb_s * 1000, 3),
+        cache_hit=r.cache == "hit",
+    )
+
+
+def _to_json(row: SpendRow) -> bytes:
+    d = {name: getattr(row, name) for name in row.__dataclass_fields__}
+    d["started_at"] = row.started_at.isoformat()
+    d["spend"] = str(row.spend)
+    return orjson.dumps(d)
+
+
+def _from_json(line: bytes) -> SpendRow:
+    d = orjson.loads(line)
+    d["started_at"] = datetime.fromisoformat(d["started_at"])
+    d["spend"] = Decimal(d["spend"])
+    return SpendRow(**d)
+
+
+class SpendWriter:
+    """Event sink: request records to the spend log (see the module's docstring)."""
+
+    def __init__(self, options: Any, services: "Services") -> None:
+        self.services = services
+        cfg = services.config.spend
+        self.batch_size = cfg.batch_size
+        self.interval = cfg.flush_interval
+        self.queue_size = cfg.queue_size
+        self.spill_path = cfg.spill_path
+        self.retention_days = cfg.retention_days
+        self.queue: deque[Any] = deque()  # records, or rows back from a failed write
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._failures = 0
+        self._spill_pending = os.path.exists(self.spill_path)
+        self.written = 0
+        self.spilled = 0
+
+    # --- the request path --------------------------------------------------------------
+
+    def emit(self, record: "Record") -> None:
+        self.queue.append(record)  # converted to a row off the request path
+        if len(self.queue) >= self.batch_size:
+            self._wake.set()
+        if len(self.queue) > self.queue_size:
+            self._spill(self.queue.popleft() for _ in range(len(self.queue) - self.queue_size))
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="llmproxy-spend-writer")
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        try:
+            while self.queue:
+                await asyncio.wait_for(self._write_batch(), 5)
+        except (StoreError, asyncio.TimeoutError, OSError) as exc:
+            log.warning("spend_flush_failed", error=str(exc), rows=len(self.queue))
+        if self.queue:
+            self._spill(self._drain())
+            log.warning("spend_spilled_at_shutdown", path=self.spill_path)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time()
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                while self.queue:
+                    await self._write_batch()
+                if self._failures:
+                    log.info("spend_log_recovered", after_failures=self._failures)
+                    self._failures = 0
+                    self.services.readiness["spend_log"] = "ok"
+                if self._spill_pending:
+                    await self._replay_spill()
+                    self._spill_pending = False
+                if self.retention_days and loop.time() >= next_prune:
+                    next_prune = loop.time() + 3600
+                    await self._prune()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database failed: keep the rows, back off
+                self._failures += 1
+                self.services.readiness["spend_log"] = "retrying"
+                delay = min(30.0, 0.5 * 2 ** min(self._failures - 1, 6))
+                log.warning("spend_write_failed", error=f"{type(exc).__name__}: {exc}", queued=len(self.queue),
+                            retry_in=delay)
+                await asyncio.sleep(delay)
+
+    async def _write_batch(self) -> None:
+        n = min(self.batch_size, len(self.queue))
+        batch = [self.queue.popleft() for _ in range(n)]
+        rows = [item if isinstance(item, SpendRow) else row_of(item) for item in batch]
+        try:
+            await self.services.store.write_spend(rows)
+        except BaseException:
+            self.queue.extendleft(reversed(rows))  # back at the front, in order
+            raise
+        self.written += len(rows)
+
+    def _drain(self) -> Any:
+        while self.queue:
+            yield self.queue.popleft()
+
+    # --- spilling ---------------------------------------------------------------------------
+
+    def _spill(self, items: Any) -> None:
+        lines = [_to_json(item if isinstance(item, SpendRow) else row_of(item)) + b"\n" for item in items]
+        if not lines:
+            return
+        with open(self.spill_path, "ab") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        self.spilled += len(lines)
+        self._spill_pending = True
+        log.warning("spend_rows_spilled", rows=len(lines), path=self.spill_path)
+
+    async def _replay_spill(self) -> None:
+        """Write the spill file's rows back (idempotent by request id), then remove it."""
+        path = self.spill_path
+        if not os.path.exists(path):
+            return
+        replaying = path + ".replaying"
+        os.replace(path, replaying)
+        with open(replaying, "rb") as f:
+            rows = [_from_json(line) for line in f if line.strip()]
+        try:
+            for i in range(0, len(rows), self.batch_size):
+                await self.services.store.write_spend(rows[i:i + self.batch_size])
+        except BaseException:
+            # Not written: back to the spill file, nothing lost.
+            with open(path, "ab") as f:
+                f.writelines(_to_json(row) + b"\n" for row in rows)
+            os.remove(replaying)
+            raise
+        os.remove(replaying)
+        log.info("spend_spill_replayed", rows=len(rows))
+
+    async def _prune(self) -> None:
+        from datetime import timedelta
+
+        before = datetime.now(timezone.utc) - timedelta(days=self.retention_days)
+        removed = await self.services.store.prune_spend(before)
+        if removed:
+            log.info("spend_pruned", rows=removed, before=before.isoformat())

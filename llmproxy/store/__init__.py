@@ -1,0 +1,64 @@
+"""Keys, teams and the spend log: one `Store` interface (base.py), on PostgreSQL or SQLite.
+
+    store = await open_store(config.database_url)   # None: SQLite at ./llmproxy.db
+    await store.migrate()
+"""
+
+from __future__ import annotations
+
+from .base import (
+    AlreadyExists,
+    KeyInfo,
+    NotFound,
+    SpendRow,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    TeamInfo,
+    hash_key,
+    mask_key,
+)
+
+__all__ = [
+    "AlreadyExists",
+    "KeyInfo",
+    "NotFound",
+    "SpendRow",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "TeamInfo",
+    "hash_key",
+    "mask_key",
+    "open_store",
+]
+
+
+async def open_store(
+    database_url: str | None, *, sqlite_path: str = "./llmproxy.db", statement_cache: bool = True
+) -> Store:
+    """The store for `database_url`: `postgresql://` or `postgres://` -> PostgreSQL (an
+    asyncpg pool; `statement_cache=False` for PgBouncer in transaction mode); None -> SQLite
+    at `sqlite_path`; `sqlite:///path` -> SQLite at `path` (`sqlite:////abs/path` for an
+    absolute one). Another scheme: ValueError naming it. StoreUnavailable when the
+    database cannot be reached. Does not migrate: call `store.migrate()`."""
+    if database_url is None:
+        from .sqlite import SqliteStore
+
+        return await SqliteStore.open(sqlite_path)
+    scheme, sep, rest = database_url.partition("://")
+    scheme = scheme.lower()
+    if sep and scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore
+
+        return await PostgresStore.open(database_url, statement_cache=statement_cache)
+    if sep and scheme == "sqlite":
+        if not rest.startswith("/") or len(rest) < 2:
+            raise ValueError(f"database_url: a SQLite URL looks like sqlite:///path/to/file.db, not {database_url!r}")
+        from .sqlite import SqliteStore
+
+        return await SqliteStore.open(rest[1:])
+    shown = scheme if sep else database_url.split(":", 1)[0]
+    raise ValueError(
+        f"database_url: unsupported scheme {shown!r}; use postgresql://..., sqlite:///path, or leave it unset for SQLite"
+    )

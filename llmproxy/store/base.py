@@ -1,0 +1,353 @@
+"""The store's contract: keys, teams and the spend log, whatever database holds them.
+
+`Store` is implemented twice, by `PostgresStore` (asyncpg) and `SqliteStore` (aiosqlite),
+and one contract suite (`tests/test_store.py`) runs against both. Callers see only what
+is written here.
+
+Money. Every amount (`spend`, `max_budget`) is a `Decimal` in USD, exact to the
+nano-dollar: the data classes quantize it to 1e-9 with ROUND_HALF_EVEN when they are
+built, so what is read back equals what was written, on both backends. PostgreSQL stores
+`NUMERIC(24,12)`; SQLite, which has no decimal type, stores integer nano-dollars
+(`spend_nanos`, `max_budget_nanos`), so its sums are integer sums: exact too. An amount
+must lie strictly within +-1e9 USD (SQLite's 64-bit integers hold +-9.2e9 USD of nanos;
+the margin is for sums). `SpendRow.spend` refuses a float (a float has already lost the
+exactness); a budget accepts one through its shortest repr, since JSON bodies carry them.
+
+Time. Every datetime is timezone-aware and read back in UTC; an aware datetime in another
+zone is converted, a naive one is a ValueError (the store never guesses a zone).
+PostgreSQL stores `TIMESTAMPTZ`; SQLite integer microseconds since the epoch (`*_at_us`).
+Both keep microseconds, so values round-trip exactly. Ranges are half-open:
+`start <= started_at < end`, `started_at >= since`, `started_at < before`.
+
+Keys. The plaintext key never reaches the store: `create_key` takes its SHA-256 hex
+(`hash_key`) and refuses anything else; `KeyInfo.id` (LiteLLM's "token") is that same
+digest, `key_prefix` a display form such as `sk-...abcd` (`mask_key`). The store does not
+judge keys: an expired or blocked key is still returned, the auth layer decides.
+
+Failures. Connection refused, timed out, database locked past the busy timeout, pool or
+store closed: `StoreUnavailable`, which the auth layer turns into 503 while serving the
+keys it has cached. Anything else that escapes is a bug.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import re
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime, timezone
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from typing import Any, Sequence
+
+UTC = timezone.utc
+NANO = Decimal("1e-9")
+MONEY_LIMIT = Decimal(10**9)
+MAX_PAGE_SIZE = 1000
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class StoreError(Exception):
+    """Base of the store's errors."""
+
+
+class NotFound(StoreError):
+    """The key or team does not exist."""
+
+
+class AlreadyExists(StoreError):
+    """A key (same id or hash) or team (same id) is already there."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached now (refused, timed out, locked, closed); retry later."""
+
+
+# ---------------------------------------------------------------------------- values
+
+
+def hash_key(key: str) -> str:
+    """A key's SHA-256 hex digest: what the store keeps, and the key's public id."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def mask_key(key: str) -> str:
+    """The display form of a key, e.g. `sk-...abcd`."""
+    return f"{key[:3]}...{key[-4:]}"
+
+
+def money(value: Any, name: str, *, allow_float: bool = True) -> Decimal:
+    """`value` as an exact Decimal quantized to 1e-9 USD, within +-1e9 USD."""
+    if isinstance(value, bool) or (isinstance(value, float) and not allow_float):
+        raise TypeError(f"{name}: money is Decimal, int or str, not {type(value).__name__}")
+    try:
+        amount = Decimal(repr(value) if isinstance(value, float) else value)
+    except (InvalidOperation, TypeError, ValueError):
+        raise ValueError(f"{name}: not an amount: {value!r}") from None
+    if not amount.is_finite() or abs(amount) >= MONEY_LIMIT:
+        raise ValueError(f"{name}: amount out of range: {value!r}")
+    return amount.quantize(NANO, rounding=ROUND_HALF_EVEN)
+
+
+def utc(value: datetime, name: str) -> datetime:
+    """`value` converted to UTC; a naive datetime is refused."""
+    if not isinstance(value, datetime):
+        raise TypeError(f"{name}: expected a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name}: naive datetime {value!r}; pass a timezone-aware one")
+    return value.astimezone(UTC)
+
+
+def check_page(page: int, page_size: int) -> int:
+    """The row offset of `page` (1-based) of `page_size` rows."""
+    if page < 1 or not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page must be >= 1 and page_size within 1..{MAX_PAGE_SIZE}")
+    return (page - 1) * page_size
+
+
+def check_key_hash(key_hash: str) -> None:
+    if not isinstance(key_hash, str) or not _SHA256_HEX.fullmatch(key_hash):
+        raise ValueError("key_hash must be the key's SHA-256 hex digest (hash_key), never the key")
+
+
+def stamped(info: "KeyInfo | TeamInfo") -> "Any":
+    """`info` with its timestamps for creation: now, unless the caller gave them."""
+    created = info.created_at or datetime.now(UTC)
+    return replace(info, created_at=created, updated_at=info.updated_at or created)
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)
+
+
+def _normalize_limits(obj: Any) -> None:
+    """Shared by KeyInfo and TeamInfo: canonical types, so equal values compare equal."""
+    if isinstance(obj.models, str):
+        raise TypeError("models: a sequence of model names, not a string")
+    _set(obj, "models", tuple(obj.models or ()))
+    if obj.max_budget is not None:
+        _set(obj, "max_budget", money(obj.max_budget, "max_budget"))
+    _set(obj, "metadata", dict(obj.metadata or {}))
+    _set(obj, "blocked", bool(obj.blocked))
+    for name in ("created_at", "updated_at", "expires_at"):
+        value = getattr(obj, name, None)
+        if value is not None:
+            _set(obj, name, utc(value, name))
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeyInfo:
+    """A virtual key, without the key. `created_at`/`updated_at` are set by the store when
+    None at creation. `models` empty means every model. Treat `metadata` as read-only:
+    instances are shared by caches."""
+
+    id: str
+    key_prefix: str
+    key_alias: str | None = None
+    team_id: str | None = None
+    user_id: str | None = None
+    models: tuple[str, ...] = ()
+    max_budget: Decimal | None = None
+    budget_duration: str | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    expires_at: datetime | None = None
+    blocked: bool = False
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        _normalize_limits(self)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TeamInfo:
+    """A team; its limits apply to all its keys together. Same conventions as KeyInfo."""
+
+    team_id: str
+    team_alias: str | None = None
+    models: tuple[str, ...] = ()
+    max_budget: Decimal | None = None
+    budget_duration: str | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    blocked: bool = False
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        _normalize_limits(self)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SpendRow:
+    """One request in the spend log, keyed by the server's own `request_id` (unique: a
+    retried batch never doubles a row); `client_request_id` is the client's
+    `x-request-id`, which clients may reuse."""
+
+    request_id: str
+    started_at: datetime
+    client_request_id: str | None = None
+    key_id: str | None = None
+    team_id: str | None = None
+    user_id: str | None = None
+    model: str | None = None
+    deployment: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    tokens_estimated: bool = False
+    spend: Decimal = Decimal(0)
+    status: int = 0
+    duration_ms: float = 0.0
+    ttfb_ms: float | None = None
+    cache_hit: bool = False
+
+    def __post_init__(self) -> None:
+        _set(self, "started_at", utc(self.started_at, "started_at"))
+        _set(self, "spend", money(self.spend, "spend", allow_float=False))
+        _set(self, "duration_ms", float(self.duration_ms))
+        if self.ttfb_ms is not None:
+            _set(self, "ttfb_ms", float(self.ttfb_ms))
+
+
+KEY_UPDATABLE = frozenset(f.name for f in fields(KeyInfo)) - {"id", "created_at", "updated_at"}
+TEAM_UPDATABLE = frozenset(f.name for f in fields(TeamInfo)) - {"team_id", "created_at", "updated_at"}
+_KEY_TEMPLATE = KeyInfo(id="", key_prefix="")
+_TEAM_TEMPLATE = TeamInfo(team_id="")
+
+
+def clean_updates(kind: str, updates: dict[str, Any]) -> dict[str, Any]:
+    """`updates` for `update_key`/`update_team`, checked and normalized like the data class
+    would (unknown or read-only field: TypeError)."""
+    allowed, template = (KEY_UPDATABLE, _KEY_TEMPLATE) if kind == "key" else (TEAM_UPDATABLE, _TEAM_TEMPLATE)
+    unknown = sorted(set(updates) - allowed)
+    if unknown:
+        raise TypeError(f"update_{kind}() cannot set {', '.join(unknown)}")
+    normalized = replace(template, **updates)
+    return {name: getattr(normalized, name) for name in updates}
+
+
+# ---------------------------------------------------------------------------- the store
+
+
+class Store(abc.ABC):
+    """Keys, teams and the spend log. Every method may raise `StoreUnavailable`.
+
+    Paging is 1-based, `page_size` at most 1000 (else ValueError). Lists are in a stable
+    order: keys and teams oldest first, spend rows newest first (ties by id).
+    """
+
+    # -- lifecycle
+
+    @abc.abstractmethod
+    async def migrate(self) -> list[str]:
+        """Apply the migrations this database lacks, in order, each in its own transaction,
+        under a lock so replicas starting together do not collide. Returns the versions
+        applied by this call (empty when up to date). Versions recorded by a newer release
+        are left alone (the schema is expand/contract: see migrations/README.md)."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """One round trip; raises StoreUnavailable when the database does not answer."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections; idempotent. Later calls raise StoreUnavailable."""
+
+    # -- keys
+
+    @abc.abstractmethod
+    async def create_key(self, key_hash: str, info: KeyInfo) -> KeyInfo:
+        """Store a new key under `key_hash` (see `hash_key`); returns it with its
+        timestamps. AlreadyExists when the id or the hash is taken."""
+
+    @abc.abstractmethod
+    async def key_by_hash(self, key_hash: str) -> KeyInfo | None:
+        """The key whose hash is `key_hash`: the auth layer's lookup."""
+
+    @abc.abstractmethod
+    async def key(self, id: str) -> KeyInfo | None:
+        """The key with public id `id`."""
+
+    @abc.abstractmethod
+    async def update_key(self, id: str, **fields: Any) -> KeyInfo:
+        """Set the given fields (any KeyInfo field but id and timestamps; TypeError
+        otherwise) and `updated_at`, atomically; returns the key. NotFound."""
+
+    @abc.abstractmethod
+    async def delete_keys(self, ids: Sequence[str]) -> list[str]:
+        """Delete keys; returns the ids that existed, in the order given."""
+
+    @abc.abstractmethod
+    async def list_keys(
+        self, team_id: str | None = None, user_id: str | None = None, page: int = 1, page_size: int = 100
+    ) -> list[KeyInfo]:
+        """Keys, filtered by team and/or user, oldest first."""
+
+    # -- teams
+
+    @abc.abstractmethod
+    async def create_team(self, info: TeamInfo) -> TeamInfo:
+        """Store a new team; returns it with its timestamps. AlreadyExists."""
+
+    @abc.abstractmethod
+    async def team(self, team_id: str) -> TeamInfo | None:
+        ...
+
+    @abc.abstractmethod
+    async def update_team(self, team_id: str, **fields: Any) -> TeamInfo:
+        """Like `update_key`. NotFound."""
+
+    @abc.abstractmethod
+    async def delete_team(self, team_id: str) -> None:
+        """Delete the team (its keys stay: the admin layer decides about them). NotFound."""
+
+    @abc.abstractmethod
+    async def list_teams(self, page: int = 1, page_size: int = 100) -> list[TeamInfo]:
+        """Teams, oldest first."""
+
+    # -- spend
+
+    @abc.abstractmethod
+    async def write_spend(self, rows: Sequence[SpendRow]) -> int:
+        """Insert a batch in one round trip and one transaction; returns how many rows were
+        new. Idempotent: a row whose request_id is already stored is skipped, so a retried
+        batch never doubles a row."""
+
+    @abc.abstractmethod
+    async def spend_logs(
+        self,
+        key_id: str | None = None,
+        team_id: str | None = None,
+        user_id: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        page: int = 1,
+        page_size: int = 100,
+    ) -> list[SpendRow]:
+        """Spend rows matching every given filter, `start <= started_at < end`, newest first."""
+
+    @abc.abstractmethod
+    async def spend_total(
+        self, key_id: str | None = None, team_id: str | None = None, since: datetime | None = None
+    ) -> Decimal:
+        """The exact sum of spend over the matching rows (`started_at >= since`); used to
+        rebuild budget counters. Decimal 0 when none match."""
+
+    @abc.abstractmethod
+    async def prune_spend(self, before: datetime) -> int:
+        """Delete rows with `started_at < before`, in chunks (no long lock); returns the count."""
+
+    async def key_spend(self, id: str, since: datetime | None = None) -> Decimal:
+        """The key's spend, all time or since `since` (for /key/info)."""
+        return await self.spend_total(key_id=id, since=since)
+
+    async def team_spend(self, team_id: str, since: datetime | None = None) -> Decimal:
+        """The team's spend, all time or since `since` (for /team/info)."""
+        return await self.spend_total(team_id=team_id, since=since)

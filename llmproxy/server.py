@@ -26,6 +26,7 @@ from .metrics import CONTENT_TYPE, Metrics
 from .plugins import Registry, check_config
 from .router import DeploymentState, Router
 from .services import Services, open_redis
+from .invalidation import Invalidator
 from .store import open_store
 from .validate import client_key, validate_body
 
@@ -152,6 +153,9 @@ class Gateway:
             except Exception as exc:  # Redis may come later; limits fall back meanwhile
                 s.readiness["redis"] = "unreachable"
                 log.warning("redis_unreachable", error=f"{type(exc).__name__}: {exc}")
+        if s.invalidator is None:
+            s.invalidator = Invalidator(s.redis)
+        await s.invalidator.start()
         for part in self.middlewares + self.sinks:
             start = getattr(part, "startup", None)
             if start is not None:
@@ -166,6 +170,8 @@ class Gateway:
                     await stop()
                 except Exception:
                     log.exception("shutdown_failed", part=type(part).__name__)
+        if self.services.invalidator is not None:
+            await self.services.invalidator.stop()
         if self.services.http is not None:
             await self.services.http.close()
         if self._owns_store and self.services.store is not None:

@@ -23,9 +23,11 @@ class Services:
     http: "aiohttp.ClientSession | None" = None  # set at startup, one per process
     clock: Callable[[], float] = time.monotonic  # injectable for time-based logic
     wall: Callable[[], float] = time.time
-    # Filled by later issues (store, redis); plugins may look for them and must cope with None.
+    # Set at startup: the store (always), Redis (when redis_url is set), the invalidator
+    # (cache invalidation across replicas, through Redis when there is one).
     store: Any = None
     redis: Any = None
+    invalidator: Any = None
     readiness: dict[str, Any] = field(default_factory=dict)  # component -> state, shown on /health/readiness
 
 

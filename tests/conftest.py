@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any, AsyncIterator, Callable
 
@@ -95,3 +96,54 @@ def openai_config(upstream: FakeUpstream, **extra: Any) -> dict[str, Any]:
     }
     config.update(extra)
     return config
+
+
+PG_URL = os.environ.get("LLMPROXY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("LLMPROXY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def service_missing(what: str, error: BaseException) -> None:
+    """Skip with the reason, except under CI=true, where a missing service is a failure."""
+    message = f"{what} not reachable: {type(error).__name__}: {error}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    import uuid
+
+    import asyncpg
+
+    name = "llmproxy_t_" + uuid.uuid4().hex[:12]
+    try:
+        admin = await asyncpg.connect(PG_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        service_missing(f"PostgreSQL at {PG_URL}", exc)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    base, _, _ = PG_URL.rpartition("/")
+    yield f"{base}/{name}"
+    admin = await asyncpg.connect(PG_URL, timeout=5)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def redis_url() -> AsyncIterator[str]:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        await client.ping()
+    except Exception as exc:
+        service_missing(f"Redis at {REDIS_URL}", exc)
+    finally:
+        await client.aclose()
+    yield REDIS_URL

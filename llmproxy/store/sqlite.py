@@ -163,6 +163,21 @@ def _spend_filter(
     return f"WHERE {' AND '.join(conditions)}" if conditions else ""
 
 
+@asynccontextmanager
+async def _transaction(db: aiosqlite.Connection) -> AsyncIterator[None]:
+    """BEGIN IMMEDIATE (the write lock up front, waiting up to the busy timeout) ... COMMIT;
+    ROLLBACK when the block raises."""
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        await db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            with suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
+        raise
+
+
 class SqliteStore(Store):
     def __init__(self, db: aiosqlite.Connection, path: str, busy_timeout_ms: int, journal_mode: str) -> None:
         self._db: aiosqlite.Connection | None = db
@@ -177,7 +192,7 @@ class SqliteStore(Store):
         StoreUnavailable when it cannot be opened."""
         db = None
         try:
-            if path != ":memory:" and not path.startswith("file:"):
+            if path != ":memory:":
                 os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
             db = await aiosqlite.connect(path, isolation_level=None)
             db.row_factory = sqlite3.Row
@@ -209,16 +224,8 @@ class SqliteStore(Store):
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
         """A write transaction: committed when the block ends, rolled back if it raises."""
-        async with self._use() as db:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                await db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    with suppress(sqlite3.Error):
-                        await db.execute("ROLLBACK")
-                raise
+        async with self._use() as db, _transaction(db):
+            yield db
 
     async def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         async with self._use() as db:
@@ -232,47 +239,27 @@ class SqliteStore(Store):
             # Another process may hold the write lock for a whole migration: wait longer.
             await db.execute(f"PRAGMA busy_timeout = {MIGRATE_BUSY_TIMEOUT_MS}")
             try:
-                await self._migrate(db, applied)
+                async with _transaction(db):
+                    await db.execute(
+                        "CREATE TABLE IF NOT EXISTS llmproxy_schema_migrations ("
+                        " version TEXT PRIMARY KEY NOT NULL, applied_at_us INTEGER NOT NULL) STRICT"
+                    )
+                for migration in schema.migrations("sqlite"):
+                    async with _transaction(db):
+                        if await db.execute_fetchall(
+                            "SELECT 1 FROM llmproxy_schema_migrations WHERE version = ?", (migration.version,)
+                        ):
+                            continue
+                        for statement in split_statements(migration.sql):
+                            await db.execute(statement)
+                        await db.execute(
+                            "INSERT INTO llmproxy_schema_migrations (version, applied_at_us) VALUES (?, ?)",
+                            (migration.version, _micros(datetime.now(UTC))),
+                        )
+                    applied.append(migration.version)
             finally:
                 await db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
         return applied
-
-    async def _migrate(self, db: aiosqlite.Connection, applied: list[str]) -> None:
-        async def in_transaction(work: Callable[[], Any]) -> None:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                await work()
-                await db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    with suppress(sqlite3.Error):
-                        await db.execute("ROLLBACK")
-                raise
-
-        async def create_table() -> None:
-            await db.execute(
-                "CREATE TABLE IF NOT EXISTS llmproxy_schema_migrations ("
-                " version TEXT PRIMARY KEY NOT NULL, applied_at_us INTEGER NOT NULL) STRICT"
-            )
-
-        await in_transaction(create_table)
-        for migration in schema.migrations("sqlite"):
-
-            async def apply(migration: schema.Migration = migration) -> None:
-                done = await db.execute_fetchall(
-                    "SELECT 1 FROM llmproxy_schema_migrations WHERE version = ?", (migration.version,)
-                )
-                if done:
-                    return
-                for statement in split_statements(migration.sql):
-                    await db.execute(statement)
-                await db.execute(
-                    "INSERT INTO llmproxy_schema_migrations (version, applied_at_us) VALUES (?, ?)",
-                    (migration.version, _micros(datetime.now(UTC))),
-                )
-                applied.append(migration.version)
-
-            await in_transaction(apply)
 
     async def ping(self) -> None:
         await self._fetch("SELECT 1")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import operator
 import sqlite3
 from contextlib import asynccontextmanager, suppress
 from dataclasses import fields
@@ -125,6 +126,9 @@ _SPEND_FIELDS = [f.name for f in fields(SpendRow)]
 _KEY_SELECT = ", ".join(map(_column, _KEY_FIELDS))
 _TEAM_SELECT = ", ".join(map(_column, _TEAM_FIELDS))
 _SPEND_SELECT = ", ".join(map(_column, _SPEND_FIELDS))
+# write_spend is the busiest write: the per-field encoders are looked up once here.
+_SPEND_ENCODERS = [_ENCODINGS[name][1] if name in _ENCODINGS else None for name in _SPEND_FIELDS]
+attrgetter_spend = operator.attrgetter(*_SPEND_FIELDS)
 _INSERT_SPEND = (
     f"INSERT INTO llmproxy_spend_logs ({_SPEND_SELECT}) VALUES ({', '.join('?' * len(_SPEND_FIELDS))})"
     " ON CONFLICT (request_id) DO NOTHING"
@@ -391,7 +395,9 @@ class SqliteStore(Store):
     async def write_spend(self, rows: Sequence[SpendRow]) -> int:
         if not rows:
             return 0
-        values = [[_encode(name, getattr(row, name)) for name in _SPEND_FIELDS] for row in rows]
+        encoders = _SPEND_ENCODERS
+        values = [tuple(v if (enc is None or v is None) else enc(v)
+                        for v, enc in zip(attrgetter_spend(row), encoders)) for row in rows]
         async with self._write() as db:
             async with db.executemany(_INSERT_SPEND, values) as cursor:
                 return cursor.rowcount

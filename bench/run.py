@@ -111,7 +111,9 @@ _NO_LIMIT_DEPLOYMENT = {"rpm": 100_000_000, "tpm": 100_000_000_000, "max_queue_s
 ROWS: list[TargetSpec] = [
     TargetSpec("floor", "floor", "bare aiohttp pass-through (bench/floor.py)"),
     TargetSpec("floor-b", "floor", "a second floor instance: harness self-check, ratio ~1.0"),
-    TargetSpec("proxy", "proxy", "llmproxy, middlewares: [] (access log and metrics on)"),
+    TargetSpec("proxy", "proxy", "llmproxy core, middlewares: [] (access log and metrics on, spend log off)",
+               config={"spend": {"enabled": False}}),
+    TargetSpec("proxy-spend", "proxy", "llmproxy core + spend log (embedded SQLite, batched)"),
     TargetSpec("proxy-scheduler", "proxy", "llmproxy + scheduler (limits far above the load)",
                config={"middlewares": [{"scheduler": {"default_max_tokens": 256}}]},
                deployment=_NO_LIMIT_DEPLOYMENT),
@@ -679,7 +681,7 @@ def parse_args(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(
         description="CPU per request of llmproxy against a bare aiohttp floor.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--targets", default="floor,proxy",
+    ap.add_argument("--targets", default="floor,proxy,proxy-spend",
                     help="comma-separated rows to run; the first is the baseline of the ratios")
     ap.add_argument("--target", action="append", default=[], metavar="NAME=EXTRA.yaml",
                     help="add a proxy row whose config is the base config merged with this "

@@ -158,8 +158,10 @@ class DatabaseConfig:
 class SpendConfig:
     """`spend:` the spend log writer. Rows are written in batches off the request path;
     when the database fails they wait (with backoff) and, past `queue_size`, spill to
-    `spill_path`, replayed when the database is back. `retention_days` prunes old rows."""
+    `spill_path`, replayed when the database is back. `retention_days` prunes old rows.
+    `enabled: false` turns the spend log off (budgets then rebuild from nothing)."""
 
+    enabled: bool = True
     batch_size: int = field(default=500, metadata={"min": 1})
     flush_interval: float = field(default=1.0, metadata={"gt": 0})
     queue_size: int = field(default=20000, metadata={"min": 1})

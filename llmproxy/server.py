@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from . import errors, tokenizer
+from .admin import Admin
 from .context import Context, Next, Record, Reply
 from .errors import ProxyError
 from .forwarder import Forwarder
@@ -92,7 +93,8 @@ class Gateway:
         from .spend import SpendWriter
 
         builtin = {"metrics": MetricsSink, "access_log": AccessLog, "spend_log": SpendWriter}
-        names = ["metrics", "spend_log"] + (["access_log"] if self.config.server.access_log else [])
+        names = ["metrics"] + (["spend_log"] if self.config.spend.enabled else []) + \
+            (["access_log"] if self.config.server.access_log else [])
         return [(self.registry.event_sink(n, "event_sinks") if n in self.registry.event_sinks else builtin[n], None)
                 for n in names]
 
@@ -121,6 +123,7 @@ class Gateway:
         app.router.add_get("/health/liveness", self.liveliness)
         app.router.add_get("/health/readiness", self.readiness)
         app.router.add_get("/metrics", self.metrics)
+        Admin(self).register(app)  # the admin API here, unless server.admin_port serves it alone
         app.router.add_route("*", "/{tail:.*}", self.unknown)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)

@@ -1,0 +1,554 @@
+"""Built-in, offline PII recognizers: regular expressions plus checksums, no model.
+
+`Recognizers(entities).analyze(text)` returns the entities found in `text` as `Span`s:
+sorted by start, never overlapping. When two candidates overlap, the longer one wins,
+then the higher score, then the stricter check (card, IBAN, API key, e-mail, SSN, IP,
+phone); `resolve_overlaps` applies the same rule to spans from elsewhere.
+
+This runs on every prompt, so the expensive part is skipped whenever a cheap test says
+it cannot match (each test is one C-level pass over the text):
+
+- e-mail addresses are looked for only around each ``@``;
+- numbers (cards, SSNs, phones, IPv4, IBANs) only when the text holds at least four
+  ASCII digits; one regex pass then finds the runs of digits and separators long enough
+  to hold one, and the entity patterns run only inside those;
+- IPv6 only where ``::`` (after a whole hex group) or ``:h:h:h:`` occurs;
+- each API-key family only when its fixed prefix occurs (``sk-``, ``AKIA``, ``eyJ``...).
+
+Candidates are then validated in Python (Luhn, mod-97, ranges, context). The rules for
+the judgement calls:
+
+EMAIL_ADDRESS  ``local@domain.tld``: local part of letters, digits and ``._%+-``; the
+    domain needs a dot and an alphabetic TLD of 2+ letters (``a@b``, ``@handle`` and
+    ``user@localhost`` are not addresses). In a URL's authority (``scheme://`` with no
+    ``/`` before the ``@``) ``user@host`` is userinfo and host, not an address, unless
+    another ``@`` follows it (``ftp://bob@example.com@ftp.example.org``).
+PHONE_NUMBER  ``+`` and 8-15 digits in groups (E.164, ``+44 (0)20 ...``); North
+    American ``(415) 555-2671``, ``415-555-2671``, ``415.555.2671`` (same separator
+    twice), with an optional leading ``1``; national numbers with a trunk ``0`` and
+    at least one space or dash, 9-12 digits (``020 7946 0958``, ``030 901820``,
+    ``01 23 45 67 89``). Unseparated digits without ``+`` are never a phone (order ids),
+    and neither are dates, prices, versions or IPv4 addresses (none has these shapes).
+    Trailing groups past the digit limit are dropped (``... 0958 12 times``).
+CREDIT_CARD  13-19 digits, unseparated or in groups (4-4-4-x, 4-6-4/5) with one kind of
+    separator, first digit 2-6 (every major network), Luhn-valid.
+US_SSN  ``AAA-GG-SSSS`` or ``AAA GG SSSS``: area not 000, 666 or 900-999, group not 00,
+    serial not 0000, and not one of the numbers the SSA voided after they were printed
+    in public (078-05-1120, 219-09-9999). Nine unseparated digits count only when
+    ``SSN``, ``SS#`` or ``social security`` appears in the 40 characters before them.
+IP_ADDRESS  IPv4 with every octet 0-255; IPv6 full or compressed, with an IPv4 tail or
+    a ``%zone``. An IPv4-shaped string is a version, not an address, when one of the
+    words version/ver/v/release/rel/build/firmware/fw/kernel/python/py/pip/npm/sdk/
+    tag/rev/revision/patch ends at most a few characters before it (``version 1.2.3.4``,
+    ``release: 10.0.0.1``, ``build is 1.2.3.4``), or when ``-alpha``/``-beta``/``-rc``/
+    ``-dev``/``-pre`` follows it. ``node`` is deliberately not on the list: a Node.js
+    version never has four parts, while "node 10.0.0.5" is a cluster node's address.
+    A compressed IPv6 needs a decimal digit (so ``a::b`` in code is not one), and
+    ``x[::2]``, ``a[1::3]`` (``::`` right after ``name[`` or ``name[h``) is a slice.
+IBAN_CODE  country, two check digits, BBAN, upper case, unseparated or in groups of
+    four; the length must be the country's (table below) and mod-97 must give 1.
+API_KEY  ``sk-`` keys (OpenAI, ``sk-proj-``, Anthropic ``sk-ant-``) with 20+ characters
+    after ``sk-``, a digit among them, and a run of 16+ characters without ``-``/``_`` (so
+    ``sk-learn-v1-compatible-estimators`` is prose); Stripe ``sk_/rk_`` live/test; AWS
+    ``AKIA``/``ASIA`` + 16; GitHub ``gh[pousr]_`` + 36+ and ``github_pat_``; Slack
+    ``xox[abprse]-`` with a digit; Google ``AIza`` + 35; JWTs (``eyJ...eyJ...sig``);
+    and any 20+ character token with a letter and a digit after ``Bearer `` (the span
+    is the token, not the word ``Bearer``).
+
+Context-dependent results (9-digit SSNs, opaque bearer tokens) carry a lower score.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+__all__ = ["ENTITIES", "Recognizers", "Span", "resolve_overlaps"]
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    start: int  # character offsets into the analysed str
+    end: int
+    entity: str
+    score: float = 1.0
+
+
+EMAIL = "EMAIL_ADDRESS"
+PHONE = "PHONE_NUMBER"
+CARD = "CREDIT_CARD"
+SSN = "US_SSN"
+IP = "IP_ADDRESS"
+IBAN = "IBAN_CODE"
+API_KEY = "API_KEY"
+
+ENTITIES: frozenset[str] = frozenset({EMAIL, PHONE, CARD, SSN, IP, IBAN, API_KEY})
+
+# Ties in length and score go to the entity whose check is the strictest.
+_PRIORITY = {e: i for i, e in enumerate((CARD, IBAN, API_KEY, EMAIL, SSN, IP, PHONE))}
+
+_SCORE_PHONE = 0.75
+_SCORE_SSN = 0.9
+_SCORE_SSN_CONTEXT = 0.6
+_SCORE_IP = 0.9
+_SCORE_BEARER = 0.8
+
+_DIGITS = b"0123456789"
+_DROP_DIGITS = {ord(c): None for c in "0123456789"}
+
+# -- e-mail -----------------------------------------------------------------------
+
+# The local part, read backwards from the "@" (a dot-atom reads the same both ways).
+_LOCAL_REVERSED = re.compile(r"[A-Za-z0-9_%+\-]+(?:\.[A-Za-z0-9_%+\-]+)*")
+_LOCAL_MAX = 64
+_DOMAIN = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}(?![A-Za-z0-9\-])"
+)
+_AUTHORITY_END = re.compile(r"[\s/?#]")
+
+
+def _find_emails(text: str, out: list[Span]) -> None:
+    at = text.find("@")
+    while at != -1:
+        lo = at - _LOCAL_MAX if at > _LOCAL_MAX else 0
+        local = _LOCAL_REVERSED.match(text[lo:at][::-1])
+        domain = _DOMAIN.match(text, at + 1) if local else None
+        if domain:
+            start, end = at - local.end(), domain.end()
+            if not _in_url_authority(text, start) or text.startswith("@", end):
+                out.append(Span(start, end, EMAIL))
+        at = text.find("@", at + 1)
+
+
+def _in_url_authority(text: str, start: int) -> bool:
+    """True when `start` is inside the ``user:pass@host`` part of a ``scheme://`` URL."""
+    scheme = text.rfind("://", max(0, start - 256), start)
+    return scheme != -1 and not _AUTHORITY_END.search(text, scheme + 3, start)
+
+
+# -- numbers: cards, SSNs, phones, IPv4, IBANs -----------------------------------------
+
+# A run of digits and the separators numbers are written with, kept only when it can
+# hold an entity: 9+ digits (card, SSN, national phone) or 8+ after a "+" (international
+# phone), at most two separators apart, or an IPv4 shape, or digits right after two
+# capitals (IBAN). The entity patterns below run only inside such runs, plus two
+# characters of context on each side. An entity that starts inside a run gets a run of
+# its own: a run never starts right after a digit, but may after a separator.
+_NUMBER_RUN = re.compile(
+    r"[0-9](?<![0-9][0-9])(?:(?:[ \t\u00a0().\-/]{0,2}+[0-9]){8}|(?<=\+[0-9])(?:[ \t\u00a0().\-/]{0,2}+[0-9]){7}"
+    r"|(?<=[A-Z][A-Z][0-9])[0-9]|[0-9]{0,2}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9])[0-9 \t\u00a0().\-/]*"
+)
+# The same in an ASCII text's "shape", which is faster to search: each digit becomes d,
+# "." p, "+" P, another separator s, a capital letter A, anything else x; the literal
+# first byte lets the regex engine jump from digit to digit.
+_SHAPE = bytes(
+    ord("d") if "0" <= c <= "9" else ord("p") if c == "." else ord("P") if c == "+"
+    else ord("s") if c in " \t()-/" else ord("A") if "A" <= c <= "Z" else ord("x")
+    for c in map(chr, range(256))
+)  # fmt: skip
+_SHAPE_RUN = re.compile(
+    rb"d(?<!dd)(?:(?:[sp]{0,2}+d){8}|(?<=Pd)(?:[sp]{0,2}+d){7}|(?<=AAd)d|d{0,2}pd{1,3}pd{1,3}pd)[dsp]*"
+)
+
+_CARD = re.compile(
+    r"""(?<!\w)(?<![0-9][ .,\-])[2-6](?:
+        [0-9]{12,18}+(?!\w)(?![.,][0-9])
+      | [0-9]{3}(?P<s>[ \-])[0-9]{4}(?P=s)[0-9]{4}(?P=s)[0-9]{1,4}(?:(?P=s)[0-9]{1,3})?
+        (?!\w)(?!(?P=s)[0-9])(?![.,][0-9])
+      | [0-9]{3}(?P<t>[ \-])[0-9]{6}(?P=t)[0-9]{4,5}(?!\w)(?!(?P=t)[0-9])(?![.,][0-9])
+    )""",
+    re.X,
+)
+
+_SSN = re.compile(
+    r"(?<!\w)(?<![0-9][ .,\-])(?:[0-9]{3}(?P<s>[ \-])[0-9]{2}(?P=s)[0-9]{4}|(?P<plain>[0-9]{9}))"
+    r"(?!\w)(?![.,\-][0-9])"
+)
+_SSN_CONTEXT = re.compile(r"(?i)\bssns?\b|\bss#|\bsocial[\s\-]+security\b")
+_SSN_CONTEXT_WINDOW = 40
+_SSN_VOIDED = frozenset({"078051120", "219099999"})
+
+_PHONE_INTERNATIONAL = re.compile(
+    r"(?<![\w+])\+[1-9](?:[0-9]|[ .\-](?=[0-9]|\([0-9]{1,4}\))|\([0-9]{1,4}\))*+(?!\w)(?![.\-/][0-9])"
+)
+_PHONE_NANP = re.compile(
+    r"""(?<![\w+])(?<![0-9][ .\-])(?:1[ .\-]?)?(?:
+        \([0-9]{3}\)\ ?[0-9]{3}[ .\-][0-9]{4}
+      | [0-9]{3}(?P<s>[ .\-])[0-9]{3}(?P=s)[0-9]{4}
+    )(?!\w)(?![.\-/][0-9])""",
+    re.X,
+)
+_PHONE_TRUNK = re.compile(
+    r"(?<![\w+])(?<![0-9][ .\-/])(?:\(0[0-9]{1,4}\)\ ?|0[0-9]{1,4}[ \-])"
+    r"[0-9]{2,8}+(?:[ \-][0-9]{2,8}+){0,3}+(?!\w)(?![.\-/][0-9])",
+    re.X,
+)
+
+_IPV4 = re.compile(r"(?<!\w)(?<![0-9]\.)[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?!\w)(?!\.[0-9])")
+_VERSION_BEFORE = re.compile(
+    r"(?i)(?:\b(?:version|ver|v|release|rel|build|firmware|fw|kernel|python|py|pip|npm|sdk"
+    r"|tag|rev|revision|patch)\.?[ \t]{0,2}(?:[:=#][ \t]{0,2})?(?:(?:is|was|to|of)[ \t]{1,2})?)\Z"
+)
+_VERSION_AFTER = re.compile(r"(?i)-(?:alpha|beta|rc|dev|pre)")
+
+_IBAN = re.compile(
+    r"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?:\ ?[A-Z0-9]{4}){2,7}+(?:\ ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])"
+)
+_IBAN_LENGTH = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22,
+    "BH": 22, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22,
+    "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FO": 18, "FR": 27,
+    "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28,
+    "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20,
+    "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "MC": 27, "MD": 24,
+    "ME": 22, "MK": 19, "MR": 27, "MT": 31, "MU": 30, "NL": 18, "NO": 15, "PK": 24,
+    "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "SA": 24, "SC": 31,
+    "SE": 24, "SI": 19, "SK": 24, "SM": 27, "ST": 25, "SV": 28, "TL": 23, "TN": 24,
+    "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
+}  # fmt: skip
+
+
+_LUHN_DOUBLED = str.maketrans("0123456789", "0246813579")  # 2d, digits summed
+
+
+def _luhn_ok(digits: str) -> bool:
+    return sum(map(int, digits[-1::-2] + digits[-2::-2].translate(_LUHN_DOUBLED))) % 10 == 0
+
+
+def _mod97_ok(iban: str) -> bool:
+    n = 0
+    for ch in iban[4:] + iban[:4]:
+        n = (n * (10 if ch <= "9" else 100) + int(ch, 36)) % 97
+    return n == 1
+
+
+def _digit_count(s: str) -> int:
+    return len(s) - len(s.translate(_DROP_DIGITS))
+
+
+def _trim_groups(s: str, most: int) -> str:
+    """Drop trailing separated groups until `s` holds at most `most` digits."""
+    digits, cut = 0, 0
+    for i, ch in enumerate(s):
+        if "0" <= ch <= "9":
+            digits += 1
+            if digits > most:
+                return s[:cut]
+        elif ch in " .-":
+            cut = i
+    return s
+
+
+class _Numbers:
+    """Cards, SSNs, phones, IPv4 and IBANs: everything found inside runs of digits."""
+
+    __slots__ = ("card", "ssn", "phone", "ipv4", "iban")
+
+    def __init__(self, entities: frozenset[str]) -> None:
+        self.card, self.ssn, self.phone = CARD in entities, SSN in entities, PHONE in entities
+        self.ipv4, self.iban = IP in entities, IBAN in entities
+
+    def __call__(self, text: str, out: list[Span]) -> None:
+        if text.isascii():
+            shape = text.encode("ascii").translate(_SHAPE)
+            if shape.count(b"d") < 4:
+                return
+            runs = _SHAPE_RUN.finditer(shape)
+        else:
+            data = text.encode("utf-8", "surrogatepass")
+            if len(data) - len(data.translate(None, _DIGITS)) < 4:
+                return
+            shape = None
+            runs = _NUMBER_RUN.finditer(text)
+        n = len(text)
+        for run in runs:
+            start, end = run.span()
+            if self.iban and start >= 2 and "A" <= text[start - 2] <= "Z" and "A" <= text[start - 1] <= "Z":
+                self._iban(text, start - 2, out)
+            if end - start < 7:
+                continue
+            digits = shape.count(b"d", start, end) if shape is not None else _digit_count(text[start:end])
+            lo, hi = max(0, start - 2), min(n, end + 2)
+            if self.ipv4 and text.count(".", start, end) >= 3:
+                self._ipv4(text, lo, hi, out)
+            if self.phone and (digits >= 9 or (digits == 8 and start and text[start - 1] == "+")):
+                self._phones(text, start, end, digits, out)
+            if self.ssn and digits >= 9:
+                self._ssns(text, lo, hi, out)
+            if self.card and digits >= 13:
+                self._cards(text, lo, hi, out)
+
+    @staticmethod
+    def _cards(text: str, lo: int, hi: int, out: list[Span]) -> None:
+        for m in _CARD.finditer(text, lo, hi):
+            digits = m.group().replace(" ", "").replace("-", "")
+            if _luhn_ok(digits):
+                out.append(Span(m.start(), m.end(), CARD))
+
+    @staticmethod
+    def _ssns(text: str, lo: int, hi: int, out: list[Span]) -> None:
+        for m in _SSN.finditer(text, lo, hi):
+            s = m.group()
+            digits = s if m.group("plain") else s[0:3] + s[4:6] + s[7:]
+            area = digits[:3]
+            if (
+                area == "000" or area == "666" or area[0] == "9" or digits[3:5] == "00"
+                or digits[5:] == "0000" or digits in _SSN_VOIDED
+            ):  # fmt: skip
+                continue
+            if not m.group("plain"):
+                out.append(Span(m.start(), m.end(), SSN, _SCORE_SSN))
+            elif _SSN_CONTEXT.search(text, max(0, m.start() - _SSN_CONTEXT_WINDOW), m.start()):
+                out.append(Span(m.start(), m.end(), SSN, _SCORE_SSN_CONTEXT))
+
+    @staticmethod
+    def _phones(text: str, start: int, end: int, digits: int, out: list[Span]) -> None:
+        lo, hi = max(0, start - 2), min(len(text), end + 2)
+        candidates = []  # (match, fewest digits, most digits)
+        if start and text[start - 1] == "+":  # "+" is no run character: it can only come first
+            candidates.append((_PHONE_INTERNATIONAL.match(text, start - 1, hi), 8, 15))
+        if digits >= 10:
+            candidates.extend((m, 10, 11) for m in _PHONE_NANP.finditer(text, lo, hi))
+        if digits >= 9 and text.find("0", start, end) != -1:
+            candidates.extend((m, 9, 12) for m in _PHONE_TRUNK.finditer(text, lo, hi))
+        for m, fewest, most in candidates:
+            if m is not None:
+                s = _trim_groups(m.group(), most)
+                if s and _digit_count(s) >= fewest:
+                    out.append(Span(m.start(), m.start() + len(s), PHONE, _SCORE_PHONE))
+
+    @staticmethod
+    def _ipv4(text: str, lo: int, hi: int, out: list[Span]) -> None:
+        for m in _IPV4.finditer(text, lo, hi):
+            start, end = m.span()
+            if any(int(octet) > 255 for octet in m.group().split(".")):
+                continue
+            if _VERSION_BEFORE.search(text, max(0, start - 24), start) or _VERSION_AFTER.match(text, end):
+                continue
+            out.append(Span(start, end, IP, _SCORE_IP))
+
+    @staticmethod
+    def _iban(text: str, at: int, out: list[Span]) -> None:
+        m = _IBAN.match(text, at)
+        if not m:
+            return
+        s = m.group()
+        length = _IBAN_LENGTH.get(s[:2])
+        if length is None:
+            return
+        compact = s.replace(" ", "")
+        if len(compact) < length:
+            return
+        if len(compact) > length:  # a following word was taken for a group: cut it off
+            cut, seen = 0, 0
+            while seen < length:
+                seen += s[cut] != " "
+                cut += 1
+            if s[cut] != " ":
+                return
+            s, compact = s[:cut], compact[:length]
+        if _mod97_ok(compact):
+            out.append(Span(at, at + len(s), IBAN))
+
+
+# -- IPv6 ---------------------------------------------------------------------------
+
+# Every IPv6 address holds "::" or ":h:h:h:"; the search jumps from colon to colon.
+# "::" counts only after a whole hex group (so std::vector is not looked at) and not
+# right after "name[" or "name[h" (x[::2], a[1::3] are slices).
+_IPV6_HINT = re.compile(
+    r":(?::(?:(?<![\w.]::)(?<![\w)\]]\[::)"
+    + "".join(
+        rf"|(?<=[0-9A-Fa-f]{{{k}}}::)(?<![\w.][0-9A-Fa-f]{{{k}}}::)(?<![\w)\]]\[[0-9A-Fa-f]{{{k}}}::)"
+        for k in range(1, 5)
+    )
+    + r")|[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:)"
+)
+_HEX_COLON = frozenset("0123456789abcdefABCDEF:")
+_IPV6_CANDIDATE = re.compile(
+    r"(?<![\w:.])[0-9A-Fa-f:]{2,39}(?:(?<=:)[0-9]{1,3}(?:\.[0-9]{1,3}){3})?(?:%[0-9A-Za-z._~\-]+)?"
+    r"(?![\w:])(?!\.[0-9])"
+)
+_IPV4_TAIL = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+
+
+def _ipv6_groups(addr: str) -> int:
+    """How many 16-bit groups `addr` (no zone) spells out, or -1 if it is no IPv6."""
+    if "." in addr:
+        i = addr.rfind(":")
+        tail = addr[i + 1 :]
+        if not _IPV4_TAIL.fullmatch(tail) or any(int(o) > 255 for o in tail.split(".")):
+            return -1
+        addr = addr[: i + 1] + "0:0"
+    if "::" in addr:
+        if addr.count("::") > 1 or ":::" in addr:
+            return -1
+        head, tail = addr.split("::")
+        groups = (head.split(":") if head else []) + (tail.split(":") if tail else [])
+        if not groups or len(groups) > 7:
+            return -1
+    else:
+        groups = addr.split(":")
+        if len(groups) != 8:
+            return -1
+    return len(groups) if all(0 < len(g) <= 4 for g in groups) else -1
+
+
+def _find_ipv6(text: str, out: list[Span]) -> None:
+    if text.count(":") < 2:
+        return
+    pos = 0
+    while hint := _IPV6_HINT.search(text, pos):
+        start = hint.start()
+        floor = max(0, start - 40)
+        while start > floor and text[start - 1] in _HEX_COLON:
+            start -= 1
+        m = _IPV6_CANDIDATE.match(text, start)
+        if m is None:
+            pos = hint.start() + 1
+            continue
+        pos = max(m.end(), hint.start() + 1)
+        addr = m.group().partition("%")[0]
+        if _ipv6_groups(addr) < 0:
+            continue
+        if "::" in addr and not any("0" <= c <= "9" for c in addr):
+            continue  # a::b, dead::beef: more likely code than an address
+        out.append(Span(m.start(), m.end(), IP, _SCORE_IP))
+
+
+# -- API keys -----------------------------------------------------------------------
+
+
+_KEY_STRETCH = re.compile(r"[A-Za-z0-9]{16}")
+_HAS_DIGIT = re.compile(r"[0-9]")
+_HAS_LETTER = re.compile(r"[A-Za-z]")
+
+
+def _key_shape_ok(body: str) -> bool:
+    """An ``sk-`` body: a digit, and a 16+ character stretch with no ``-``/``_``."""
+    return _HAS_DIGIT.search(body) is not None and _KEY_STRETCH.search(body) is not None
+
+
+def _has_letter_and_digit(s: str) -> bool:
+    return _HAS_DIGIT.search(s) is not None and _HAS_LETTER.search(s) is not None
+
+
+# (gate, pattern, check of the match or None). A gate is a cheap test that the family's
+# prefix occurs; patterns start with a literal so the regex engine can skip ahead, and
+# look behind only after it.
+_KeyFamily = tuple[Callable[[str], bool], re.Pattern[str], Callable[[str], bool] | None]
+_KEY_FAMILIES: tuple[_KeyFamily, ...] = (
+    (
+        lambda t: "sk-" in t,
+        re.compile(r"sk-(?<![\w\-]...)[A-Za-z0-9_\-]{20,}"),
+        lambda s: _key_shape_ok(s[3:]),
+    ),
+    (
+        lambda t: True,  # the pattern's literal "A" is its own fast gate
+        re.compile(
+            r"A(?:KIA|SIA)(?<![\w\-]....)[A-Z0-9]{16}(?![\w\-])"
+            r"|AIza(?<![\w\-]....)[A-Za-z0-9_\-]{35}(?![\w\-])"
+        ),
+        None,
+    ),
+    (
+        lambda t: "_" in t and ("k_live_" in t or "k_test_" in t),
+        re.compile(r"[sr]k_(?<![\w\-]...)(?:live|test)_[A-Za-z0-9]{16,}(?![\w\-])"),
+        None,
+    ),
+    (
+        lambda t: "_" in t,
+        re.compile(
+            r"g(?:h[pousr]_(?<![\w\-]....)[A-Za-z0-9]{36,255}|ithub_pat_(?<![\w\-]...........)[A-Za-z0-9_]{30,255})"
+            r"(?![\w\-])"
+        ),
+        None,
+    ),
+    (
+        lambda t: "xox" in t,
+        re.compile(r"xox(?<![\w\-]...)[abprse]-[A-Za-z0-9\-]{10,}"),
+        _has_letter_and_digit,
+    ),
+    (
+        lambda t: "J" in t and "eyJ" in t,
+        re.compile(r"eyJ(?<![\w\-]...)[A-Za-z0-9_\-]{10,}+\.eyJ[A-Za-z0-9_\-]{10,}+\.[A-Za-z0-9_\-]{10,}+(?![\w\-])"),
+        None,
+    ),
+)
+_BEARER = re.compile(r"(?<!\w)(?:Bearer|bearer|BEARER)[ \t]+([A-Za-z0-9\-._~+/]{20,}=*)")
+
+
+def _find_api_keys(text: str, out: list[Span]) -> None:
+    for gate, pattern, check in _KEY_FAMILIES:
+        if gate(text):
+            for m in pattern.finditer(text):
+                if check is None or check(m.group()):
+                    out.append(Span(m.start(), m.end(), API_KEY))
+    if "earer" in text or ("R" in text and "EARER" in text):
+        for m in _BEARER.finditer(text):
+            token = m.group(1).rstrip(".")
+            if len(token) >= 20 and _has_letter_and_digit(token):
+                start = m.start(1)
+                out.append(Span(start, start + len(token), API_KEY, _SCORE_BEARER))
+
+
+# -- the recognizer set ------------------------------------------------------------
+
+
+def resolve_overlaps(spans: Iterable[Span]) -> list[Span]:
+    """`spans` sorted by start with overlaps removed: of two overlapping spans the longer
+    stays, then the higher score, then the built-in entity with the stricter check (any
+    other entity name after those), then the earlier one. Usable on spans from elsewhere
+    (a Presidio analyzer) too. Empty spans are dropped."""
+    spans = sorted((s for s in spans if s.start < s.end), key=lambda s: (s.start, s.end))
+    if all(a.end <= b.start for a, b in zip(spans, spans[1:])):
+        return spans
+    last = len(_PRIORITY)
+    ranked = sorted(spans, key=lambda s: (s.start - s.end, -s.score, _PRIORITY.get(s.entity, last), s.start))
+    starts: list[int] = []
+    kept: list[Span] = []
+    for s in ranked:
+        i = bisect_left(starts, s.start)
+        if (i < len(kept) and kept[i].start < s.end) or (i > 0 and kept[i - 1].end > s.start):
+            continue
+        starts.insert(i, s.start)
+        kept.insert(i, s)
+    return kept
+
+
+_Finder = Callable[[str, list[Span]], None]
+
+
+class Recognizers:
+    """The built-in recognizers for a set of entities; build once, call `analyze` often."""
+
+    __slots__ = ("entities", "_finders")
+
+    def __init__(self, entities: Iterable[str] = ENTITIES) -> None:
+        if isinstance(entities, str):
+            raise TypeError("entities must be an iterable of entity names, not one str")
+        wanted = frozenset(entities)
+        unknown = sorted(wanted - ENTITIES)
+        if unknown:
+            names = ", ".join(map(repr, unknown))
+            raise ValueError(f"unknown PII entity {names} (known: {', '.join(sorted(ENTITIES))})")
+        self.entities = wanted
+        finders: list[_Finder] = []
+        if EMAIL in wanted:
+            finders.append(_find_emails)
+        if wanted & {CARD, SSN, PHONE, IP, IBAN}:
+            finders.append(_Numbers(wanted))
+        if IP in wanted:
+            finders.append(_find_ipv6)
+        if API_KEY in wanted:
+            finders.append(_find_api_keys)
+        self._finders = tuple(finders)
+
+    def analyze(self, text: str) -> list[Span]:
+        """The entities in `text`: sorted by start, non-overlapping, offsets into `text`."""
+        spans: list[Span] = []
+        for find in self._finders:
+            find(text, spans)
+        return resolve_overlaps(spans) if len(spans) > 1 else spans

@@ -135,6 +135,9 @@ class Auth:
         self._down_until = -math.inf
         self._outage = False
         self.ledger: Ledger | None = None
+        self.metrics = services.metrics
+        self.metrics.define("llmproxy_auth_lookups_total", "counter",
+                            "Key resolutions by where the answer came from (cache, store, stale).", ("source",))
 
     async def startup(self) -> None:
         """Subscribe to invalidations; open the budget ledger on the store and Redis."""
@@ -208,18 +211,23 @@ class Auth:
         now = self.services.clock()
         entry = self._cache.get(digest)
         opts = self.options
+        inc = self.metrics.inc
         if entry is not None:
             age = now - entry.fetched
             if age < (opts.cache_ttl if entry.principal is not None else opts.negative_ttl):
+                inc("llmproxy_auth_lookups_total", ("cache",))
                 return entry.principal
             if now < self._down_until and age < opts.stale_ttl:
+                inc("llmproxy_auth_lookups_total", ("stale",))
                 return entry.principal
         if now >= self._down_until:
             try:
+                inc("llmproxy_auth_lookups_total", ("store",))
                 return await self._lookup(digest)
             except _Unavailable:
                 pass
         if entry is not None and self.services.clock() - entry.fetched < opts.stale_ttl:
+            inc("llmproxy_auth_lookups_total", ("stale",))
             return entry.principal
         raise ProxyError(503, "The key store is unavailable; try again shortly.", "api_error",
                          "service_unavailable", headers={"retry-after": "1"})

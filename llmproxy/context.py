@@ -63,6 +63,10 @@ class Lease(Protocol):
     def release(self, usage: "Usage | None") -> None:
         """The attempt ended: `usage` is what it really used (None when nothing was sent)."""
 
+    # Optional: `feedback(status, headers)` is called once per attempt with the upstream's
+    # status and headers, before `release`, so provider rate-limit headers and 429s can
+    # tighten the deployment's buckets. It must not raise.
+
 
 class Admission(Protocol):
     """Installed on `ctx.admission` by a middleware (the scheduler); the router calls it

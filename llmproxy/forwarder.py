@@ -128,6 +128,10 @@ class Forwarder:
             try:
                 try:
                     upstream = await state.provider.open(ctx)
+                    if lease is not None:
+                        feedback = getattr(lease, "feedback", None)
+                        if feedback is not None:  # provider rate-limit headers and 429s tighten the buckets
+                            feedback(upstream.status, upstream.headers)
                     if 200 <= upstream.status < 300:
                         meter = self._meter(ctx, state)
                         if parser is not None:  # a JSON answer's first byte comes with its headers

@@ -188,8 +188,11 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def readiness(self, request: web.Request) -> web.Response:
+        # Dependencies are shown, but only draining or a failed start makes this replica
+        # unready: with the database or Redis down it keeps serving (cached keys, local
+        # limits), and taking every replica out of rotation at once would serve no one.
         state = dict(self.services.readiness)
-        ready = not self.draining and all(v in ("ok", "n/a") for v in state.values() if isinstance(v, str))
+        ready = not self.draining and state.get("config") == "ok"
         state["status"] = "ready" if ready else ("draining" if self.draining else "not_ready")
         return web.Response(body=orjson.dumps(state), status=200 if ready else 503, content_type=_JSON)
 

@@ -1,0 +1,75 @@
+"""The `scheduler` middleware (SPEC §6): provider-aware queueing and rate limits.
+
+It installs the admission step on `ctx.admission`; the forwarder calls it for the
+deployment the router picked, before each upstream attempt (see
+`llmproxy.ratelimit.admission`). Per deployment, `rpm` and `tpm` buckets refill
+continuously up to `burst`; per key and team, `rpm_limit`, `tpm_limit` and
+`max_parallel_requests` apply too. A request that cannot start waits in its deployment's
+queue (round-robin across tenants, FIFO within one) for at most `max_queue_wait` seconds,
+among at most `max_queue_size`; otherwise, or as soon as its predicted wait is known to be
+too long, it gets a 429 with `Retry-After` and `x-ratelimit-*` headers.
+
+Token estimate: prompt characters / 4 (rounded up) plus `max_tokens` /
+`max_completion_tokens`, else `default_max_tokens`.
+
+With `redis_url` set, every replica draws from the same buckets in Redis (one script per
+admission, one per completion); when Redis stops answering, each replica falls back to
+local buckets holding its share (1/N of every limit, N replicas by heartbeat) and returns
+to Redis when it answers again (`llmproxy.ratelimit.redis`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from llmproxy.ratelimit import RateScheduler
+
+if TYPE_CHECKING:
+    from llmproxy.context import Context, Next, Reply
+    from llmproxy.services import Services
+
+
+@dataclass(frozen=True)
+class Options:
+    default_max_tokens: int = field(default=4096, metadata={"min": 0})  # output estimate without max_tokens
+    redis_prefix: str = field(default="llmproxy:", metadata={"min_len": 1})  # Redis key prefix
+    heartbeat_interval: float = field(default=3.0, metadata={"gt": 0})  # seconds between replica heartbeats
+    parallel_lease_ttl: float = field(default=60.0, metadata={"gt": 0})  # seconds a parallel slot outlives its replica
+    replicas: int = field(default=1, metadata={"min": 1})  # N assumed until a heartbeat has counted them
+
+
+class Scheduler:
+    """Middleware `scheduler` (see the module docstring)."""
+
+    Options = Options
+
+    def __init__(self, options: Options | None, services: "Services") -> None:
+        self.options = options = options or Options()
+        self.services = services
+        deployments = [d for m in services.config.models for d in m.deployments] if services.config else []
+        self.admission = RateScheduler(deployments, clock=services.clock, wall=services.wall,
+                                       metrics=services.metrics, default_max_tokens=options.default_max_tokens)
+        self.remote = None
+
+    async def startup(self) -> None:
+        """With Redis: start the shared buckets and the replica heartbeat."""
+        s = self.services
+        if s.redis is None:
+            return
+        from llmproxy.ratelimit.redis import RedisBuckets
+
+        o = self.options
+        self.remote = RedisBuckets(s.redis, self.admission, readiness=s.readiness, prefix=o.redis_prefix,
+                                   heartbeat=o.heartbeat_interval, lease_ttl=o.parallel_lease_ttl,
+                                   replicas=o.replicas)
+        await self.remote.start()
+
+    async def shutdown(self) -> None:
+        if self.remote is not None:
+            await self.remote.stop()
+
+    async def __call__(self, ctx: "Context", call_next: "Next") -> "Reply":
+        """Installs the admission step; the wait, if any, happens when the forwarder asks."""
+        ctx.admission = self.admission
+        return await call_next(ctx)

@@ -1,4 +1,5 @@
-"""`llmproxy serve | check-config | version` (and `python -m llmproxy`)."""
+"""`llmproxy serve | check-config | migrate | keys create|list|revoke | version` (and
+`python -m llmproxy`)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ import socket
 import subprocess
 import sys
 import tempfile
-from typing import Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 import structlog
 
 from . import __version__
 from .accesslog import configure_logging
 from .config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from .store import Store
 
 log = structlog.get_logger("llmproxy")
 
@@ -33,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config file without serving")
     check.add_argument("--config", "-c", required=True)
     sub.add_parser("version", help="print the version")
+    migrate = sub.add_parser("migrate", help="apply the database migrations the config's database lacks")
+    migrate.add_argument("--config", "-c", help="YAML config file (default: SQLite ./llmproxy.db)")
+    _key_parsers(sub)
     args = parser.parse_args(argv)
 
     if args.command == "version":
@@ -40,7 +49,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "check-config":
         return _check(args.config)
+    if args.command in ("migrate", "keys"):
+        return _store_command(args)
     return _serve(args)
+
+
+def _key_parsers(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="create, list and revoke virtual keys").add_subparsers(
+        dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create a key and print it (once)")
+    listing = keys.add_parser("list", help="list keys (never the keys themselves)")
+    revoke = keys.add_parser("revoke", help="delete keys, named by key or id")
+    for p in (create, listing, revoke):
+        p.add_argument("--config", "-c", help="YAML config file (default: SQLite ./llmproxy.db)")
+    create.add_argument("--alias")
+    create.add_argument("--team", help="an existing team id")
+    create.add_argument("--user")
+    create.add_argument("--models", help="comma-separated model names (default: every model)")
+    create.add_argument("--duration", help="lifetime such as 30s, 10m, 24h, 7d (default: no expiry)")
+    create.add_argument("--max-budget", type=float, help="USD")
+    create.add_argument("--budget-duration", help="budget period such as 1d, 30d")
+    create.add_argument("--rpm", type=int)
+    create.add_argument("--tpm", type=int)
+    create.add_argument("--max-parallel", type=int)
+    create.add_argument("--json", action="store_true", help="print the /key/generate answer as JSON")
+    listing.add_argument("--team")
+    listing.add_argument("--user")
+    revoke.add_argument("refs", nargs="+", metavar="KEY_OR_ID")
 
 
 def _load(path: str | None) -> Config:
@@ -59,6 +94,138 @@ def _check(path: str) -> int:
         return 2
     print(f"{path}: ok ({len(config.models)} models, {len(config.middlewares)} middlewares)")
     return 0
+
+
+# --- migrate, keys: the store directly, through the admin API's own code paths ---------------
+
+
+def _store_command(args: argparse.Namespace) -> int:
+    from .errors import ProxyError
+    from .store import StoreUnavailable
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{args.config or 'default config'}: invalid config\n{exc}", file=sys.stderr)
+        return 2
+    command = _migrate if args.command == "migrate" else _KEY_COMMANDS[args.keys_command]
+    try:
+        return asyncio.run(command(config, args))
+    except StoreUnavailable as exc:
+        print(f"database unavailable: {exc}", file=sys.stderr)
+        return 1
+    except ProxyError as exc:  # a bad option, in the admin API's words
+        print(exc.message, file=sys.stderr)
+        return 2
+    except ValueError as exc:  # e.g. an unsupported database_url scheme
+        print(str(exc), file=sys.stderr)
+        return 2
+
+
+def _where(config: Config) -> str:
+    from .store.postgres import where
+
+    if config.database_url is None:
+        return f"sqlite {config.database.sqlite_path}"
+    if config.database_url.lower().startswith("sqlite"):
+        return config.database_url
+    return f"postgresql {where(config.database_url)}"
+
+
+@asynccontextmanager
+async def _opened(config: Config, migrate: bool = True) -> AsyncIterator["Store"]:
+    from .store import open_store
+
+    store = await open_store(config.database_url, sqlite_path=config.database.sqlite_path,
+                             statement_cache=config.database.statement_cache)
+    try:
+        if migrate:  # as `serve` does at start: a fresh database works at once
+            await store.migrate()
+        yield store
+    finally:
+        await store.close()
+
+
+async def _migrate(config: Config, args: argparse.Namespace) -> int:
+    async with _opened(config, migrate=False) as store:
+        applied = await store.migrate()
+    print(f"{_where(config)}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
+    return 0
+
+
+async def _keys_create(config: Config, args: argparse.Namespace) -> int:
+    import orjson
+
+    from decimal import Decimal
+
+    from .admin import KEY_FIELDS, check, create_key, key_view
+
+    given = {"key_alias": args.alias, "team_id": args.team, "user_id": args.user, "duration": args.duration,
+             "models": None if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()],
+             "max_budget": args.max_budget, "budget_duration": args.budget_duration, "rpm_limit": args.rpm,
+             "tpm_limit": args.tpm, "max_parallel_requests": args.max_parallel}
+    fields = check(KEY_FIELDS, {name: value for name, value in given.items() if value is not None})
+    now = datetime.now(timezone.utc)
+    async with _opened(config) as store:
+        plaintext, info = await create_key(store, fields, now)
+    if args.json:
+        print(orjson.dumps({"key": plaintext, **key_view(info, now, Decimal(0))}).decode())
+        return 0
+    expires = info.expires_at.isoformat() if info.expires_at else "never"
+    print(f"key:     {plaintext}\nid:      {info.id}\nexpires: {expires}")
+    print("The key is shown only this once: store it now.", file=sys.stderr)
+    return 0
+
+
+async def _keys_list(config: Config, args: argparse.Namespace) -> int:
+    found = []
+    async with _opened(config) as store:
+        page = 1
+        while True:
+            batch = await store.list_keys(args.team, args.user, page=page, page_size=1000)
+            found += batch
+            if len(batch) < 1000:
+                break
+            page += 1
+    rows = [("ID", "ALIAS", "TEAM", "USER", "MODELS", "EXPIRES", "BLOCKED")]
+    for k in found:
+        rows.append((k.id[:12], k.key_alias or "-", k.team_id or "-", k.user_id or "-",
+                     ",".join(k.models) or "*", k.expires_at.isoformat(timespec="seconds") if k.expires_at else "never",
+                     "yes" if k.blocked else "no"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+async def _keys_revoke(config: Config, args: argparse.Namespace) -> int:
+    from . import keys
+    from .admin import delete_keys, key_id
+    from .invalidation import Invalidator
+    from .services import open_redis
+
+    redis = open_redis(config.redis_url) if config.redis_url else None
+    try:
+        async with _opened(config) as store:
+            # With Redis, every replica's auth cache drops the keys at once; without, a
+            # running server still stops accepting them within its auth cache_ttl.
+            deleted = set(await delete_keys(store, args.refs, Invalidator(redis) if redis else None))
+    finally:
+        if redis is not None:
+            await redis.aclose()
+    missing = 0
+    for ref in args.refs:
+        ident = key_id(ref)
+        shown = ident if ident == ref else keys.display(ref)
+        if ident in deleted:
+            print(f"deleted {ident}" + ("" if ident == ref else f" ({shown})"))
+        else:
+            missing += 1
+            print(f"not found: {shown}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+_KEY_COMMANDS = {"create": _keys_create, "list": _keys_list, "revoke": _keys_revoke}
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -108,6 +275,13 @@ async def _run(config: Config, host: str, port: int, reuse_port: bool = False) -
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
     await site.start()
+    admin_runner = None
+    if config.server.admin_port is not None:  # the admin API on its own port, and only there
+        from .admin import Admin
+
+        admin_runner = web.AppRunner(Admin(gateway).app(), access_log=None)
+        await admin_runner.setup()
+        await web.TCPSite(admin_runner, host, config.server.admin_port, reuse_port=reuse_port or None).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -119,6 +293,8 @@ async def _run(config: Config, host: str, port: int, reuse_port: bool = False) -
     # graceful_timeout to finish (aiohttp's shutdown_timeout); then flush and exit 0.
     gateway.draining = True
     log.info("draining", graceful_timeout=config.server.graceful_timeout)
+    if admin_runner is not None:
+        await admin_runner.cleanup()
     await runner.cleanup()
     log.info("stopped")
     return 0

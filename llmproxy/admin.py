@@ -1,0 +1,640 @@
+"""The admin API (SPEC §4): virtual keys, teams and the spend log, behind the master key.
+
+Shapes follow LiteLLM's key-management endpoints, so code written for them works
+unchanged. Each endpoint is one row of `Admin.routes`: method, path, the field spec its
+JSON body (POST) or query string (GET) is checked against, and a handler that receives
+the checked arguments. Checking is table-driven (`Field`, `check`): an unknown field, a
+wrong type or a bad value is a 400 naming the field. Store errors map to 404 (NotFound),
+400 (AlreadyExists) and 503 (StoreUnavailable); nothing a client sends produces a 500.
+
+Who may call: the master key only (`Authorization: Bearer`, `x-api-key` or `api-key`,
+compared in constant time). No key or an unknown one: 401; a valid virtual key: 403; no
+`master_key` in the config: every call is 403.
+
+Semantics worth knowing:
+- A key is named by its plaintext or by its id (LiteLLM's "token", the SHA-256 hex); the
+  plaintext is shown once, in the `/key/generate` answer, and nowhere else (`/key/delete`
+  answers ids, error messages never echo a key).
+- `duration` counts from the request (generate and update). In an update an absent field
+  stays as it is and `null` clears it (`models: null` or `[]`: every model; `duration:
+  null`: never expires; `max_budget: null`: no budget).
+- Budget periods start at creation: `budget_reset_at` ends the current one, and `spend`
+  in `/key/info` and `/team/info` is that period's (all time without `budget_duration`).
+- Deleting a team deletes its keys too, as LiteLLM does; the answer lists both. A team
+  named in `/team/delete` that does not exist is a 404 and nothing is deleted.
+- `/spend/logs`: `start_date`/`end_date` take `YYYY-MM-DD` or ISO 8601 (naive = UTC); a
+  date-only `end_date` includes that day, a datetime one is exclusive.
+- Every write publishes an invalidation (`services.invalidator`), so the auth caches of
+  every replica drop the key or team at once.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
+
+import orjson
+import structlog
+from aiohttp import web
+
+from . import errors, keys
+from .errors import ProxyError
+from .store import AlreadyExists, KeyInfo, NotFound, SpendRow, Store, StoreUnavailable, TeamInfo
+from .store.base import money
+from .validate import client_key
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+log = structlog.get_logger("llmproxy.admin")
+
+UTC = timezone.utc
+MAX_BODY_BYTES = 1 << 20
+MAX_DURATION = timedelta(days=36500)
+MAX_INT4 = 2**31 - 1  # max_parallel_requests is an INTEGER column
+MAX_INT8 = 2**53  # rpm/tpm are BIGINT; keep them exact in JSON too
+MAX_METADATA_BYTES = 64 * 1024
+MAX_METADATA_DEPTH = 32
+TEAM_KEYS_SHOWN = 1000
+_KEY_ID = re.compile(r"[0-9a-f]{64}")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_JSON = "application/json"
+
+
+# ------------------------------------------------------------------------- field specs
+
+Check = Callable[[str, Any], Any]  # (field name, raw value) -> checked value; raises a 400
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    check: Check
+    required: bool = False
+    nullable: bool = True
+
+
+def bad(name: str, problem: str) -> ProxyError:
+    return errors.invalid_request(f"'{name}' {problem}.", name)
+
+
+def check(spec: Mapping[str, Field], data: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` checked against `spec`: only the fields given (plus none invented), each
+    converted by its checker; a 400 naming the first field that is wrong."""
+    for name in data:
+        if name not in spec:
+            shown = str(name)[:100]
+            raise errors.invalid_request(f"Unknown field '{shown}'; accepted: {', '.join(spec)}.", shown)
+    out: dict[str, Any] = {}
+    for name, field in spec.items():
+        if name not in data:
+            if field.required:
+                raise errors.invalid_request(f"Missing required field '{name}'.", name)
+            continue
+        value = data[name]
+        if value is None:
+            if not field.nullable:
+                raise bad(name, "must not be null")
+            out[name] = None
+        else:
+            out[name] = field.check(name, value)
+    return out
+
+
+def text(max_len: int = 256) -> Check:
+    def check_text(name: str, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise bad(name, "must be a non-empty string")
+        if len(value) > max_len:
+            raise bad(name, f"must be at most {max_len} characters")
+        if not value.isprintable():
+            raise bad(name, "must not contain control characters")
+        return value
+    return check_text
+
+
+def text_list(max_items: int = 1000, item: Check = text()) -> Check:
+    def check_list(name: str, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise bad(name, "must be an array of strings")
+        if len(value) > max_items:
+            raise bad(name, f"must have at most {max_items} items")
+        return tuple(dict.fromkeys(item(f"{name}[{i}]", v) for i, v in enumerate(value)))
+    return check_list
+
+
+def count(maximum: int) -> Check:
+    def check_count(name: str, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad(name, "must be an integer")
+        if not 0 <= value <= maximum:
+            raise bad(name, f"must be between 0 and {maximum}")
+        return value
+    return check_count
+
+
+def amount(name: str, value: Any) -> Decimal:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise bad(name, "must be a number (USD)")
+    if value < 0:
+        raise bad(name, "must not be negative")
+    try:
+        return money(value, name)
+    except ValueError:
+        raise bad(name, "is out of range") from None
+
+
+def duration(name: str, value: Any) -> str:
+    """A duration such as "30s", "10m", "24h", "7d" (kept as text; parsed where used)."""
+    try:
+        length = keys.parse_duration(value)
+    except (ValueError, OverflowError):
+        raise bad(name, "must be a duration such as '30s', '10m', '24h' or '7d'") from None
+    if length > MAX_DURATION:
+        raise bad(name, f"must be at most {MAX_DURATION.days}d")
+    return value.strip()
+
+
+def flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise bad(name, "must be true or false")
+    return value
+
+
+def json_object(name: str, value: Any) -> dict[str, Any]:
+    """A JSON object both databases can store: bounded depth and size, no NUL characters."""
+    if not isinstance(value, dict):
+        raise bad(name, "must be a JSON object")
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise bad(name, f"must be nested at most {MAX_METADATA_DEPTH} levels deep")
+        if isinstance(item, dict):
+            if any("\x00" in k for k in item):
+                raise bad(name, "must not contain NUL characters")
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, str) and "\x00" in item:
+            raise bad(name, "must not contain NUL characters")
+    if len(orjson.dumps(value)) > MAX_METADATA_BYTES:
+        raise bad(name, f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    return value
+
+
+# Query strings carry text: these checkers parse it.
+
+def query_int(low: int, high: int) -> Check:
+    def check_int(name: str, value: str) -> int:
+        if not (value.isascii() and value.isdigit() and len(value) <= 12) or not low <= int(value) <= high:
+            raise bad(name, f"must be an integer between {low} and {high}")
+        return int(value)
+    return check_int
+
+
+def query_flag(name: str, value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise bad(name, "must be true or false")
+    return value.lower() in ("true", "1")
+
+
+def query_time(end: bool) -> Check:
+    def check_time(name: str, value: str) -> datetime:
+        try:
+            if _DATE.fullmatch(value):
+                moment = datetime.fromisoformat(value).replace(tzinfo=UTC)
+                return moment + timedelta(days=1) if end else moment  # a date-only end includes the day
+            moment = datetime.fromisoformat(value)
+            return (moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment).astimezone(UTC)
+        except (ValueError, OverflowError):
+            raise bad(name, "must be a date (YYYY-MM-DD) or an ISO 8601 datetime") from None
+    return check_time
+
+
+_NAME = Field(text())
+_LIMITS = {
+    "models": Field(text_list()),
+    "max_budget": Field(amount),
+    "budget_duration": Field(duration),
+    "rpm_limit": Field(count(MAX_INT8)),
+    "tpm_limit": Field(count(MAX_INT8)),
+    "max_parallel_requests": Field(count(MAX_INT4)),
+    "metadata": Field(json_object),
+    "blocked": Field(flag, nullable=False),
+}
+KEY_FIELDS = {"key_alias": _NAME, "duration": Field(duration), "team_id": _NAME, "user_id": _NAME, **_LIMITS}
+TEAM_FIELDS = {"team_alias": _NAME, **_LIMITS}
+_KEY_REF = Field(text(512), required=True, nullable=False)
+_TEAM_REF = Field(text(), required=True, nullable=False)
+_PAGE = Field(query_int(1, 10**6))
+
+KEY_UPDATE = {"key": _KEY_REF, **KEY_FIELDS}
+KEY_REF = {"key": _KEY_REF}
+KEY_DELETE = {"keys": Field(text_list(1000, text(512)), required=True, nullable=False)}
+KEY_LIST = {"team_id": _NAME, "user_id": _NAME, "page": _PAGE, "size": Field(query_int(1, 1000)),
+            "return_full_object": Field(query_flag)}
+TEAM_NEW = {"team_id": Field(text(), nullable=False), **TEAM_FIELDS}
+TEAM_UPDATE = {"team_id": _TEAM_REF, **TEAM_FIELDS}
+TEAM_REF = {"team_id": _TEAM_REF}
+TEAM_DELETE = {"team_ids": Field(text_list(100), nullable=False), "team_id": Field(text(), nullable=False)}
+SPEND_LOGS = {"api_key": Field(text(512)), "team_id": _NAME, "user_id": _NAME,
+              "start_date": Field(query_time(end=False)), "end_date": Field(query_time(end=True)),
+              "page": _PAGE, "page_size": Field(query_int(1, 1000))}
+
+
+# ----------------------------------------------------------------- shared with the CLI
+
+
+def key_id(ref: str) -> str:
+    """The id of a key named by its plaintext or by its id."""
+    return ref if _KEY_ID.fullmatch(ref) else keys.key_hash(ref)
+
+
+def budget_period(anchor: datetime | None, budget_duration: str | None,
+                  now: datetime) -> tuple[datetime | None, datetime | None]:
+    """(start, end) of the budget period containing `now`; (None, None) without one."""
+    if anchor is None or not budget_duration:
+        return None, None
+    try:
+        length = keys.parse_duration(budget_duration)
+    except (ValueError, OverflowError):
+        return None, None
+    start = keys.period_start(anchor, length, now)
+    return start, start + length
+
+
+async def _require_team(store: Store, team_id: str | None) -> None:
+    if team_id is not None and await store.team(team_id) is None:
+        raise errors.invalid_request(f"'team_id': team '{team_id}' not found; create it with /team/new first.",
+                                     "team_id")
+
+
+async def key_changes(store: Store, fields: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """Checked KEY_FIELDS as KeyInfo fields: `duration` becomes `expires_at`; a team named
+    must exist."""
+    changes = dict(fields)
+    if "duration" in changes:
+        length = changes.pop("duration")
+        changes["expires_at"] = None if length is None else now + keys.parse_duration(length)
+    await _require_team(store, changes.get("team_id"))
+    return changes
+
+
+async def create_key(store: Store, fields: dict[str, Any], now: datetime) -> tuple[str, KeyInfo]:
+    """A new key from fields checked against KEY_FIELDS: (the plaintext, shown once; its info)."""
+    changes = await key_changes(store, fields, now)
+    plaintext = keys.generate()
+    digest = keys.key_hash(plaintext)
+    info = KeyInfo(id=digest, key_prefix=keys.display(plaintext), created_at=now, updated_at=now, **changes)
+    return plaintext, await store.create_key(digest, info)
+
+
+async def delete_keys(store: Store, refs: list[str] | tuple[str, ...], invalidator: Any) -> list[str]:
+    """Delete keys named by plaintext or id; returns the ids that existed."""
+    deleted = await store.delete_keys([key_id(ref) for ref in refs])
+    for ident in deleted:
+        if invalidator is not None:
+            await invalidator.publish("key", ident)
+    return deleted
+
+
+# ------------------------------------------------------------------------------ views
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _usd(value: Decimal | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _limits(info: KeyInfo | TeamInfo, now: datetime) -> dict[str, Any]:
+    _, reset = budget_period(info.created_at, info.budget_duration, now)
+    return {
+        "models": list(info.models),
+        "max_budget": _usd(info.max_budget),
+        "budget_duration": info.budget_duration,
+        "budget_reset_at": _iso(reset),
+        "rpm_limit": info.rpm_limit,
+        "tpm_limit": info.tpm_limit,
+        "max_parallel_requests": info.max_parallel_requests,
+        "metadata": info.metadata,
+        "blocked": info.blocked,
+        "created_at": _iso(info.created_at),
+        "updated_at": _iso(info.updated_at),
+    }
+
+
+def key_view(info: KeyInfo, now: datetime, spend: Decimal | None = None) -> dict[str, Any]:
+    view = {"token": info.id, "key_name": info.key_prefix, "key_alias": info.key_alias,
+            "team_id": info.team_id, "user_id": info.user_id, "expires": _iso(info.expires_at),
+            **_limits(info, now)}
+    if spend is not None:
+        view["spend"] = float(spend)
+    return view
+
+
+def team_view(info: TeamInfo, now: datetime, spend: Decimal) -> dict[str, Any]:
+    return {"team_id": info.team_id, "team_alias": info.team_alias, **_limits(info, now), "spend": float(spend)}
+
+
+def spend_view(row: SpendRow) -> dict[str, Any]:
+    started = _iso(row.started_at)
+    return {
+        "request_id": row.request_id,
+        "client_request_id": row.client_request_id,
+        "api_key": row.key_id,
+        "team_id": row.team_id,
+        "user_id": row.user_id,
+        "model": row.model,
+        "deployment": row.deployment,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "total_tokens": row.prompt_tokens + row.completion_tokens,
+        "tokens_estimated": row.tokens_estimated,
+        "spend": float(row.spend),
+        "status": row.status,
+        "startTime": started,
+        "endTime": _iso(row.started_at + timedelta(milliseconds=row.duration_ms)),
+        "started_at": started,
+        "duration_ms": row.duration_ms,
+        "ttfb_ms": row.ttfb_ms,
+        "cache_hit": row.cache_hit,
+    }
+
+
+# ------------------------------------------------------------------------ the endpoints
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class Admin:
+    """The admin endpoints of one gateway. `register(app)` adds them to the data-plane app,
+    unless `server.admin_port` is set: then `app()` is served on that port alone."""
+
+    def __init__(self, gateway: "Gateway") -> None:
+        self.config = gateway.config
+        self.services = gateway.services
+        self.routes: list[tuple[str, str, Mapping[str, Field], Handler]] = [
+            ("POST", "/key/generate", KEY_FIELDS, self.key_generate),
+            ("POST", "/key/update", KEY_UPDATE, self.key_update),
+            ("POST", "/key/delete", KEY_DELETE, self.key_delete),
+            ("GET", "/key/info", KEY_REF, self.key_info),
+            ("GET", "/key/list", KEY_LIST, self.key_list),
+            ("POST", "/key/block", KEY_REF, self.key_block),
+            ("POST", "/key/unblock", KEY_REF, self.key_unblock),
+            ("POST", "/team/new", TEAM_NEW, self.team_new),
+            ("GET", "/team/info", TEAM_REF, self.team_info),
+            ("POST", "/team/update", TEAM_UPDATE, self.team_update),
+            ("POST", "/team/delete", TEAM_DELETE, self.team_delete),
+            ("GET", "/spend/logs", SPEND_LOGS, self.spend_logs),
+        ]
+
+    def register(self, app: web.Application) -> None:
+        if self.config.server.admin_port is None:
+            self._add(app)
+
+    def app(self) -> web.Application:
+        """The admin endpoints alone, for `server.admin_port` (the store is opened by the
+        data-plane app's startup, which must run first)."""
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        self._add(app)
+        app.router.add_route("*", "/{tail:.*}", self._unknown)
+        return app
+
+    def _add(self, app: web.Application) -> None:
+        for method, path, spec, handler in self.routes:
+            app.router.add_route(method, path, self._endpoint(method, spec, handler))
+
+    async def _unknown(self, request: web.Request) -> web.Response:
+        return _error(errors.not_found_path(request.path))
+
+    @property
+    def store(self) -> Store:
+        return self.services.store
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.services.wall(), UTC)
+
+    async def _publish(self, kind: str, ident: str) -> None:
+        if self.services.invalidator is not None:
+            await self.services.invalidator.publish(kind, ident)
+
+    # -- the wrapper every endpoint shares
+
+    def _endpoint(self, method: str, spec: Mapping[str, Field], handler: Handler):
+        async def serve(request: web.Request) -> web.Response:
+            try:
+                await self._authorize(request)
+                data = _query(request) if method == "GET" else await _body(request)
+                result = await handler(check(spec, data))
+            except ProxyError as exc:
+                return _error(exc)
+            except StoreUnavailable:
+                return _error(ProxyError(503, "The database is unavailable; retry later.", "api_error",
+                                         "database_unavailable"))
+            except NotFound as exc:
+                return _error(ProxyError(404, f"{str(exc).capitalize()}.", "invalid_request_error", "not_found"))
+            except AlreadyExists as exc:
+                return _error(errors.invalid_request(f"{str(exc).capitalize()}."))
+            except Exception:
+                log.exception("admin_request_failed", path=request.path)
+                return _error(ProxyError(500, "The proxy failed to handle this request.", "api_error",
+                                         "internal_error"))
+            return web.Response(body=orjson.dumps(result), content_type=_JSON)
+        return serve
+
+    async def _authorize(self, request: web.Request) -> None:
+        master = self.config.master_key
+        if not master:
+            raise ProxyError(403, "The admin API is disabled: set master_key in the config to use it.",
+                             "permission_error")
+        key = client_key(request.headers)
+        if key is None:
+            raise errors.unauthorized("Missing master key: send it as 'Authorization: Bearer <master_key>'.")
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise errors.unauthorized("Invalid master key.") from None
+        if keys.same_secret(key, master):
+            return
+        try:
+            virtual = len(key) <= 512 and await self.store.key_by_hash(keys.key_hash(key)) is not None
+        except StoreUnavailable:
+            virtual = False  # cannot tell; it is not the master key either way
+        if virtual:
+            raise ProxyError(403, "This endpoint needs the master key; a virtual key cannot use the admin API.",
+                             "permission_error")
+        raise errors.unauthorized("Invalid master key.")
+
+    # -- keys
+
+    async def _key_info(self, info: KeyInfo, now: datetime) -> dict[str, Any]:
+        since, _ = budget_period(info.created_at, info.budget_duration, now)
+        return key_view(info, now, await self.store.key_spend(info.id, since=since))
+
+    async def _key(self, ref: str) -> KeyInfo:
+        info = await self.store.key(key_id(ref))
+        if info is None:
+            raise ProxyError(404, "Key not found.", "invalid_request_error", "not_found", "key")
+        return info
+
+    async def key_generate(self, args: dict[str, Any]) -> dict[str, Any]:
+        now = self._now()
+        plaintext, info = await create_key(self.store, args, now)
+        log.info("admin_key_generated", key_id=info.id, key_alias=info.key_alias, team_id=info.team_id,
+                 user_id=info.user_id)
+        return {"key": plaintext, **key_view(info, now, Decimal(0))}
+
+    async def key_update(self, args: dict[str, Any]) -> dict[str, Any]:
+        now = self._now()
+        ident = key_id(args.pop("key"))
+        info = await self.store.update_key(ident, **await key_changes(self.store, args, now))
+        await self._publish("key", ident)
+        log.info("admin_key_updated", key_id=ident, fields=sorted(args))
+        return await self._key_info(info, now)
+
+    async def _set_blocked(self, ref: str, blocked: bool) -> dict[str, Any]:
+        ident = key_id(ref)
+        info = await self.store.update_key(ident, blocked=blocked)
+        await self._publish("key", ident)
+        log.info("admin_key_blocked" if blocked else "admin_key_unblocked", key_id=ident)
+        return await self._key_info(info, self._now())
+
+    async def key_block(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._set_blocked(args["key"], True)
+
+    async def key_unblock(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._set_blocked(args["key"], False)
+
+    async def key_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        deleted = await delete_keys(self.store, args["keys"], self.services.invalidator)
+        log.info("admin_keys_deleted", key_ids=deleted)
+        return {"deleted_keys": deleted}
+
+    async def key_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        info = await self._key(args["key"])
+        return {"key": info.id, "info": await self._key_info(info, self._now())}
+
+    async def key_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        page, size = args.get("page") or 1, args.get("size") or 10
+        team, user = args.get("team_id"), args.get("user_id")
+        found = await self.store.list_keys(team, user, page=page, page_size=size)
+        more = bool(found) and bool(await self.store.list_keys(team, user, page=page * size + 1, page_size=1))
+        now = self._now()
+        views = [key_view(info, now) for info in found]
+        result: dict[str, Any] = {"keys": views if args.get("return_full_object") else [i.id for i in found]}
+        if not args.get("return_full_object"):
+            result["key_infos"] = views
+        result.update(current_page=page, page_size=size, has_more=more)
+        return result
+
+    # -- teams
+
+    async def _team_info(self, info: TeamInfo, now: datetime) -> dict[str, Any]:
+        since, _ = budget_period(info.created_at, info.budget_duration, now)
+        return team_view(info, now, await self.store.team_spend(info.team_id, since=since))
+
+    async def team_new(self, args: dict[str, Any]) -> dict[str, Any]:
+        now = self._now()
+        team_id = args.pop("team_id", None) or str(uuid.uuid4())
+        info = await self.store.create_team(TeamInfo(team_id=team_id, created_at=now, updated_at=now, **args))
+        await self._publish("team", team_id)  # drops a cached "no such team"
+        log.info("admin_team_created", team_id=team_id)
+        return await self._team_info(info, now)
+
+    async def team_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        team_id = args["team_id"]
+        info = await self.store.team(team_id)
+        if info is None:
+            raise ProxyError(404, f"Team '{team_id}' not found.", "invalid_request_error", "not_found", "team_id")
+        members = await self.store.list_keys(team_id=team_id, page_size=TEAM_KEYS_SHOWN)
+        return {"team_id": team_id, "team_info": await self._team_info(info, self._now()),
+                "keys": [k.id for k in members], "keys_truncated": len(members) == TEAM_KEYS_SHOWN}
+
+    async def team_update(self, args: dict[str, Any]) -> dict[str, Any]:
+        team_id = args.pop("team_id")
+        info = await self.store.update_team(team_id, **args)
+        await self._publish("team", team_id)
+        log.info("admin_team_updated", team_id=team_id, fields=sorted(args))
+        return await self._team_info(info, self._now())
+
+    async def team_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Deletes the teams' keys first, then the teams, then keys made meanwhile: a failure
+        half way leaves the team in place, so the call can be repeated."""
+        team_ids = list(dict.fromkeys([*args.get("team_ids", ()), *([args["team_id"]] if "team_id" in args else [])]))
+        if not team_ids:
+            raise errors.invalid_request("Missing required field 'team_ids'.", "team_ids")
+        missing = [t for t in team_ids if await self.store.team(t) is None]
+        if missing:
+            raise ProxyError(404, f"Team not found: {', '.join(missing)}; nothing was deleted.",
+                             "invalid_request_error", "not_found", "team_ids")
+        deleted_keys: list[str] = []
+        for team_id in team_ids:
+            deleted_keys += await self._delete_team_keys(team_id)
+            try:
+                await self.store.delete_team(team_id)
+            except NotFound:
+                pass  # deleted meanwhile by another call
+            await self._publish("team", team_id)
+            deleted_keys += await self._delete_team_keys(team_id)
+        log.info("admin_teams_deleted", team_ids=team_ids, key_ids=deleted_keys)
+        return {"deleted_teams": team_ids, "deleted_keys": deleted_keys}
+
+    async def _delete_team_keys(self, team_id: str) -> list[str]:
+        deleted: list[str] = []
+        while True:
+            batch = await self.store.list_keys(team_id=team_id, page_size=1000)
+            gone = await delete_keys(self.store, [k.id for k in batch], self.services.invalidator) if batch else []
+            deleted += gone
+            if not gone:
+                return deleted
+
+    # -- spend
+
+    async def spend_logs(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        api_key = args.get("api_key")
+        rows = await self.store.spend_logs(
+            key_id=None if api_key is None else key_id(api_key), team_id=args.get("team_id"),
+            user_id=args.get("user_id"), start=args.get("start_date"), end=args.get("end_date"),
+            page=args.get("page") or 1, page_size=args.get("page_size") or 100)
+        return [spend_view(row) for row in rows]
+
+
+# ---------------------------------------------------------------------------- plumbing
+
+
+def _query(request: web.Request) -> dict[str, str]:
+    query = request.query
+    data: dict[str, str] = {}
+    for name in query:
+        values = query.getall(name)
+        if len(values) > 1:
+            raise errors.invalid_request(f"'{name[:100]}' is given more than once.", name[:100])
+        data[name] = values[0]
+    return data
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise errors.too_large(request.client_max_size) from None
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise errors.invalid_request(f"The request body is not valid JSON ({exc}).") from None
+    if not isinstance(body, dict):
+        raise errors.invalid_request("The request body must be a JSON object.")
+    return body
+
+
+def _error(exc: ProxyError) -> web.Response:
+    return web.Response(status=exc.status, body=exc.body("chat"), content_type=_JSON)

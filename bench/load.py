@@ -6,13 +6,21 @@ end, checks it, and reports count, errors, wall time and latency percentiles as 
 
 One-shot:
     python bench/load.py --url http://127.0.0.1:4000/v1/chat/completions \
-        --n 2000 --c 16 [--stream] [--key sk-...] [--model bench-model]
+        --n 2000 --c 16 [--stream] [--key sk-... | --keys-file FILE] [--model bench-model]
 
 Server mode (what bench/run.py uses, so the interpreter starts once): read one JSON
 command per stdin line, answer one JSON result per stdout line, exit at EOF.
     {"url": ..., "n": 2000, "c": 16, "body": {...}, "headers": {...},
      "check": "openai-json" | "openai-sse" | "anthropic-json" | "anthropic-sse",
-     "timeout": 60, "deadline": 600}
+     "timeout": 60, "deadline": 600,
+     "keys_file": "/path/keys.txt" | "keys": ["sk-...", ...],   # optional, see below
+     "key_header": "authorization" | "x-api-key"}                 # default authorization
+
+Keys: with `keys_file` (one key per line; blank lines and lines starting with # are
+skipped) or `keys`, request i carries key number i % len(keys): round-robin, so a run of
+N >= len(keys) requests uses every key. The key goes in `Authorization: Bearer KEY`
+(`key_header: "authorization"`) or in `x-api-key: KEY`, replacing any such header in
+`headers`. The result then also holds "keys": how many keys were cycled through.
 
 Checks: status 200 and
     openai-json     a JSON object with a non-empty "choices" list
@@ -58,6 +66,26 @@ def _check(kind: str, status: int, data: bytes) -> str | None:
     return None
 
 
+def read_keys(path: str) -> list[str]:
+    with open(path) as f:
+        keys = [ln.strip() for ln in f]
+    keys = [k for k in keys if k and not k.startswith("#")]
+    if not keys:
+        raise ValueError(f"{path}: no keys")
+    return keys
+
+
+def headers_per_key(headers: dict, keys: list[str], key_header: str) -> list[dict]:
+    """One header dict per key: `headers` with its auth header replaced by that key."""
+    key_header = key_header.lower()
+    if key_header not in ("authorization", "x-api-key"):
+        raise ValueError(f"key_header must be 'authorization' or 'x-api-key', not {key_header!r}")
+    base = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "x-api-key")}
+    if key_header == "authorization":
+        return [{**base, "Authorization": f"Bearer {k}"} for k in keys]
+    return [{**base, "x-api-key": k} for k in keys]
+
+
 def _percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
@@ -71,6 +99,10 @@ async def run_load(cmd: dict) -> dict:
     c = max(1, min(int(cmd.get("c", 16)), n if n > 0 else 1))
     body = orjson.dumps(cmd["body"])
     headers = {"Content-Type": "application/json", **cmd.get("headers", {})}
+    keys = cmd.get("keys") or (read_keys(cmd["keys_file"]) if cmd.get("keys_file") else None)
+    # request i sends per_key[i % len]: round-robin over the keys (one dict: no keys given)
+    per_key = headers_per_key(headers, keys, cmd.get("key_header", "authorization")) if keys else [headers]
+    n_heads = len(per_key)
     kind = cmd.get("check", "openai-json")
     timeout = aiohttp.ClientTimeout(total=float(cmd.get("timeout", 60)))
     deadline = float(cmd.get("deadline", 600))
@@ -94,10 +126,11 @@ async def run_load(cmd: dict) -> dict:
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal next_index, ok, bytes_in
         while next_index < n:  # bounded: every pass takes one of the n indices
+            hdrs = per_key[next_index % n_heads]
             next_index += 1
             t0 = time.perf_counter()
             try:
-                async with session.post(url, data=body, headers=headers) as resp:
+                async with session.post(url, data=body, headers=hdrs) as resp:
                     data = await resp.read()
                     status = resp.status
             except asyncio.CancelledError:
@@ -137,6 +170,7 @@ async def run_load(cmd: dict) -> dict:
         "url": url,
         "n": n,
         "c": c,
+        "keys": len(keys) if keys else None,
         "ok": ok,
         "errors": errors,
         "error_samples": error_samples,
@@ -177,6 +211,8 @@ def main() -> None:
     ap.add_argument("--c", type=int, default=16)
     ap.add_argument("--stream", action="store_true")
     ap.add_argument("--key", default=None, help="sent as Authorization: Bearer KEY")
+    ap.add_argument("--keys-file", default=None,
+                    help="one key per line, used round-robin (one per request) instead of --key")
     ap.add_argument("--model", default="bench-model")
     ap.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")
     args = ap.parse_args()
@@ -199,6 +235,8 @@ def main() -> None:
             "check": "openai-sse" if args.stream else "openai-json",
             "timeout": args.timeout,
         }
+        if args.keys_file:
+            cmd["keys_file"] = args.keys_file
         result = loop.run_until_complete(run_load(cmd))
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         sys.exit(1 if result["errors"] else 0)

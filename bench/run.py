@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """llmproxy benchmark: CPU per request of the proxy against a bare aiohttp floor.
 
-    .venv/bin/python bench/run.py                       # floor vs proxy, chat + chat-stream
+    .venv/bin/python bench/run.py                       # floor, proxy, proxy-spend, proxy-auth
     .venv/bin/python bench/run.py --targets floor,floor-b   # harness self-check, ratio ~1.0
     .venv/bin/python bench/run.py --targets floor,proxy,proxy-scheduler
     .venv/bin/python bench/run.py --target proxy-mine=my-extra.yaml
@@ -12,7 +12,11 @@ It starts a mock provider (bench/upstream.py), one process per target (bench/flo
 all on free 127.0.0.1 ports. For each scenario it warms every target up, then runs the
 targets in turn, --rounds times (floor, proxy, floor, proxy, ...), and for each run reads
 the target's CPU time (its whole process tree) before and after. The table gives the median
-CPU microseconds per request of each target and its ratio to the first target (the floor).
+CPU microseconds per request of each target and its ratio to the first target (the floor),
+and for rows with a `ratio_vs` (proxy-auth) a second ratio to that row. Rows with
+`seed_keys` (proxy-auth) get --keys virtual keys in their own SQLite store before they
+start (bench/seed_keys.py) and are driven with --keys-used of them, round-robin; their
+store lookups per request come from `llmproxy_auth_lookups_total` in /metrics.
 Raw numbers go to bench/results/latest.json. See bench/README.md.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ import copy
 import json
 import os
 import platform
+import re
 import select
 import shlex
 import shutil
@@ -42,6 +47,7 @@ REPO = BENCH.parent
 MASTER_KEY = "sk-bench-master-0123456789abcdef0123456789"
 UPSTREAM_KEY = "sk-upstream-dummy"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+T0 = time.monotonic()  # runs record their start relative to this (cache_ttl effects)
 DEFAULT_PROXY_CMD = "{python} -m llmproxy serve --config {config}"
 
 
@@ -104,6 +110,11 @@ class TargetSpec:
     config: dict = field(default_factory=dict)
     deployment: dict = field(default_factory=dict)
     extra_files: list[str] = field(default_factory=list)
+    # seed_keys: before the proxy starts, --keys virtual keys are created in a SQLite store
+    # of its own (database.sqlite_path = <temp dir>/<row>/bench.db), and the load uses
+    # --keys-used of them round-robin instead of the master key (needs the `auth` middleware).
+    seed_keys: bool = False
+    ratio_vs: str | None = None     # a second ratio column: this row against that row
 
 
 _NO_LIMIT_DEPLOYMENT = {"rpm": 100_000_000, "tpm": 100_000_000_000, "max_queue_size": 10_000}
@@ -114,6 +125,10 @@ ROWS: list[TargetSpec] = [
     TargetSpec("proxy", "proxy", "llmproxy core, middlewares: [] (access log and metrics on, spend log off)",
                config={"spend": {"enabled": False}}),
     TargetSpec("proxy-spend", "proxy", "llmproxy core + spend log (embedded SQLite, batched)"),
+    TargetSpec("proxy-auth", "proxy", "proxy + auth middleware, --keys virtual keys in SQLite, "
+               "--keys-used of them round-robin (spend log off); second ratio against proxy",
+               config={"spend": {"enabled": False}, "middlewares": ["auth"]},
+               seed_keys=True, ratio_vs="proxy"),
     TargetSpec("proxy-scheduler", "proxy", "llmproxy + scheduler (limits far above the load)",
                config={"middlewares": [{"scheduler": {"default_max_tokens": 256}}]},
                deployment=_NO_LIMIT_DEPLOYMENT),
@@ -134,15 +149,23 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return base
 
 
-def load_extra_yaml(path: str) -> tuple[dict, dict]:
-    """An extra config file: YAML merged into the proxy config; its optional top-level key
-    `bench_deployment` is merged into every deployment instead."""
+def _read_yaml_map(path: str) -> dict:
     import yaml
 
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise SystemExit(f"{path}: expected a YAML mapping at the top level")
+    return data
+
+
+def load_extra_yaml(path: str) -> tuple[dict, dict]:
+    """An extra config file: YAML merged into the proxy config; its optional top-level key
+    `bench_deployment` is merged into every deployment instead. The top-level keys
+    `bench_seed_keys` and `bench_ratio_vs` are row settings (see resolve_targets), not config."""
+    data = _read_yaml_map(path)
+    data.pop("bench_seed_keys", None)
+    data.pop("bench_ratio_vs", None)
     dep = data.pop("bench_deployment", None) or {}
     if not isinstance(dep, dict):
         raise SystemExit(f"{path}: bench_deployment must be a mapping")
@@ -408,6 +431,9 @@ class Target:
     port: int
     proc: Proc
     config_path: Path | None
+    keys_file: Path | None = None   # seed_keys rows: the plaintext keys the load cycles through
+    n_keys: int = 0                 # how many keys are in keys_file
+    seed: dict | None = None        # what bench/seed_keys.py reported
 
     @property
     def name(self) -> str:
@@ -423,6 +449,12 @@ def start_target(spec: TargetSpec, args, tmp: Path, upstream_port: int,
     env["BENCH_UPSTREAM_URL"] = upstream_root
     env["BENCH_UPSTREAM_API_BASE"] = upstream_root + "/v1"
     config_path = None
+    keys_file, seed = None, None
+    if spec.seed_keys:
+        keys_file, seed = seed_keys(spec, args, tmp)
+        # the row's own config wins over the default path (e.g. a database_url of its own)
+        spec = copy.deepcopy(spec)
+        spec.config = deep_merge({"database": {"sqlite_path": seed["db"]}}, spec.config)
     if spec.kind == "floor":
         argv = [args.python, str(BENCH / "floor.py"), "--port", str(port),
                 "--upstream", upstream_root, "--api-key", UPSTREAM_KEY]
@@ -440,10 +472,53 @@ def start_target(spec: TargetSpec, args, tmp: Path, upstream_port: int,
         argv = [tok.format(**values) for tok in shlex.split(args.proxy_cmd)]
         cwd = tmp  # the default SQLite file lands in the temp dir, not in the repo
     proc = Proc(spec.name, argv, log, cwd, env)
-    target = Target(spec, port, proc, config_path)
+    target = Target(spec, port, proc, config_path, keys_file,
+                    seed["keys_used"] if seed else 0, seed)
     if args.pin:
         pin(proc.pid, {0})
     return target
+
+
+def seed_keys(spec: TargetSpec, args, tmp: Path) -> tuple[Path, dict]:
+    """Create --keys keys (and 10 teams) in <tmp>/<row>/bench.db with bench/seed_keys.py,
+    run by the target's interpreter; the file of --keys-used plaintext keys and its report."""
+    d = tmp / spec.name
+    d.mkdir(exist_ok=True)
+    db, keys_file = d / "bench.db", d / "keys.txt"
+    argv = [args.python, str(BENCH / "seed_keys.py"), "--db", str(db), "--keys", str(args.keys),
+            "--teams", "10", "--use", str(args.keys_used), "--out", str(keys_file)]
+    try:
+        p = subprocess.run(argv, cwd=REPO, capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"{spec.name}: creating {args.keys} keys took more than 600 s") from None
+    if p.returncode != 0:
+        err = (p.stderr or p.stdout).decode("utf-8", "replace").strip().splitlines()[-5:]
+        raise SystemExit(f"{spec.name}: bench/seed_keys.py exited {p.returncode}:\n  " + "\n  ".join(err))
+    seed = json.loads(p.stdout.decode().strip().splitlines()[-1])
+    print(f"seeded  {spec.name:<16} {seed['keys']} keys ({seed['keys_with_team']} in "
+          f"{seed['teams']} teams) in {db} in {seed['seconds']} s; the load cycles through "
+          f"{seed['keys_used']} of them", flush=True)
+    return keys_file, seed
+
+
+_LOOKUP_LINE = re.compile(r'^llmproxy_auth_lookups_total\{[^}]*source="(\w+)"[^}]*\}\s+(\S+)', re.M)
+
+
+def auth_lookups(port: int) -> dict[str, float] | None:
+    """llmproxy_auth_lookups_total by source from the target's /metrics; None when the
+    target has no such metric (no auth middleware) or /metrics does not answer."""
+    try:
+        status, body = http_get(f"http://127.0.0.1:{port}/metrics", timeout=10.0)
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    found: dict[str, float] = {}
+    for source, value in _LOOKUP_LINE.findall(body.decode("utf-8", "replace")):
+        found[source] = found.get(source, 0.0) + float(value)
+    if not found and b"llmproxy_auth_lookups_total" not in body:
+        return None
+    return found
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -464,7 +539,8 @@ def upstream_requests(upstream_port: int) -> int | None:
 def measure(load: LoadClient, target: Target, sc: Scenario, n: int, args,
             upstream: Proc, upstream_port: int, warmup: bool = False) -> dict:
     """One load run against one target, with CPU deltas of target, upstream and load."""
-    run: dict = {"target": target.name, "scenario": sc.name, "n": n, "warmup": warmup}
+    run: dict = {"target": target.name, "scenario": sc.name, "n": n, "warmup": warmup,
+                 "started_s": round(time.monotonic() - T0, 2)}
     if not target.proc.alive():
         run.update(ok=0, errors=n, error_samples=[f"{target.name} is not running"],
                    cpu_us_per_req=None)
@@ -472,12 +548,24 @@ def measure(load: LoadClient, target: Target, sc: Scenario, n: int, args,
     cmd = {"url": f"http://127.0.0.1:{target.port}{sc.path}", "n": n, "c": args.c,
            "body": sc.body, "headers": scenario_headers(sc), "check": sc.check,
            "timeout": args.request_timeout, "deadline": args.run_timeout}
+    if target.keys_file is not None:  # round-robin over the row's keys, not the master key
+        cmd["keys_file"] = str(target.keys_file)
+        cmd["key_header"] = "x-api-key" if sc.api == "anthropic" else "authorization"
+    # /metrics is scraped outside the CPU window: the scrape is not the request's cost
+    look0 = auth_lookups(target.port) if target.spec.kind == "proxy" else None
     up0 = upstream_requests(upstream_port)
     t0, u0, l0 = tree_cpu(target.proc.pid), tree_cpu(upstream.pid), tree_cpu(load.proc.pid)
     res = load.run(cmd, timeout=args.run_timeout + 30)
     time.sleep(args.settle)  # let deferred work (batched writes, log flushes) land in the window
     t1, u1, l1 = tree_cpu(target.proc.pid), tree_cpu(upstream.pid), tree_cpu(load.proc.pid)
     up1 = upstream_requests(upstream_port)
+    look1 = auth_lookups(target.port) if look0 is not None else None
+    if look0 is not None and look1 is not None:
+        delta = {src: look1.get(src, 0.0) - look0.get(src, 0.0) for src in sorted({*look0, *look1})}
+        run["auth_lookups"] = delta  # key resolutions during this run, by source
+        run["store_lookups_per_req"] = delta.get("store", 0.0) / n
+    if res.get("keys") is not None:
+        run["keys_cycled"] = res["keys"]
 
     def us_per_req(a: dict, b: dict, clock: str) -> float:
         if clock == "ns":
@@ -502,6 +590,10 @@ def measure(load: LoadClient, target: Target, sc: Scenario, n: int, args,
         run["errors"] = max(run["errors"], 1)
         run["error_samples"] = run["error_samples"] + [f"{target.name} died during the run"]
     return run
+
+
+def _lookups_text(d: dict) -> str:
+    return " ".join(f"{k} {v:.0f}" for k, v in sorted(d.items()))
 
 
 def median(values: list[float]) -> float | None:
@@ -536,6 +628,19 @@ def summarize(runs: list[dict], targets: list[Target], scenarios: list[Scenario]
                 "upstream_calls_mismatch": [(r["n"], r["upstream_calls"]) for r in calls_off],
                 "status": "FAILED" if errors or not measured else "ok",
             }
+            looked = [r for r in measured if r.get("auth_lookups") is not None]
+            if looked:  # llmproxy_auth_lookups_total over the measured runs, per request
+                total_n = sum(r["n"] for r in looked)
+                sources = sorted({k for r in looked for k in r["auth_lookups"]} | {"store"})
+                rows[t.name]["auth_lookups_per_req"] = {
+                    src: sum(r["auth_lookups"].get(src, 0.0) for r in looked) / total_n
+                    for src in sources}
+                rows[t.name]["store_lookups_per_req"] = rows[t.name]["auth_lookups_per_req"]["store"]
+                rows[t.name]["store_lookups_per_req_rounds"] = [r["store_lookups_per_req"] for r in looked]
+                rows[t.name]["auth_lookups_rounds"] = [r["auth_lookups"] for r in looked]
+                warm = [r for r in mine if r["warmup"] and r.get("auth_lookups") is not None]
+                if warm:
+                    rows[t.name]["auth_lookups_warmup"] = warm[0]["auth_lookups"]
         b = rows[base]["cpu_us_per_req_median"]
         for name, row in rows.items():
             m = row["cpu_us_per_req_median"]
@@ -546,6 +651,14 @@ def summarize(runs: list[dict], targets: list[Target], scenarios: list[Scenario]
                 if x is not None and y:
                     pairs.append(x / y)
             row["ratio_per_round"] = pairs
+            vs = next((t.spec.ratio_vs for t in targets if t.name == name), None)
+            if vs in rows and vs != name:  # the second ratio: against the row named by ratio_vs
+                v = rows[vs]["cpu_us_per_req_median"]
+                row["ratio_vs"] = vs
+                row["ratio_vs_value"] = (m / v) if (m is not None and v) else None
+                row["ratio_vs_per_round"] = [
+                    x / y for x, y in zip(row["cpu_us_per_req_rounds"], rows[vs]["cpu_us_per_req_rounds"])
+                    if x is not None and y]
         out[sc.name] = rows
     return out
 
@@ -558,11 +671,21 @@ def fmt(v: float | None, digits: int = 0) -> str:
 
 def print_table(summary: dict, targets: list[Target], args) -> bool:
     base = targets[0].name
+    names = {t.name for t in targets}
+    # optional columns per target: a second ratio (spec.ratio_vs), auth store lookups/req
+    vs_of = {t.name: t.spec.ratio_vs for t in targets
+             if t.spec.ratio_vs in names and t.spec.ratio_vs != t.name}
+    looked = [t.name for t in targets
+              if any(rows[t.name].get("store_lookups_per_req") is not None for rows in summary.values())]
     head = ["scenario"]
     for i, t in enumerate(targets):
         head.append(f"{t.name} µs/req")
         if i:
-            head.append("ratio" if len(targets) == 2 else f"{t.name}/{base}")
+            head.append("ratio" if len(targets) == 2 and not vs_of else f"{t.name}/{base}")
+        if t.name in vs_of:
+            head.append(f"{t.name}/{vs_of[t.name]}")
+        if t.name in looked:
+            head.append("store lookups/req" if len(looked) == 1 else f"{t.name} store lookups/req")
     head.append("status")
     lines = []
     all_ok = True
@@ -574,6 +697,10 @@ def print_table(summary: dict, targets: list[Target], args) -> bool:
             cells.append(fmt(row["cpu_us_per_req_median"], 1))
             if i:
                 cells.append(fmt(row["ratio"], 2))
+            if t.name in vs_of:
+                cells.append(fmt(row.get("ratio_vs_value"), 2))
+            if t.name in looked:
+                cells.append(fmt(row.get("store_lookups_per_req"), 3))
             if row["status"] != "ok":
                 bad.append(f"{t.name}: {row['errors']} errors" if row["errors"]
                            else f"{t.name}: no runs")
@@ -603,6 +730,21 @@ def print_table(summary: dict, targets: list[Target], args) -> bool:
         for t in targets:
             vals = " ".join(fmt(v, 1) for v in rows[t.name]["cpu_us_per_req_rounds"])
             print(f"  {sc_name:<{sw}}  {t.name:<{tw}}  {vals}")
+    for t in targets:
+        if t.name in vs_of:
+            print(f"per round, {t.name}/{vs_of[t.name]} (same round):")
+            for sc_name, rows in summary.items():
+                vals = " ".join(fmt(v, 2) for v in rows[t.name].get("ratio_vs_per_round", []))
+                print(f"  {sc_name:<{sw}}  {vals}")
+    for name in looked:
+        print(f"{name}: key resolutions (llmproxy_auth_lookups_total) per measured run, by source"
+              " (store = a database query):")
+        for sc_name, rows in summary.items():
+            r = rows[name]
+            if r.get("auth_lookups_warmup") is not None:
+                print(f"  {sc_name:<{sw}}  warm-up  {_lookups_text(r['auth_lookups_warmup'])}")
+            for i, d in enumerate(r.get("auth_lookups_rounds", [])):
+                print(f"  {sc_name:<{sw}}  round {i + 1}  {_lookups_text(d)}")
 
     print()
     print("wall clock (informational: load, target and upstream share "
@@ -625,6 +767,21 @@ def print_table(summary: dict, targets: list[Target], args) -> bool:
             if r["upstream_calls_mismatch"]:
                 notes.append(f"{sc_name}/{t.name}: upstream saw a different number of calls than "
                              f"requests sent (sent, seen): {r['upstream_calls_mismatch'][:3]}")
+            n_keys = t.n_keys
+            for i, d in enumerate(r.get("auth_lookups_rounds", [])):
+                store = d.get("store", 0.0)
+                if not store:
+                    continue
+                if n_keys and store <= n_keys:
+                    notes.append(f"{sc_name}/{t.name} round {i + 1}: {store:.0f} store lookups for "
+                                 f"{n_keys} keys in use, at most one per key: consistent with the cache_ttl "
+                                 "refresh (a cached key is read again once its cache_ttl, 30 s by default, "
+                                 "has passed; the warm-up read all keys at once, so they expire together), "
+                                 "not with a query per request")
+                else:
+                    notes.append(f"{sc_name}/{t.name} round {i + 1}: {store:.0f} store lookups for "
+                                 f"{n_keys or 'the'} keys in use: more than one per key, so the store "
+                                 "is queried on the request path")
             a, b = r["cpu_us_per_req_stat_median"], r["cpu_us_per_req_schedstat_median"]
             if a and b and abs(a - b) / b > 0.15 and a * args.n / 1e6 * CLK_TCK > 20:
                 notes.append(f"{sc_name}/{t.name}: /proc stat ({a:.1f}) and schedstat ({b:.1f}) "
@@ -657,8 +814,14 @@ def resolve_targets(args) -> list[TargetSpec]:
             raise SystemExit(f"--target expects NAME=EXTRA.yaml, got {item!r}")
         if not Path(path).is_file():
             raise SystemExit(f"--target {name}: no such file {path}")
+        data = _read_yaml_map(path)  # bench_seed_keys: true / bench_ratio_vs: ROW set the row's flags
+        ratio_vs = data.get("bench_ratio_vs")
+        if ratio_vs is not None and not isinstance(ratio_vs, str):
+            raise SystemExit(f"{path}: bench_ratio_vs must be a row name")
         known[name] = TargetSpec(name, "proxy", f"llmproxy + {path}",
-                                 extra_files=[str(Path(path).resolve())])
+                                 extra_files=[str(Path(path).resolve())],
+                                 seed_keys=bool(data.get("bench_seed_keys", False)),
+                                 ratio_vs=ratio_vs)
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     for item in args.target:  # --target rows are run even if --targets does not name them
         name = item.partition("=")[0]
@@ -681,7 +844,7 @@ def parse_args(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(
         description="CPU per request of llmproxy against a bare aiohttp floor.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--targets", default="floor,proxy,proxy-spend",
+    ap.add_argument("--targets", default="floor,proxy,proxy-spend,proxy-auth",
                     help="comma-separated rows to run; the first is the baseline of the ratios")
     ap.add_argument("--target", action="append", default=[], metavar="NAME=EXTRA.yaml",
                     help="add a proxy row whose config is the base config merged with this "
@@ -691,6 +854,12 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--proxy-cmd", default=DEFAULT_PROXY_CMD,
                     help="command of proxy rows; placeholders {python} {port} {config} "
                          "{upstream} {api_base} {bench} {repo} {master_key} {upstream_key}")
+    ap.add_argument("--keys", type=int, default=3000,
+                    help="virtual keys created in the store of each seed_keys row (proxy-auth); "
+                         "half of them in one of 10 teams")
+    ap.add_argument("--keys-used", type=int, default=200,
+                    help="how many of those keys the load cycles through, one per request "
+                         "(the warm-up sends each at least once)")
     ap.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
                     help="comma-separated, from: " + ", ".join(SCENARIOS))
     ap.add_argument("--n", type=int, default=2000, help="requests per non-stream run")
@@ -714,7 +883,7 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--python", default=sys.executable, help="interpreter for child processes")
     ap.add_argument("--list", action="store_true", help="list targets and scenarios, then exit")
     args = ap.parse_args(argv)
-    for name in ("n", "n_stream", "c", "rounds"):
+    for name in ("n", "n_stream", "c", "rounds", "keys", "keys_used"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
@@ -805,9 +974,14 @@ def main(argv: list[str] | None = None) -> int:
             skip: set[str] = set()
             if args.warmup:
                 for t in targets:
-                    r = measure(load, t, sc, args.warmup, args, upstream, upstream_port, warmup=True)
+                    # a keyed row's warm-up sends each of its keys at least once, so that the
+                    # measured runs see a warm cache (the first look-up of a key is a store query)
+                    wn = max(args.warmup, t.n_keys)
+                    r = measure(load, t, sc, wn, args, upstream, upstream_port, warmup=True)
                     runs.append(r)
-                    print(f"warm-up    {sc.name:<17} {t.name:<16} ok {r['ok']}/{args.warmup}"
+                    print(f"warm-up    {sc.name:<17} {t.name:<16} ok {r['ok']}/{wn}"
+                          + (f"  auth lookups {_lookups_text(r['auth_lookups'])}"
+                             if r.get("auth_lookups") else "")
                           + (f"  errors {r['errors']}: {r['error_samples'][:1]}" if r["errors"] else ""),
                           flush=True)
                     if r["ok"] == 0:
@@ -821,7 +995,9 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(r)
                     print(f"round {rnd + 1}/{args.rounds}  {sc.name:<17} {t.name:<16} "
                           f"{fmt(r.get('cpu_us_per_req'), 1):>8} µs/req  "
-                          f"{fmt(r.get('rps')):>6} req/s  errors {r['errors']}", flush=True)
+                          f"{fmt(r.get('rps')):>6} req/s  errors {r['errors']}"
+                          + (f"  auth lookups {_lookups_text(r['auth_lookups'])}"
+                             if r.get("auth_lookups") else ""), flush=True)
 
         summary = summarize(runs, targets, scenarios)
         all_ok = print_table(summary, targets, args)
@@ -844,7 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
                 "args": {k: v for k, v in vars(args).items() if k not in ("list",)},
                 "targets": [{"name": t.name, "kind": t.spec.kind, "description": t.spec.description,
                              "argv": t.proc.argv,
-                             "config": t.config_path.read_text() if t.config_path else None}
+                             "config": t.config_path.read_text() if t.config_path else None,
+                             "seeded_keys": t.seed}
                             for t in targets],
                 "idle_cpu_us_per_s": idle,
             },

@@ -14,13 +14,19 @@ command per stdin line, answer one JSON result per stdout line, exit at EOF.
      "check": "openai-json" | "openai-sse" | "anthropic-json" | "anthropic-sse",
      "timeout": 60, "deadline": 600,
      "keys_file": "/path/keys.txt" | "keys": ["sk-...", ...],   # optional, see below
-     "key_header": "authorization" | "x-api-key"}                 # default authorization
+     "key_header": "authorization" | "x-api-key",                 # default authorization
+     "ttfb": true}                                                # default: true for *-sse
 
 Keys: with `keys_file` (one key per line; blank lines and lines starting with # are
 skipped) or `keys`, request i carries key number i % len(keys): round-robin, so a run of
 N >= len(keys) requests uses every key. The key goes in `Authorization: Bearer KEY`
 (`key_header: "authorization"`) or in `x-api-key: KEY`, replacing any such header in
 `headers`. The result then also holds "keys": how many keys were cycled through.
+
+Time to first byte (`ttfb`, on by default for the stream checks): the time from sending
+the request to the first bytes of the response body (for a stream: its first event, not
+just the headers). The result then holds "ttfb_ms" (p50, p90, p99, max over the requests),
+else null.
 
 Checks: status 200 and
     openai-json     a JSON object with a non-empty "choices" list
@@ -104,6 +110,7 @@ async def run_load(cmd: dict) -> dict:
     per_key = headers_per_key(headers, keys, cmd.get("key_header", "authorization")) if keys else [headers]
     n_heads = len(per_key)
     kind = cmd.get("check", "openai-json")
+    want_ttfb = bool(cmd.get("ttfb", kind.endswith("-sse")))
     timeout = aiohttp.ClientTimeout(total=float(cmd.get("timeout", 60)))
     deadline = float(cmd.get("deadline", 600))
 
@@ -112,6 +119,7 @@ async def run_load(cmd: dict) -> dict:
     errors = 0
     error_samples: list[str] = []
     latencies: list[float] = []
+    ttfbs: list[float] = []
     bytes_in = 0
 
     def note(reason: str) -> None:
@@ -131,14 +139,21 @@ async def run_load(cmd: dict) -> dict:
             t0 = time.perf_counter()
             try:
                 async with session.post(url, data=body, headers=hdrs) as resp:
-                    data = await resp.read()
                     status = resp.status
+                    if want_ttfb:
+                        first = await resp.content.readany()  # b"" only at the end of the body
+                        t_first = time.perf_counter()
+                        data = first + await resp.content.read()
+                    else:
+                        data = await resp.read()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection refused/reset, timeout, ...
                 record_error(f"{type(exc).__name__}: {exc}"[:300])
                 continue
             latencies.append(time.perf_counter() - t0)
+            if want_ttfb and data:
+                ttfbs.append(t_first - t0)
             bytes_in += len(data)
             reason = _check(kind, status, data)
             if reason is None:
@@ -166,6 +181,7 @@ async def run_load(cmd: dict) -> dict:
     if unfinished > 0:  # cut off by the deadline or a crash: count as errors
         errors += unfinished
     latencies.sort()
+    ttfbs.sort()
     return {
         "url": url,
         "n": n,
@@ -183,6 +199,13 @@ async def run_load(cmd: dict) -> dict:
             "p99": _ms(_percentile(latencies, 0.99)),
             "max": _ms(latencies[-1] if latencies else None),
         },
+        "ttfb_ms": {
+            "p50": _ms(_percentile(ttfbs, 0.50)),
+            "p90": _ms(_percentile(ttfbs, 0.90)),
+            "p99": _ms(_percentile(ttfbs, 0.99)),
+            "max": _ms(ttfbs[-1] if ttfbs else None),
+            "count": len(ttfbs),
+        } if want_ttfb else None,
     }
 
 

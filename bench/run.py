@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """llmproxy benchmark: CPU per request of the proxy against a bare aiohttp floor.
 
-    .venv/bin/python bench/run.py                       # floor, proxy, proxy-spend, proxy-auth
+    .venv/bin/python bench/run.py                       # --suite all: core, scheduler, pii
+    .venv/bin/python bench/run.py --suite core          # floor, proxy, proxy-spend, proxy-auth
+    .venv/bin/python bench/run.py --suite scheduler     # proxy, proxy-scheduler, proxy-scheduler-redis...
+    .venv/bin/python bench/run.py --suite pii           # proxy, proxy-pii on 2 KB prompts; streamed TTFB
     .venv/bin/python bench/run.py --targets floor,floor-b   # harness self-check, ratio ~1.0
-    .venv/bin/python bench/run.py --targets floor,proxy,proxy-scheduler
     .venv/bin/python bench/run.py --target proxy-mine=my-extra.yaml
-    .venv/bin/python bench/run.py --list                # targets and scenarios known
+    .venv/bin/python bench/run.py --list                # targets, scenarios and suites known
 
 It starts a mock provider (bench/upstream.py), one process per target (bench/floor.py, or
 `python -m llmproxy serve` with a generated config) and a load generator (bench/load.py),
@@ -17,6 +19,10 @@ and for rows with a `ratio_vs` (proxy-auth) a second ratio to that row. Rows wit
 `seed_keys` (proxy-auth) get --keys virtual keys in their own SQLite store before they
 start (bench/seed_keys.py) and are driven with --keys-used of them, round-robin; their
 store lookups per request come from `llmproxy_auth_lookups_total` in /metrics.
+Rows with `redis` get a private redis-server each, and their Redis calls per request
+(INFO commandstats, SLOWLOG); pii rows report the entities found per request
+(`llmproxy_pii_redactions_total`); stream scenarios report the time to first byte.
+A suite (--suite) is a group of rows and scenarios run as one section with its own table.
 Raw numbers go to bench/results/latest.json. See bench/README.md.
 """
 from __future__ import annotations
@@ -66,6 +72,60 @@ class Scenario:
 
 CHAT_MESSAGES = [{"role": "user", "content": "hello"}]
 
+# The 2 KB prompts of the pii rows (issue 6): the same notes, once with no personal data
+# (but with dates, a version, a price and an order number, so that the number recognizers
+# have something to reject) and once with five entities spliced in: an e-mail address, a
+# phone number, a Luhn-valid card number, an IPv4 address and an `sk-proj-` key. Both are
+# exactly PROMPT_2K_SIZE ASCII characters. `--list` shows them; the built-in recognizers
+# find 0 and 5 entities in them (the bench counts llmproxy_pii_redactions_total per run).
+PROMPT_2K_SIZE = 2048
+_FILLER_SENTENCES = (
+    "Please summarise the notes below for the weekly review and keep the tone neutral. ",
+    "The team discussed the rollout plan for the gateway, the open questions about caching, ",
+    "and the timeline for release 2.4.1, which is due on 2024-03-15 if the load tests pass. ",
+    "Latency at the median stayed near 38 ms while the error budget held at 99.9 percent. ",
+    "Two customers asked for regional routing; one of them pays about $1,299.00 a month. ",
+    "The migration of order 884213 to the new billing system is still waiting for review. ",
+    "Nobody objected to moving the retrospective to Thursday afternoon after the demo. ",
+    "Action items: update the runbook, add dashboards for queue depth, and rotate on-call. ",
+)
+PII_SNIPPETS = (
+    "Send the summary to jane.doe@example.com when done. ",                       # EMAIL_ADDRESS
+    "Her phone is +1 415-555-0132 if anything is unclear. ",                      # PHONE_NUMBER
+    "The card on file is 4111 1111 1111 1111 for the invoice. ",                  # CREDIT_CARD (Luhn)
+    "The staging host answers on 203.0.113.42 this week. ",                       # IP_ADDRESS
+    "Rotate the key sk-proj-Q3vT9kLm2xR7bN4pW8zY1cD6fH0jS5aE before Friday. ",    # API_KEY
+)
+
+
+def _filler(size: int) -> str:
+    parts: list[str] = []
+    total = 0
+    while total < size:  # bounded: every pass adds a non-empty sentence
+        parts.append(_FILLER_SENTENCES[len(parts) % len(_FILLER_SENTENCES)])
+        total += len(parts[-1])
+    return "".join(parts)[:size]
+
+
+def prompt_2k(with_pii: bool, size: int = PROMPT_2K_SIZE) -> str:
+    """The 2 KB notes; with_pii: the PII_SNIPPETS spread evenly over them, same length."""
+    if not with_pii:
+        return _filler(size)
+    text = _filler(size - sum(len(s) for s in PII_SNIPPETS))
+    parts, pos = [], 0
+    for j, snippet in enumerate(PII_SNIPPETS):  # each after the end of a sentence
+        cut = text.find(". ", max(pos, len(text) * (j + 1) // (len(PII_SNIPPETS) + 1))) + 2
+        parts += [text[pos:cut], snippet]
+        pos = cut
+    parts.append(text[pos:])
+    out = "".join(parts)
+    assert len(out) == size, len(out)
+    return out
+
+
+CHAT_2K = [{"role": "user", "content": prompt_2k(False)}]
+CHAT_2K_PII = [{"role": "user", "content": prompt_2k(True)}]
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("chat", "/v1/chat/completions",
              {"model": "bench-model", "messages": CHAT_MESSAGES},
@@ -78,6 +138,19 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
               "bench_chunk_delay_ms": 1},
              "openai-sse", "openai", True,
              "OpenAI chat, stream, 1 ms between events (each event read on its own)"),
+    Scenario("chat-2k", "/v1/chat/completions",
+             {"model": "bench-model", "messages": CHAT_2K},
+             "openai-json", "openai", False, "OpenAI chat, non-stream, 2 KB prompt, no PII"),
+    Scenario("chat-2k-stream", "/v1/chat/completions",
+             {"model": "bench-model", "messages": CHAT_2K, "stream": True},
+             "openai-sse", "openai", True, "OpenAI chat, stream, 2 KB prompt, no PII"),
+    Scenario("chat-2k-pii", "/v1/chat/completions",
+             {"model": "bench-model", "messages": CHAT_2K_PII},
+             "openai-json", "openai", False,
+             "OpenAI chat, non-stream, the 2 KB prompt with 5 entities (e-mail, phone, card, IPv4, sk-proj key)"),
+    Scenario("chat-2k-pii-stream", "/v1/chat/completions",
+             {"model": "bench-model", "messages": CHAT_2K_PII, "stream": True},
+             "openai-sse", "openai", True, "OpenAI chat, stream, the 2 KB prompt with 5 entities"),
     Scenario("messages", "/v1/messages",
              {"model": "bench-claude", "max_tokens": 64, "messages": CHAT_MESSAGES},
              "anthropic-json", "anthropic", False, "Anthropic messages, non-stream"),
@@ -115,6 +188,10 @@ class TargetSpec:
     # --keys-used of them round-robin instead of the master key (needs the `auth` middleware).
     seed_keys: bool = False
     ratio_vs: str | None = None     # a second ratio column: this row against that row
+    # redis: the harness starts a private redis-server for this row (127.0.0.1, a free port,
+    # no persistence), sets `redis_url` to it, and counts the Redis commands of each run
+    # (INFO commandstats, SLOWLOG): "redis calls/req". Stopped by PID with the row.
+    redis: bool = False
 
 
 _NO_LIMIT_DEPLOYMENT = {"rpm": 100_000_000, "tpm": 100_000_000_000, "max_queue_size": 10_000}
@@ -129,14 +206,57 @@ ROWS: list[TargetSpec] = [
                "--keys-used of them round-robin (spend log off); second ratio against proxy",
                config={"spend": {"enabled": False}, "middlewares": ["auth"]},
                seed_keys=True, ratio_vs="proxy"),
-    TargetSpec("proxy-scheduler", "proxy", "llmproxy + scheduler (limits far above the load)",
-               config={"middlewares": [{"scheduler": {"default_max_tokens": 256}}]},
-               deployment=_NO_LIMIT_DEPLOYMENT),
-    TargetSpec("proxy-pii", "proxy", "llmproxy + pii mask (built-in recognizers)",
-               config={"middlewares": [{"pii": {"mode": "mask"}}]}),
+    TargetSpec("proxy-scheduler", "proxy", "proxy + scheduler, local buckets, limits far above the "
+               "load (spend log off); second ratio against proxy",
+               config={"spend": {"enabled": False},
+                       "middlewares": [{"scheduler": {"default_max_tokens": 256}}]},
+               deployment=_NO_LIMIT_DEPLOYMENT, ratio_vs="proxy"),
+    TargetSpec("proxy-scheduler-redis", "proxy", "proxy-scheduler with redis_url: a private "
+               "redis-server the harness starts; Redis calls per request counted",
+               config={"spend": {"enabled": False},
+                       "middlewares": [{"scheduler": {"default_max_tokens": 256}}]},
+               deployment=_NO_LIMIT_DEPLOYMENT, ratio_vs="proxy", redis=True),
+    # tpm_counts: reserved (the default, OpenAI's way) keeps the reservation, so a completion
+    # with no tenant limits has nothing to tell Redis; `actual` gives unused tokens back, one
+    # SETTLE per completion: the worst case of "one per admission, one per completion"
+    TargetSpec("proxy-scheduler-redis-actual", "proxy", "proxy-scheduler-redis with tpm_counts: "
+               "actual (tokens reconciled: one SETTLE script per completion)",
+               config={"spend": {"enabled": False},
+                       "middlewares": [{"scheduler": {"default_max_tokens": 256}}]},
+               deployment={**_NO_LIMIT_DEPLOYMENT, "tpm_counts": "actual"}, ratio_vs="proxy", redis=True),
+    TargetSpec("proxy-pii", "proxy", "proxy + pii, mode mask, built-in recognizers (spend log off); "
+               "second ratio against proxy",
+               config={"spend": {"enabled": False}, "middlewares": [{"pii": {"mode": "mask"}}]},
+               ratio_vs="proxy"),
     TargetSpec("proxy-tracing", "proxy", "llmproxy + tracing (no OTLP exporter)",
                config={"middlewares": ["tracing"]}),
 ]
+
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    targets: tuple[str, ...]      # the first is the baseline of the ratios
+    scenarios: tuple[str, ...]
+    description: str
+
+
+# `--suite NAME` runs these sections one after the other (each its own processes and table);
+# `all` runs every one of them. --targets / --scenarios / --target make one custom section.
+SUITES: dict[str, Suite] = {s.name: s for s in [
+    Suite("core", ("floor", "proxy", "proxy-spend", "proxy-auth"), ("chat", "chat-stream"),
+          "the proxy against the floor; spend log; auth (issue 4)"),
+    Suite("scheduler", ("proxy", "proxy-scheduler", "proxy-scheduler-redis", "proxy-scheduler-redis-actual"),
+          ("chat", "chat-stream"),
+          "scheduler on, limits never binding, local and with a private Redis (issue 5)"),
+    Suite("pii", ("proxy", "proxy-pii"),
+          ("chat-2k", "chat-2k-stream", "chat-2k-pii", "chat-2k-pii-stream"),
+          "pii mask on a 2 KB prompt without and with 5 entities; streamed TTFB (issue 6)"),
+]}
+ALL_SUITES = ("core", "scheduler", "pii")
+DEFAULT_SUITE = "all"   # `make bench`; see bench/README.md for its duration
+DEFAULT_TARGETS = ",".join(SUITES["core"].targets)
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -162,10 +282,12 @@ def _read_yaml_map(path: str) -> dict:
 def load_extra_yaml(path: str) -> tuple[dict, dict]:
     """An extra config file: YAML merged into the proxy config; its optional top-level key
     `bench_deployment` is merged into every deployment instead. The top-level keys
-    `bench_seed_keys` and `bench_ratio_vs` are row settings (see resolve_targets), not config."""
+    `bench_seed_keys`, `bench_ratio_vs` and `bench_redis` are row settings (see
+    resolve_targets), not config."""
     data = _read_yaml_map(path)
     data.pop("bench_seed_keys", None)
     data.pop("bench_ratio_vs", None)
+    data.pop("bench_redis", None)
     dep = data.pop("bench_deployment", None) or {}
     if not isinstance(dep, dict):
         raise SystemExit(f"{path}: bench_deployment must be a mapping")
@@ -423,6 +545,193 @@ class StartError(Exception):
         self.proc = proc
 
 
+# --------------------------------------------------------------------------- private Redis
+#
+# A `redis` row gets its own redis-server: 127.0.0.1, a free port, no RDB, no AOF, its files
+# in the row's temp dir, stopped by PID with the row. The slow log records every command
+# (slowlog-log-slower-than 0), so that the harness can tell the proxy's own round trips
+# (top-level commands, with their client address) from the commands a Lua script runs
+# inside Redis (client "?:0") and name each script (TAKE, SETTLE, HEARTBEAT) by its SHA.
+# That costs the Redis process a little CPU, never the proxy's.
+
+SLOWLOG_MAX = 1_000_000
+SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
+
+
+class RedisProbe:
+    """A minimal RESP client (no dependency) for the harness's own INFO and SLOWLOG calls."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self._rf = self.sock.makefile("rb")
+        self.addr = "127.0.0.1:%d" % self.sock.getsockname()[1]  # to skip our own commands
+
+    def call(self, *args):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            b = a if isinstance(a, bytes) else str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        self.sock.sendall(b"".join(out))
+        return self._read()
+
+    def _read(self):
+        line = self._rf.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RuntimeError("redis: " + rest.decode("utf-8", "replace"))
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self._rf.read(n + 2)[:-2]
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read() for _ in range(n)]  # bounded by n
+        raise RuntimeError(f"redis: unexpected reply {line[:50]!r}")
+
+    def close(self) -> None:
+        try:
+            self._rf.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+@dataclass
+class PrivateRedis:
+    proc: Proc
+    port: int
+    probe: RedisProbe | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+def start_redis(name: str, args, d: Path) -> PrivateRedis:
+    exe = shutil.which(args.redis_server)
+    if exe is None:
+        raise SystemExit(f"{name}: needs {args.redis_server!r} (a redis-server binary, --redis-server) "
+                         "for its private Redis; not found")
+    d.mkdir(exist_ok=True)
+    port = free_port()
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(d), "--daemonize", "no", "--protected-mode", "yes",
+            "--slowlog-log-slower-than", "0", "--slowlog-max-len", str(SLOWLOG_MAX)]
+    proc = Proc(f"{name}-redis", argv, d / "redis.log", d)
+    r = PrivateRedis(proc, port)
+    deadline = time.monotonic() + args.start_timeout
+    last = "no answer"
+    while time.monotonic() < deadline:  # bounded by the deadline
+        if not proc.alive():
+            raise StartError(proc, f"exited with code {proc.popen.returncode} before ready")
+        try:
+            probe = RedisProbe(port, timeout=2.0)
+            if probe.call("PING") == "PONG":
+                probe.sock.settimeout(30.0)
+                r.probe = probe
+                return r
+            probe.close()
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.05)
+    raise StartError(proc, f"not ready after {args.start_timeout:.0f}s ({last})")
+
+
+def redis_commandstats(probe: RedisProbe) -> dict[str, int]:
+    """calls per command since the start (cmdstat_NAME:calls=N,...): top-level commands
+    and the ones scripts run inside Redis alike."""
+    text = probe.call("INFO", "commandstats").decode()
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, fields = line[len("cmdstat_"):].partition(":")
+            for f in fields.split(","):
+                k, _, v = f.partition("=")
+                if k == "calls":
+                    out[name] = int(v)
+    return out
+
+
+def _ours(name: str) -> bool:
+    """Commands the harness itself sends to the private Redis."""
+    return name == "info" or name.startswith("slowlog")
+
+
+_SCRIPT_NAMES: dict[str, str] | None = None
+
+
+def script_names(python: str) -> dict[str, str]:
+    """SHA1 -> name of the scheduler's Lua scripts (take, settle, heartbeat), from the
+    checkout's llmproxy.ratelimit.redis; {} if it cannot be imported."""
+    global _SCRIPT_NAMES
+    if _SCRIPT_NAMES is None:
+        code = ("import hashlib, json, llmproxy.ratelimit.redis as m; print(json.dumps({"
+                "hashlib.sha1(getattr(m, n).encode()).hexdigest(): n.lower() "
+                "for n in ('TAKE', 'SETTLE', 'HEARTBEAT') if hasattr(m, n)}))")
+        try:
+            p = subprocess.run([python, "-c", code], cwd=REPO, capture_output=True, timeout=60,
+                               stdin=subprocess.DEVNULL)
+            _SCRIPT_NAMES = json.loads(p.stdout.decode().strip().splitlines()[-1]) if p.returncode == 0 else {}
+        except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+            _SCRIPT_NAMES = {}
+    return _SCRIPT_NAMES
+
+
+def _text(v) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+def redis_window_start(r: PrivateRedis) -> dict[str, int]:
+    r.probe.call("SLOWLOG", "RESET")
+    return redis_commandstats(r.probe)
+
+
+def redis_window_end(r: PrivateRedis, before: dict[str, int], names: dict[str, str]) -> dict:
+    """What the proxy asked of Redis since redis_window_start: commandstats deltas, and from
+    the slow log the top-level commands (round trips) with each script named."""
+    after = redis_commandstats(r.probe)
+    entries = r.probe.call("SLOWLOG", "GET", str(SLOWLOG_MAX)) or []
+    r.probe.call("SLOWLOG", "RESET")
+    commands = {k: after[k] - before.get(k, 0) for k in after
+                if not _ours(k) and after[k] != before.get(k, 0)}
+    top: dict[str, int] = {}
+    scripts: dict[str, int] = {}
+    for e in entries:
+        # [id, time, µs, [argv...], client addr, client name]; inside a script: addr "?:0"
+        argv = e[3] if len(e) > 3 else []
+        addr = _text(e[4]) if len(e) > 4 else ""
+        if not argv or addr in ("", "?:0") or addr == r.probe.addr:
+            continue
+        cmd = _text(argv[0]).lower()
+        if cmd == "slowlog" or cmd == "info":
+            continue
+        top[cmd] = top.get(cmd, 0) + 1
+        if cmd in SCRIPT_COMMANDS:
+            sha = _text(argv[1]).lower() if len(argv) > 1 and cmd.startswith("evalsha") else ""
+            name = names.get(sha)
+            if name is None:  # EVAL, FCALL or an unknown script: by its first key
+                first_key = _text(argv[3]) if len(argv) > 3 else ""
+                name = "heartbeat" if first_key.endswith("replicas") else "script"
+            scripts[name] = scripts.get(name, 0) + 1
+    script_calls = sum(v for k, v in commands.items() if k in SCRIPT_COMMANDS)
+    return {
+        "commands": dict(sorted(commands.items())),   # INFO commandstats deltas, all levels
+        "commands_total": sum(commands.values()),
+        "scripts": script_calls,                       # EVALSHA + EVAL + FCALL (commandstats)
+        "top_level": dict(sorted(top.items())),        # from the slow log: the round trips
+        "top_level_total": sum(top.values()),
+        "scripts_by_name": dict(sorted(scripts.items())),
+        "heartbeats": scripts.get("heartbeat", 0),
+        "slowlog_entries": len(entries),
+        "slowlog_full": len(entries) >= SLOWLOG_MAX,
+    }
+
+
 # --------------------------------------------------------------------------- running
 
 @dataclass
@@ -434,6 +743,7 @@ class Target:
     keys_file: Path | None = None   # seed_keys rows: the plaintext keys the load cycles through
     n_keys: int = 0                 # how many keys are in keys_file
     seed: dict | None = None        # what bench/seed_keys.py reported
+    redis: PrivateRedis | None = None  # redis rows: the row's private redis-server
 
     @property
     def name(self) -> str:
@@ -441,8 +751,16 @@ class Target:
 
 
 def start_target(spec: TargetSpec, args, tmp: Path, upstream_port: int,
-                 scenarios: list[Scenario]) -> Target:
+                 scenarios: list[Scenario], procs: list[Proc]) -> Target:
+    """Start one row (and first its private Redis, if it has one); every process started
+    is appended to procs, so that the caller stops it even if this raises."""
     port = free_port()
+    redis = None
+    if spec.redis:
+        redis = start_redis(spec.name, args, tmp / spec.name)
+        procs.append(redis.proc)
+        spec = copy.deepcopy(spec)
+        spec.config = deep_merge({"redis_url": redis.url}, spec.config)
     upstream_root = f"http://127.0.0.1:{upstream_port}"
     log = tmp / f"{spec.name}.log"
     env = dict(os.environ)
@@ -472,8 +790,9 @@ def start_target(spec: TargetSpec, args, tmp: Path, upstream_port: int,
         argv = [tok.format(**values) for tok in shlex.split(args.proxy_cmd)]
         cwd = tmp  # the default SQLite file lands in the temp dir, not in the repo
     proc = Proc(spec.name, argv, log, cwd, env)
+    procs.append(proc)
     target = Target(spec, port, proc, config_path, keys_file,
-                    seed["keys_used"] if seed else 0, seed)
+                    seed["keys_used"] if seed else 0, seed, redis)
     if args.pin:
         pin(proc.pid, {0})
     return target
@@ -502,23 +821,40 @@ def seed_keys(spec: TargetSpec, args, tmp: Path) -> tuple[Path, dict]:
 
 
 _LOOKUP_LINE = re.compile(r'^llmproxy_auth_lookups_total\{[^}]*source="(\w+)"[^}]*\}\s+(\S+)', re.M)
+_PII_LINE = re.compile(r'^llmproxy_pii_redactions_total\{[^}]*entity="(\w+)"[^}]*\}\s+(\S+)', re.M)
 
 
-def auth_lookups(port: int) -> dict[str, float] | None:
-    """llmproxy_auth_lookups_total by source from the target's /metrics; None when the
-    target has no such metric (no auth middleware) or /metrics does not answer."""
+def scrape_metrics(port: int) -> str | None:
+    """The target's /metrics text; None when it does not answer."""
     try:
         status, body = http_get(f"http://127.0.0.1:{port}/metrics", timeout=10.0)
     except OSError:
         return None
-    if status != 200:
+    return body.decode("utf-8", "replace") if status == 200 else None
+
+
+def _by_label(text: str | None, line: re.Pattern, metric: str) -> dict[str, float] | None:
+    """A counter's value per label from /metrics text; None when the target has no such
+    metric (the middleware is not on) or /metrics did not answer."""
+    if text is None:
         return None
     found: dict[str, float] = {}
-    for source, value in _LOOKUP_LINE.findall(body.decode("utf-8", "replace")):
-        found[source] = found.get(source, 0.0) + float(value)
-    if not found and b"llmproxy_auth_lookups_total" not in body:
+    for label, value in line.findall(text):
+        found[label] = found.get(label, 0.0) + float(value)
+    if not found and metric not in text:
         return None
     return found
+
+
+def auth_lookups(port: int) -> dict[str, float] | None:
+    """llmproxy_auth_lookups_total by source from the target's /metrics."""
+    return _by_label(scrape_metrics(port), _LOOKUP_LINE, "llmproxy_auth_lookups_total")
+
+
+def _delta(a: dict[str, float] | None, b: dict[str, float] | None) -> dict[str, float] | None:
+    if a is None or b is None:
+        return None
+    return {k: b.get(k, 0.0) - a.get(k, 0.0) for k in sorted({*a, *b})}
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -551,21 +887,52 @@ def measure(load: LoadClient, target: Target, sc: Scenario, n: int, args,
     if target.keys_file is not None:  # round-robin over the row's keys, not the master key
         cmd["keys_file"] = str(target.keys_file)
         cmd["key_header"] = "x-api-key" if sc.api == "anthropic" else "authorization"
-    # /metrics is scraped outside the CPU window: the scrape is not the request's cost
-    look0 = auth_lookups(target.port) if target.spec.kind == "proxy" else None
+    # /metrics and Redis are read outside the CPU window: reading them is not the request's cost
+    text0 = scrape_metrics(target.port) if target.spec.kind == "proxy" else None
+    look0 = _by_label(text0, _LOOKUP_LINE, "llmproxy_auth_lookups_total")
+    pii0 = _by_label(text0, _PII_LINE, "llmproxy_pii_redactions_total")
+    rds = target.redis
+    r0 = redis_window_start(rds) if rds is not None and rds.probe is not None else None
     up0 = upstream_requests(upstream_port)
+    rcpu0 = tree_cpu(rds.proc.pid) if r0 is not None else None
     t0, u0, l0 = tree_cpu(target.proc.pid), tree_cpu(upstream.pid), tree_cpu(load.proc.pid)
     res = load.run(cmd, timeout=args.run_timeout + 30)
     time.sleep(args.settle)  # let deferred work (batched writes, log flushes) land in the window
     t1, u1, l1 = tree_cpu(target.proc.pid), tree_cpu(upstream.pid), tree_cpu(load.proc.pid)
+    rcpu1 = tree_cpu(rds.proc.pid) if r0 is not None else None
     up1 = upstream_requests(upstream_port)
-    look1 = auth_lookups(target.port) if look0 is not None else None
-    if look0 is not None and look1 is not None:
-        delta = {src: look1.get(src, 0.0) - look0.get(src, 0.0) for src in sorted({*look0, *look1})}
-        run["auth_lookups"] = delta  # key resolutions during this run, by source
-        run["store_lookups_per_req"] = delta.get("store", 0.0) / n
+    text1 = scrape_metrics(target.port) if text0 is not None else None
+    look = _delta(look0, _by_label(text1, _LOOKUP_LINE, "llmproxy_auth_lookups_total"))
+    if look is not None:
+        run["auth_lookups"] = look  # key resolutions during this run, by source
+        run["store_lookups_per_req"] = look.get("store", 0.0) / n
+    pii = _delta(pii0, _by_label(text1, _PII_LINE, "llmproxy_pii_redactions_total"))
+    if pii is not None:
+        run["pii_redactions"] = pii  # entities found during this run, by type
+        run["pii_entities_per_req"] = sum(pii.values()) / n
+    if r0 is not None:
+        rd = redis_window_end(rds, r0, script_names(args.python))
+        rd["cpu_us_per_req"] = ((rcpu1["ns"] - rcpu0["ns"]) / 1000.0 / n if args.clock_has_ns
+                                else (rcpu1["ticks"] - rcpu0["ticks"]) * 1e6 / CLK_TCK / n)
+        run["redis"] = rd
+        # the issue-5 count: scripts the scheduler runs for admissions and completions, that
+        # is every EVALSHA/EVAL/FCALL of the run (commandstats) but the periodic heartbeats
+        run["redis_calls_per_req"] = (rd["scripts"] - rd["heartbeats"]) / n
+        run["redis_round_trips_per_req"] = (rd["top_level_total"] - rd["heartbeats"]) / n
     if res.get("keys") is not None:
         run["keys_cycled"] = res["keys"]
+    if res.get("ttfb_ms") is not None:
+        run["ttfb_ms"] = res["ttfb_ms"]  # at concurrency --c, the measured run itself
+    if sc.stream and args.ttfb_n and not warmup and target.proc.alive():
+        # the streamed time to first byte with nothing else in flight (concurrency 1): the
+        # latency a request adds, not the queueing of --c requests on 2 cores
+        probe = dict(cmd, n=args.ttfb_n, c=1, ttfb=True)
+        pres = load.run(probe, timeout=args.run_timeout + 30)
+        run["ttfb_c1_ms"] = pres.get("ttfb_ms")
+        run["ttfb_c1_errors"] = pres["errors"]
+        if pres["errors"]:
+            res["errors"] += pres["errors"]
+            res["error_samples"] = res["error_samples"] + ["(TTFB probe) " + e for e in pres["error_samples"]]
 
     def us_per_req(a: dict, b: dict, clock: str) -> float:
         if clock == "ns":
@@ -641,6 +1008,34 @@ def summarize(runs: list[dict], targets: list[Target], scenarios: list[Scenario]
                 warm = [r for r in mine if r["warmup"] and r.get("auth_lookups") is not None]
                 if warm:
                     rows[t.name]["auth_lookups_warmup"] = warm[0]["auth_lookups"]
+            piid = [r for r in measured if r.get("pii_redactions") is not None]
+            if piid:  # llmproxy_pii_redactions_total over the measured runs, per request
+                total_n = sum(r["n"] for r in piid)
+                rows[t.name]["pii_entities_per_req"] = sum(r["pii_entities_per_req"] * r["n"] for r in piid) / total_n
+                rows[t.name]["pii_redactions_per_req"] = {
+                    e: sum(r["pii_redactions"].get(e, 0.0) for r in piid) / total_n
+                    for e in sorted({k for r in piid for k in r["pii_redactions"]})}
+            red = [r for r in measured if r.get("redis") is not None]
+            if red:  # Redis commands over the measured runs, per request
+                total_n = sum(r["n"] for r in red)
+                row = rows[t.name]
+                row["redis_calls_per_req"] = sum(r["redis"]["scripts"] - r["redis"]["heartbeats"]
+                                                 for r in red) / total_n
+                row["redis_calls_per_req_rounds"] = [r["redis_calls_per_req"] for r in red]
+                row["redis_round_trips_per_req"] = sum(r["redis"]["top_level_total"] - r["redis"]["heartbeats"]
+                                                       for r in red) / total_n
+                row["redis_commands_per_req"] = sum(r["redis"]["commands_total"] for r in red) / total_n
+                row["redis_heartbeats"] = sum(r["redis"]["heartbeats"] for r in red)
+                row["redis_scripts_by_name_per_req"] = {
+                    k: sum(r["redis"]["scripts_by_name"].get(k, 0) for r in red) / total_n
+                    for k in sorted({k for r in red for k in r["redis"]["scripts_by_name"]})}
+                row["redis_cpu_us_per_req_median"] = median([r["redis"].get("cpu_us_per_req") for r in red])
+                row["redis_rounds"] = [r["redis"] for r in red]
+            for key in ("ttfb_ms", "ttfb_c1_ms"):
+                vals = [(r.get(key) or {}).get("p50") for r in measured]
+                if any(v is not None for v in vals):
+                    rows[t.name][f"{key[:-3]}_p50_ms_median"] = median(vals)
+                    rows[t.name][f"{key[:-3]}_p50_ms_rounds"] = vals
         b = rows[base]["cpu_us_per_req_median"]
         for name, row in rows.items():
             m = row["cpu_us_per_req_median"]
@@ -651,6 +1046,10 @@ def summarize(runs: list[dict], targets: list[Target], scenarios: list[Scenario]
                 if x is not None and y:
                     pairs.append(x / y)
             row["ratio_per_round"] = pairs
+            for key in ("ttfb", "ttfb_c1"):  # streamed TTFB against the baseline's
+                m_t, b_t = row.get(f"{key}_p50_ms_median"), rows[base].get(f"{key}_p50_ms_median")
+                if m_t is not None and b_t:
+                    row[f"{key}_ratio"] = m_t / b_t
             vs = next((t.spec.ratio_vs for t in targets if t.name == name), None)
             if vs in rows and vs != name:  # the second ratio: against the row named by ratio_vs
                 v = rows[vs]["cpu_us_per_req_median"]
@@ -669,14 +1068,20 @@ def fmt(v: float | None, digits: int = 0) -> str:
     return f"{v:.{digits}f}"
 
 
-def print_table(summary: dict, targets: list[Target], args) -> bool:
+def print_table(summary: dict, targets: list[Target], args, title: str | None = None) -> bool:
     base = targets[0].name
     names = {t.name for t in targets}
     # optional columns per target: a second ratio (spec.ratio_vs), auth store lookups/req
+    # (a second ratio against the baseline itself would repeat the first)
     vs_of = {t.name: t.spec.ratio_vs for t in targets
-             if t.spec.ratio_vs in names and t.spec.ratio_vs != t.name}
-    looked = [t.name for t in targets
-              if any(rows[t.name].get("store_lookups_per_req") is not None for rows in summary.values())]
+             if t.spec.ratio_vs in names and t.spec.ratio_vs not in (t.name, base)}
+
+    def having(key: str) -> list[str]:
+        return [t.name for t in targets if any(rows[t.name].get(key) is not None for rows in summary.values())]
+
+    looked = having("store_lookups_per_req")
+    piied = having("pii_entities_per_req")
+    redised = having("redis_calls_per_req")
     head = ["scenario"]
     for i, t in enumerate(targets):
         head.append(f"{t.name} µs/req")
@@ -686,6 +1091,10 @@ def print_table(summary: dict, targets: list[Target], args) -> bool:
             head.append(f"{t.name}/{vs_of[t.name]}")
         if t.name in looked:
             head.append("store lookups/req" if len(looked) == 1 else f"{t.name} store lookups/req")
+        if t.name in piied:
+            head.append("pii entities/req" if len(piied) == 1 else f"{t.name} pii entities/req")
+        if t.name in redised:
+            head.append("redis calls/req" if len(redised) == 1 else f"{t.name} redis calls/req")
     head.append("status")
     lines = []
     all_ok = True
@@ -701,6 +1110,10 @@ def print_table(summary: dict, targets: list[Target], args) -> bool:
                 cells.append(fmt(row.get("ratio_vs_value"), 2))
             if t.name in looked:
                 cells.append(fmt(row.get("store_lookups_per_req"), 3))
+            if t.name in piied:
+                cells.append(fmt(row.get("pii_entities_per_req"), 3))
+            if t.name in redised:
+                cells.append(fmt(row.get("redis_calls_per_req"), 3))
             if row["status"] != "ok":
                 bad.append(f"{t.name}: {row['errors']} errors" if row["errors"]
                            else f"{t.name}: no runs")
@@ -717,7 +1130,8 @@ def print_table(summary: dict, targets: list[Target], args) -> bool:
 
     print()
     print(f"CPU per request, target process tree, median of {args.rounds} alternating rounds "
-          f"(clock: {args.clock}; N={args.n} non-stream / {args.n_stream} stream; C={args.c})")
+          f"(clock: {args.clock}; N={args.n} non-stream / {args.n_stream} stream; C={args.c})"
+          + (f" [suite {title}]" if title and title != "custom" else ""))
     print(render(head))
     for cells in lines:
         print(render(cells))
@@ -736,6 +1150,11 @@ def print_table(summary: dict, targets: list[Target], args) -> bool:
             for sc_name, rows in summary.items():
                 vals = " ".join(fmt(v, 2) for v in rows[t.name].get("ratio_vs_per_round", []))
                 print(f"  {sc_name:<{sw}}  {vals}")
+        elif t.spec.ratio_vs == base and t.name != base:  # its second ratio is the first one
+            print(f"per round, {t.name}/{base} (same round):")
+            for sc_name, rows in summary.items():
+                vals = " ".join(fmt(v, 2) for v in rows[t.name].get("ratio_per_round", []))
+                print(f"  {sc_name:<{sw}}  {vals}")
     for name in looked:
         print(f"{name}: key resolutions (llmproxy_auth_lookups_total) per measured run, by source"
               " (store = a database query):")
@@ -745,6 +1164,38 @@ def print_table(summary: dict, targets: list[Target], args) -> bool:
                 print(f"  {sc_name:<{sw}}  warm-up  {_lookups_text(r['auth_lookups_warmup'])}")
             for i, d in enumerate(r.get("auth_lookups_rounds", [])):
                 print(f"  {sc_name:<{sw}}  round {i + 1}  {_lookups_text(d)}")
+
+    for name in redised:
+        print(f"{name}: Redis commands per measured run (the row's private redis-server). calls = "
+              "EVALSHA/EVAL/FCALL from INFO commandstats minus the heartbeats; by script and the "
+              "top-level commands from the slow log; 'all' counts the commands scripts run inside "
+              "Redis too:")
+        for sc_name, rows in summary.items():
+            r = rows[name]
+            for i, (per_req, rd) in enumerate(zip(r.get("redis_calls_per_req_rounds", []),
+                                                  r.get("redis_rounds", []))):
+                print(f"  {sc_name:<{sw}}  round {i + 1}  calls/req {per_req:.3f}  "
+                      f"scripts {rd['scripts']} ({_lookups_text(rd['scripts_by_name']) or '-'})  "
+                      f"top-level {rd['top_level_total']} ({_lookups_text(rd['top_level']) or '-'})  "
+                      f"all {rd['commands_total']}  redis {fmt(rd.get('cpu_us_per_req'), 1)} µs/req")
+
+    ttfb_rows = [sc_name for sc_name, rows in summary.items()
+                 if any(rows[t.name].get("ttfb_p50_ms_median") is not None for t in targets)]
+    if ttfb_rows:
+        print()
+        print(f"streamed time to first byte, ms: median over the rounds of each run's median; "
+              f"C={args.c} is the measured run, C=1 a run of {args.ttfb_n} requests right after it "
+              "(outside the CPU window) with nothing else in flight. ratio: against " + base)
+        print(f"  {'scenario':<{sw}}  {'target':<{tw}}  {'C=' + str(args.c):>8} {'ratio':>6} "
+              f"{'C=1':>8} {'ratio':>6}   per round C=1")
+        for sc_name in ttfb_rows:
+            rows = summary[sc_name]
+            for t in targets:
+                r = rows[t.name]
+                vals = " ".join(fmt(v, 3) for v in r.get("ttfb_c1_p50_ms_rounds", []))
+                print(f"  {sc_name:<{sw}}  {t.name:<{tw}}  {fmt(r.get('ttfb_p50_ms_median'), 3):>8} "
+                      f"{fmt(r.get('ttfb_ratio'), 2):>6} {fmt(r.get('ttfb_c1_p50_ms_median'), 3):>8} "
+                      f"{fmt(r.get('ttfb_c1_ratio'), 2):>6}   {vals}")
 
     print()
     print("wall clock (informational: load, target and upstream share "
@@ -782,6 +1233,32 @@ def print_table(summary: dict, targets: list[Target], args) -> bool:
                     notes.append(f"{sc_name}/{t.name} round {i + 1}: {store:.0f} store lookups for "
                                  f"{n_keys or 'the'} keys in use: more than one per key, so the store "
                                  "is queried on the request path")
+            if r.get("redis_calls_per_req") is not None:
+                rounds = r.get("redis_rounds", [])
+                if not any(rd["scripts"] for rd in rounds):
+                    notes.append(f"{sc_name}/{t.name}: no Redis script ran during the measured runs: "
+                                 "is the scheduler on Redis (readiness, local fallback)? See its log")
+                elif r["redis_calls_per_req"] > 2.0:
+                    notes.append(f"{sc_name}/{t.name}: {r['redis_calls_per_req']:.3f} Redis calls per "
+                                 "request, more than one per admission and one per completion")
+                if any(rd["slowlog_full"] for rd in rounds):
+                    notes.append(f"{sc_name}/{t.name}: the Redis slow log overflowed; the by-script "
+                                 "counts (heartbeats) are incomplete")
+                other: dict[str, int] = {}
+                for rd in rounds:
+                    for k, v in rd["top_level"].items():
+                        if k not in SCRIPT_COMMANDS:
+                            other[k] = other.get(k, 0) + v
+                if other:
+                    notes.append(f"{sc_name}/{t.name}: besides scripts the proxy sent Redis "
+                                 f"{_lookups_text(other)} over the {len(rounds)} runs (hello, ping: "
+                                 "redis-py setting up a new pool connection or checking an idle one; "
+                                 "not scheduler state, not in calls/req)")
+            want = len(PII_SNIPPETS) if sc_name.startswith("chat-2k-pii") else 0
+            got = r.get("pii_entities_per_req")
+            if got is not None and sc_name.startswith("chat-2k") and abs(got - want) > 1e-9:
+                notes.append(f"{sc_name}/{t.name}: {got:.3f} PII entities found per request, "
+                             f"the prompt holds {want}")
             a, b = r["cpu_us_per_req_stat_median"], r["cpu_us_per_req_schedstat_median"]
             if a and b and abs(a - b) / b > 0.15 and a * args.n / 1e6 * CLK_TCK > 20:
                 notes.append(f"{sc_name}/{t.name}: /proc stat ({a:.1f}) and schedstat ({b:.1f}) "
@@ -806,7 +1283,8 @@ def check_llmproxy(python: str, cwd: Path) -> str | None:
     return None
 
 
-def resolve_targets(args) -> list[TargetSpec]:
+def resolve_targets(args, targets: str) -> list[TargetSpec]:
+    """The rows named in `targets` (comma-separated), plus the --target rows."""
     known = {r.name: r for r in ROWS}
     for item in args.target:
         name, sep, path = item.partition("=")
@@ -814,21 +1292,22 @@ def resolve_targets(args) -> list[TargetSpec]:
             raise SystemExit(f"--target expects NAME=EXTRA.yaml, got {item!r}")
         if not Path(path).is_file():
             raise SystemExit(f"--target {name}: no such file {path}")
-        data = _read_yaml_map(path)  # bench_seed_keys: true / bench_ratio_vs: ROW set the row's flags
+        # bench_seed_keys: true / bench_ratio_vs: ROW / bench_redis: true set the row's flags
+        data = _read_yaml_map(path)
         ratio_vs = data.get("bench_ratio_vs")
         if ratio_vs is not None and not isinstance(ratio_vs, str):
             raise SystemExit(f"{path}: bench_ratio_vs must be a row name")
         known[name] = TargetSpec(name, "proxy", f"llmproxy + {path}",
                                  extra_files=[str(Path(path).resolve())],
                                  seed_keys=bool(data.get("bench_seed_keys", False)),
-                                 ratio_vs=ratio_vs)
-    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+                                 ratio_vs=ratio_vs, redis=bool(data.get("bench_redis", False)))
+    names = [n.strip() for n in targets.split(",") if n.strip()]
     for item in args.target:  # --target rows are run even if --targets does not name them
         name = item.partition("=")[0]
         if name not in names:
             names.append(name)
     if len(names) < 1 or len(set(names)) != len(names):
-        raise SystemExit(f"--targets needs distinct names, got {args.targets!r}")
+        raise SystemExit(f"--targets needs distinct names, got {targets!r}")
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"unknown target(s) {unknown}; known: {sorted(known)}")
@@ -840,12 +1319,47 @@ def resolve_targets(args) -> list[TargetSpec]:
     return specs
 
 
+def resolve_scenarios(names: str) -> list[Scenario]:
+    sc_names = [n.strip() for n in names.split(",") if n.strip()]
+    bad = [n for n in sc_names if n not in SCENARIOS]
+    if bad or not sc_names:
+        raise SystemExit(f"unknown scenario(s) {bad}; known: {list(SCENARIOS)}")
+    return [SCENARIOS[n] for n in sc_names]
+
+
+def plan_sections(args) -> list[tuple[str, list[TargetSpec], list[Scenario]]]:
+    """(title, rows, scenarios) of each section to run: one per suite, or one custom
+    section when --targets, --scenarios or --target is given."""
+    if args.targets is not None or args.scenarios is not None or args.target:
+        if args.suite is not None:
+            raise SystemExit("--suite cannot be combined with --targets, --scenarios or --target")
+        return [("custom", resolve_targets(args, args.targets or DEFAULT_TARGETS),
+                 resolve_scenarios(args.scenarios or DEFAULT_SCENARIOS))]
+    suite = args.suite or DEFAULT_SUITE
+    out = []
+    for name in (ALL_SUITES if suite == "all" else (suite,)):
+        s = SUITES[name]
+        specs = resolve_targets(args, ",".join(s.targets))
+        if shutil.which(args.redis_server) is None and any(sp.redis for sp in specs):
+            skipped = [sp.name for sp in specs if sp.redis]
+            print(f"warning: suite {name}: {args.redis_server!r} not found (--redis-server), "
+                  f"skipping {', '.join(skipped)}", file=sys.stderr)
+            specs = [sp for sp in specs if not sp.redis]
+        out.append((name, specs, resolve_scenarios(",".join(s.scenarios))))
+    return out
+
+
 def parse_args(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(
         description="CPU per request of llmproxy against a bare aiohttp floor.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--targets", default="floor,proxy,proxy-spend,proxy-auth",
-                    help="comma-separated rows to run; the first is the baseline of the ratios")
+    ap.add_argument("--suite", choices=[*SUITES, "all"], default=None,
+                    help=f"which group of rows and scenarios to run (default: {DEFAULT_SUITE}); "
+                         "--list shows them")
+    ap.add_argument("--targets", default=None,
+                    help="comma-separated rows to run (instead of a suite; default scenarios "
+                         f"{DEFAULT_SCENARIOS}); the first is the baseline of the ratios. "
+                         f"Default with --scenarios/--target: {DEFAULT_TARGETS}")
     ap.add_argument("--target", action="append", default=[], metavar="NAME=EXTRA.yaml",
                     help="add a proxy row whose config is the base config merged with this "
                          "YAML (top-level key bench_deployment: merged into every deployment)")
@@ -860,13 +1374,19 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--keys-used", type=int, default=200,
                     help="how many of those keys the load cycles through, one per request "
                          "(the warm-up sends each at least once)")
-    ap.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
-                    help="comma-separated, from: " + ", ".join(SCENARIOS))
+    ap.add_argument("--scenarios", default=None,
+                    help="comma-separated, from: " + ", ".join(SCENARIOS)
+                         + f" (instead of a suite; default rows {DEFAULT_TARGETS})")
     ap.add_argument("--n", type=int, default=2000, help="requests per non-stream run")
     ap.add_argument("--n-stream", type=int, default=1000, help="requests per stream run")
     ap.add_argument("--c", type=int, default=16, help="concurrency")
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds per target")
     ap.add_argument("--warmup", type=int, default=200, help="warm-up requests per target and scenario")
+    ap.add_argument("--ttfb-n", type=int, default=100,
+                    help="after each measured stream run, this many requests at concurrency 1 "
+                         "(outside the CPU window) for the unloaded time to first byte; 0: none")
+    ap.add_argument("--redis-server", default="redis-server",
+                    help="redis-server binary for the private Redis of redis rows")
     ap.add_argument("--clock", choices=["auto", "stat", "schedstat"], default="auto",
                     help="stat: /proc/PID/stat utime+stime (10 ms ticks); schedstat: "
                          "/proc/PID/task/*/schedstat (ns); auto: schedstat when readable")
@@ -881,84 +1401,61 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--keep-logs", action="store_true",
                     help="keep the temp dir with logs and configs (kept anyway on failure)")
     ap.add_argument("--python", default=sys.executable, help="interpreter for child processes")
-    ap.add_argument("--list", action="store_true", help="list targets and scenarios, then exit")
+    ap.add_argument("--list", action="store_true", help="list targets, scenarios and suites, then exit")
     args = ap.parse_args(argv)
     for name in ("n", "n_stream", "c", "rounds", "keys", "keys_used"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0:
-        ap.error("--warmup must be >= 0")
+    if args.warmup < 0 or args.ttfb_n < 0:
+        ap.error("--warmup and --ttfb-n must be >= 0")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.list:
-        print("targets (--targets a,b,...; the first is the baseline):")
-        for r in ROWS:
-            print(f"  {r.name:<18} {r.kind:<6} {r.description}")
-        print("scenarios (--scenarios):")
-        for s in SCENARIOS.values():
-            print(f"  {s.name:<18} {s.path:<22} {s.description}")
-        return 0
+def print_list() -> None:
+    print("targets (--targets a,b,...; the first is the baseline):")
+    for r in ROWS:
+        print(f"  {r.name:<22} {r.kind:<6} {r.description}")
+    print("scenarios (--scenarios):")
+    for s in SCENARIOS.values():
+        print(f"  {s.name:<22} {s.path:<22} {s.description}")
+    print(f"suites (--suite; default {DEFAULT_SUITE}; all = {' + '.join(ALL_SUITES)}):")
+    for s in SUITES.values():
+        print(f"  {s.name:<10} rows {','.join(s.targets)}; scenarios {','.join(s.scenarios)}: {s.description}")
+    print(f"the 2 KB prompt of chat-2k-pii ({PROMPT_2K_SIZE} characters; chat-2k is the same "
+          "notes without the five entities):")
+    print("  " + prompt_2k(True))
 
-    has_ns = schedstat_available()
-    if args.clock == "auto":
-        args.clock = "schedstat" if has_ns else "stat"
-    elif args.clock == "schedstat" and not has_ns:
-        raise SystemExit("--clock schedstat: /proc/<pid>/task/<tid>/schedstat is not readable here")
-    args.clock_has_ns = has_ns
 
-    specs = resolve_targets(args)
-    sc_names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
-    bad = [n for n in sc_names if n not in SCENARIOS]
-    if bad or not sc_names:
-        raise SystemExit(f"unknown scenario(s) {bad}; known: {list(SCENARIOS)}")
-    scenarios = [SCENARIOS[n] for n in sc_names]
-
-    def on_term(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
-
-    tmp = Path(tempfile.mkdtemp(prefix="llmproxy-bench-"))
+def run_section(title: str, specs: list[TargetSpec], scenarios: list[Scenario], args, tmp: Path,
+                load: "LoadClient", upstream: Proc, upstream_port: int) -> tuple[dict, bool]:
+    """Start the rows, warm them up, run the rounds, print the table, stop the rows."""
     procs: list[Proc] = []
-    load: LoadClient | None = None
-    failed = True
+    targets: list[Target] = []
     t_begin = time.monotonic()
+    tmp.mkdir(exist_ok=True)
+    if title != "custom":
+        print(f"\n=== suite {title}: rows {', '.join(s.name for s in specs)}; "
+              f"scenarios {', '.join(s.name for s in scenarios)}", flush=True)
     try:
-        if any(s.kind == "proxy" for s in specs) and args.proxy_cmd == DEFAULT_PROXY_CMD:
-            why = check_llmproxy(args.python, tmp)
-            if why:
-                print(f"error: the proxy cannot run yet: {why}\n"
-                      "hint: test the harness with --targets floor,floor-b, or point the "
-                      "proxy rows elsewhere with --proxy-cmd", file=sys.stderr)
-                return 2
-
-        upstream_port = free_port()
-        upstream = Proc("upstream", [args.python, str(BENCH / "upstream.py"), "--port",
-                                     str(upstream_port), "--api-key", UPSTREAM_KEY],
-                        tmp / "upstream.log", REPO)
-        procs.append(upstream)
-        load = LoadClient(args.python, tmp / "load.log")
-        if args.pin:
-            pin(upstream.pid, {1})
-            pin(load.proc.pid, {1})
-        wait_ready(upstream, f"http://127.0.0.1:{upstream_port}/health/liveliness",
-                   args.start_timeout)
-
-        targets: list[Target] = []
         for spec in specs:
-            t = start_target(spec, args, tmp, upstream_port, scenarios)
-            procs.append(t.proc)
-            targets.append(t)
+            targets.append(start_target(spec, args, tmp, upstream_port, scenarios, procs))
+        readiness: dict[str, object] = {}
         for t in targets:
             wait_ready(t.proc, f"http://127.0.0.1:{t.port}/health/liveliness",
                        args.start_timeout)
-            print(f"started {t.name:<16} pid {t.proc.pid:<7} port {t.port}"
-                  + (f"  config {t.config_path}" if t.config_path else ""), flush=True)
+            extra = ""
+            if t.redis is not None:
+                try:
+                    _, body = http_get(f"http://127.0.0.1:{t.port}/health/readiness", timeout=5.0)
+                    readiness[t.name] = json.loads(body)
+                except (OSError, ValueError) as e:
+                    readiness[t.name] = f"{type(e).__name__}: {e}"
+                extra = f"  redis {t.redis.url} (pid {t.redis.proc.pid})  readiness {readiness[t.name]}"
+            print(f"started {t.name:<22} pid {t.proc.pid:<7} port {t.port}"
+                  + (f"  config {t.config_path}" if t.config_path else "") + extra, flush=True)
 
         # idle CPU of each target over one second: background work the table includes
+        has_ns = args.clock_has_ns
         idle0 = {t.name: tree_cpu(t.proc.pid) for t in targets}
         time.sleep(1.0)
         idle = {}
@@ -979,7 +1476,7 @@ def main(argv: list[str] | None = None) -> int:
                     wn = max(args.warmup, t.n_keys)
                     r = measure(load, t, sc, wn, args, upstream, upstream_port, warmup=True)
                     runs.append(r)
-                    print(f"warm-up    {sc.name:<17} {t.name:<16} ok {r['ok']}/{wn}"
+                    print(f"warm-up    {sc.name:<18} {t.name:<22} ok {r['ok']}/{wn}"
                           + (f"  auth lookups {_lookups_text(r['auth_lookups'])}"
                              if r.get("auth_lookups") else "")
                           + (f"  errors {r['errors']}: {r['error_samples'][:1]}" if r["errors"] else ""),
@@ -993,21 +1490,110 @@ def main(argv: list[str] | None = None) -> int:
                     r = measure(load, t, sc, n, args, upstream, upstream_port)
                     r["round"] = rnd
                     runs.append(r)
-                    print(f"round {rnd + 1}/{args.rounds}  {sc.name:<17} {t.name:<16} "
+                    extra = ""
+                    if r.get("auth_lookups"):
+                        extra += f"  auth lookups {_lookups_text(r['auth_lookups'])}"
+                    if r.get("pii_entities_per_req") is not None:
+                        extra += f"  pii {r['pii_entities_per_req']:.2f}/req"
+                    if r.get("redis_calls_per_req") is not None:
+                        extra += (f"  redis {r['redis_calls_per_req']:.3f} calls/req"
+                                  f" (+{r['redis']['heartbeats']} heartbeats)")
+                    if r.get("ttfb_ms"):
+                        extra += f"  ttfb p50 {fmt(r['ttfb_ms']['p50'], 2)} ms"
+                    if r.get("ttfb_c1_ms"):
+                        extra += f" (C=1 {fmt(r['ttfb_c1_ms']['p50'], 3)})"
+                    print(f"round {rnd + 1}/{args.rounds}  {sc.name:<18} {t.name:<22} "
                           f"{fmt(r.get('cpu_us_per_req'), 1):>8} µs/req  "
-                          f"{fmt(r.get('rps')):>6} req/s  errors {r['errors']}"
-                          + (f"  auth lookups {_lookups_text(r['auth_lookups'])}"
-                             if r.get("auth_lookups") else ""), flush=True)
+                          f"{fmt(r.get('rps')):>6} req/s  errors {r['errors']}" + extra, flush=True)
 
         summary = summarize(runs, targets, scenarios)
-        all_ok = print_table(summary, targets, args)
+        all_ok = print_table(summary, targets, args, title)
         for t in targets:
             if not t.proc.alive():
                 all_ok = False
                 print(f"\n{t.name} is not running any more; log {t.proc.log_path}:\n"
                       + t.proc.log_tail())
+        section = {
+            "suite": title,
+            "duration_s": round(time.monotonic() - t_begin, 1),
+            "scenarios": [sc.name for sc in scenarios],
+            "targets": [{"name": t.name, "kind": t.spec.kind, "description": t.spec.description,
+                         "argv": t.proc.argv,
+                         "config": t.config_path.read_text() if t.config_path else None,
+                         "seeded_keys": t.seed,
+                         "redis": {"url": t.redis.url, "argv": t.redis.proc.argv,
+                                   "readiness": readiness.get(t.name)} if t.redis else None}
+                        for t in targets],
+            "idle_cpu_us_per_s": idle,
+            "summary": summary,
+            "runs": runs,
+        }
+        print(f"(suite {title}: {section['duration_s']:.0f} s)", flush=True)
+        return section, all_ok
+    finally:
+        for t in targets:
+            if t.redis is not None and t.redis.probe is not None:
+                t.redis.probe.close()
+        for p in reversed(procs):  # each row before its private Redis
+            p.stop()
 
-        result = {
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        print_list()
+        return 0
+
+    has_ns = schedstat_available()
+    if args.clock == "auto":
+        args.clock = "schedstat" if has_ns else "stat"
+    elif args.clock == "schedstat" and not has_ns:
+        raise SystemExit("--clock schedstat: /proc/<pid>/task/<tid>/schedstat is not readable here")
+    args.clock_has_ns = has_ns
+
+    plan = plan_sections(args)
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    tmp = Path(tempfile.mkdtemp(prefix="llmproxy-bench-"))
+    procs: list[Proc] = []
+    load: LoadClient | None = None
+    failed = True
+    t_begin = time.monotonic()
+    try:
+        if any(s.kind == "proxy" for _, specs, _ in plan for s in specs) \
+                and args.proxy_cmd == DEFAULT_PROXY_CMD:
+            why = check_llmproxy(args.python, tmp)
+            if why:
+                print(f"error: the proxy cannot run yet: {why}\n"
+                      "hint: test the harness with --targets floor,floor-b, or point the "
+                      "proxy rows elsewhere with --proxy-cmd", file=sys.stderr)
+                return 2
+
+        upstream_port = free_port()
+        upstream = Proc("upstream", [args.python, str(BENCH / "upstream.py"), "--port",
+                                     str(upstream_port), "--api-key", UPSTREAM_KEY],
+                        tmp / "upstream.log", REPO)
+        procs.append(upstream)
+        load = LoadClient(args.python, tmp / "load.log")
+        if args.pin:
+            pin(upstream.pid, {1})
+            pin(load.proc.pid, {1})
+        wait_ready(upstream, f"http://127.0.0.1:{upstream_port}/health/liveliness",
+                   args.start_timeout)
+
+        sections: dict[str, dict] = {}
+        all_ok = True
+        for title, specs, scenarios in plan:
+            section, ok = run_section(title, specs, scenarios, args, tmp / title, load,
+                                      upstream, upstream_port)
+            sections[title] = section
+            all_ok = all_ok and ok
+
+        result: dict = {
             "meta": {
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "duration_s": round(time.monotonic() - t_begin, 1),
@@ -1018,20 +1604,28 @@ def main(argv: list[str] | None = None) -> int:
                 "clk_tck": CLK_TCK,
                 "clock": args.clock,
                 "args": {k: v for k, v in vars(args).items() if k not in ("list",)},
-                "targets": [{"name": t.name, "kind": t.spec.kind, "description": t.spec.description,
-                             "argv": t.proc.argv,
-                             "config": t.config_path.read_text() if t.config_path else None,
-                             "seeded_keys": t.seed}
-                            for t in targets],
-                "idle_cpu_us_per_s": idle,
+                "suites": list(sections),
             },
-            "summary": summary,
-            "runs": runs,
+            "sections": sections,
         }
+        if len(sections) == 1:  # the layout of a single run, as before suites existed
+            (only,) = sections.values()
+            result["meta"]["targets"] = only["targets"]
+            result["meta"]["idle_cpu_us_per_s"] = only["idle_cpu_us_per_s"]
+            result["summary"] = only["summary"]
+            result["runs"] = only["runs"]
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
-        print(f"\nraw numbers: {out}   ({time.monotonic() - t_begin:.0f} s)")
+        print(f"\nraw numbers: {out}   ({time.monotonic() - t_begin:.0f} s"
+              + (", " + ", ".join(f"{k} {v['duration_s']:.0f} s" for k, v in sections.items())
+                 if len(sections) > 1 else "") + ")")
+        not_run = [s for s in SUITES if s not in sections]
+        if not_run:
+            print("other suites (make bench BENCH_ARGS='--suite NAME'):")
+            for name in not_run + (["all"] if len(sections) < len(ALL_SUITES) else []):
+                what = SUITES[name].description if name in SUITES else " + ".join(ALL_SUITES)
+                print(f"  .venv/bin/python bench/run.py --suite {name:<10} # {what}")
         failed = not all_ok
         return 0 if all_ok else 1
     except StartError as e:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from .store import SpendRow, StoreError
+from .store import SpendRow
 
 if TYPE_CHECKING:
     from .context import Record
@@ -113,8 +113,8 @@ class SpendWriter:
         try:
             while self.queue:
                 await asyncio.wait_for(self._write_batch(), 5)
-        except (StoreError, asyncio.TimeoutError, OSError) as exc:
-            log.warning("spend_flush_failed", error=str(exc), rows=len(self.queue))
+        except Exception as exc:  # whatever failed, the rows go to the spill file below
+            log.warning("spend_flush_failed", error=f"{type(exc).__name__}: {exc}", rows=len(self.queue))
         if self.queue:
             self._spill(self._drain())
             log.warning("spend_spilled_at_shutdown", path=self.spill_path)

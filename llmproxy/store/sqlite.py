@@ -198,7 +198,11 @@ class SqliteStore(Store):
         try:
             if path != ":memory:":
                 os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-            db = await aiosqlite.connect(path, isolation_level=None)
+            pending = aiosqlite.connect(path, isolation_level=None)
+            # aiosqlite's worker thread is not a daemon: one store left unclosed would keep
+            # the interpreter from exiting. SQLite in WAL mode survives an abrupt end.
+            pending._thread.daemon = True
+            db = await pending
             db.row_factory = sqlite3.Row
             await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             await db.execute("PRAGMA foreign_keys = ON")

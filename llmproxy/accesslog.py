@@ -96,7 +96,9 @@ def flush_logs() -> None:
 
 
 class AccessLog:
-    """Event sink: writes the access line."""
+    """Event sink: writes the access line. The request path only queues the record; the
+    lines are rendered and written together every quarter second (and at shutdown), where
+    a batch costs less per line than one line at a time."""
 
     def __init__(self, options: Any, services: "Services") -> None:
         self.log = structlog.get_logger("llmproxy.access")
@@ -107,6 +109,7 @@ class AccessLog:
         self.writer: LineWriter | None = factory.writer if isinstance(factory, _Factory) else None
         self._second = -1
         self._stamp = ""
+        self.pending: list["Record"] = []
 
     async def startup(self) -> None:
         self._flusher = asyncio.create_task(self._flush_every(0.25))
@@ -114,14 +117,26 @@ class AccessLog:
     async def shutdown(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
-        flush_logs()
+        self.flush()
 
     async def _flush_every(self, seconds: float) -> None:
         while True:
             await asyncio.sleep(seconds)
-            flush_logs()
+            self.flush()
 
     def emit(self, r: "Record") -> None:
+        self.pending.append(r)
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        for r in pending:
+            try:
+                self._write(r)
+            except Exception:
+                self.log.exception("access_log_failed", request_id=r.request_id)
+        flush_logs()
+
+    def _write(self, r: "Record") -> None:
         fields: dict[str, Any] = {
             "request_id": r.request_id,
             "client_request_id": r.client_request_id,
@@ -152,7 +167,7 @@ class AccessLog:
         if self.writer is None:
             self.log.info("request", **fields)
             return
-        now = time.time()
+        now = r.started_at + r.duration_s  # when the request ended
         second = int(now)
         if second != self._second:
             self._second = second

@@ -42,6 +42,7 @@ class Metrics:
         self._pending: dict[tuple[str, tuple], float] = {}  # multiprocess: not yet flushed
         self._pending_hists: dict[tuple[str, tuple], list[float]] = {}
         self._prom: dict[str, Any] = {}
+        self.drains: list[Any] = []  # sinks holding records not yet counted: drained before reading
         self.registry = CollectorRegistry(auto_describe=False)
         team = ("team",) if team_label else ()
         self.define("llmproxy_requests_total", "counter", "Requests by outcome.",
@@ -93,7 +94,12 @@ class Metrics:
 
     # --- scraping ---------------------------------------------------------------------
 
+    def drain(self) -> None:
+        for drain in self.drains:
+            drain()
+
     def exposition(self) -> bytes:
+        self.drain()
         if self.multiprocess:
             from prometheus_client import multiprocess
 
@@ -126,7 +132,9 @@ class Metrics:
     async def flush_every(self, seconds: float) -> None:
         while True:
             await asyncio.sleep(seconds)
-            self.flush()
+            self.drain()
+            if self.multiprocess:
+                self.flush()
 
 
 class _Collector:
@@ -169,23 +177,35 @@ def _bound(b: float) -> str:
 
 
 class MetricsSink:
-    """Event sink: one record in, counters and histograms updated."""
+    """Event sink: records in, counters and histograms updated. The request path only
+    queues the record; they are counted in batches every second and before every scrape,
+    so `/metrics` is always exact."""
 
     def __init__(self, options: Any, services: "Services") -> None:
         self.m = services.metrics
+        self.m.drains.append(self.drain)
+        self.pending: list["Record"] = []
         self._flusher: asyncio.Task | None = None
 
     async def startup(self) -> None:
-        if self.m.multiprocess:
-            self._flusher = asyncio.create_task(self.m.flush_every(1.0))
+        self._flusher = asyncio.create_task(self.m.flush_every(1.0))
 
     async def shutdown(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
+        self.drain()
         if self.m.multiprocess:
             self.m.flush()
 
     def emit(self, record: "Record") -> None:
+        self.pending.append(record)
+
+    def drain(self) -> None:
+        pending, self.pending = self.pending, []
+        for record in pending:
+            self.count(record)
+
+    def count(self, record: "Record") -> None:
         m = self.m
         short = (record.model or "", record.deployment or "")
         if m.team_label:

@@ -94,6 +94,17 @@ class Metrics:
 
     # --- scraping ---------------------------------------------------------------------
 
+    def gauge_from(self, name: str, read: Any, labels: tuple = ()) -> None:
+        """A gauge whose value is read when metrics are drained (a counter the owner keeps)."""
+        def update() -> None:
+            key = (name, labels)
+            value = float(read())
+            if self.values.get(key) != value:
+                self.values[key] = value
+                if self.multiprocess:
+                    self._pending[key] = value
+        self.drains.append(update)
+
     def drain(self) -> None:
         for drain in self.drains:
             drain()

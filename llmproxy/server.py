@@ -8,6 +8,7 @@ The writer (`Gateway._write`) is the only code that touches aiohttp's response; 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import os
 import time
@@ -82,6 +83,8 @@ class Gateway:
         # Request ids: a random per-process prefix and a counter, unique across replicas and
         # restarts without a random draw (a system call) per request.
         self._rid_prefix = os.urandom(8).hex()
+        self.inflight = 0  # read by the llmproxy_inflight_requests gauge at scrape time
+        self.services.metrics.gauge_from("llmproxy_inflight_requests", lambda: self.inflight)
         self._owns_store = self._owns_redis = False
         self._seq = 0
 
@@ -206,9 +209,7 @@ class Gateway:
     # --- the data plane -------------------------------------------------------------------
 
     def _handler(self, api: str):
-        async def handler(request: web.Request) -> web.StreamResponse:
-            return await self._serve(request, api)
-        return handler
+        return functools.partial(self._serve, api=api)
 
     async def _serve(self, request: web.Request, api: str) -> web.StreamResponse:
         started = time.perf_counter()
@@ -221,8 +222,7 @@ class Gateway:
         if tp and len(tp) >= 55:
             record.trace_id = tp[3:35]
         ctx: Context | None = None
-        metrics = self.services.metrics
-        metrics.inc("llmproxy_inflight_requests")
+        self.inflight += 1
         reply: Reply | None = None
         err_api = "messages" if api == "messages" or (api in ("models", "unknown") and "anthropic-version" in headers) \
             else "chat"
@@ -245,7 +245,7 @@ class Gateway:
             record.client_disconnected = True
             raise
         finally:
-            metrics.inc("llmproxy_inflight_requests", (), -1.0)
+            self.inflight -= 1
             if ctx is not None:
                 for cleanup in reversed(ctx.cleanups):  # innermost first, like a stack of finally blocks
                     try:

@@ -1,0 +1,145 @@
+"""A Presidio analyzer as the source of entity spans (the masking itself stays ours).
+
+One `POST {analyzer_url}/analyze` per text, `{"text", "language", "entities",
+"score_threshold"}`, answered by a list of `{"entity_type", "start", "end", "score", ...}`
+(Presidio's analyzer REST API). The texts of one request are asked concurrently (at most
+`_CONCURRENCY` at a time), all within one `timeout`. Presidio may return overlapping
+results from different recognizers: the spans kept are sorted and non-overlapping, the
+earliest start winning, then the longest.
+
+When the analyzer fails (unreachable, timeout, a non-200 answer, a malformed one):
+`on_error: fail_closed` answers 503 and nothing goes upstream; `builtin` uses the built-in
+recognizers instead. The outage is logged once (and its end once); never the text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+import aiohttp
+import orjson
+import structlog
+
+from ..errors import ProxyError
+from .recognizers import Span
+
+if TYPE_CHECKING:
+    from .recognizers import Recognizers
+
+log = structlog.get_logger("llmproxy.pii")
+
+_CONCURRENCY = 8
+_JSON = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True)
+class PresidioOptions:
+    analyzer_url: str = field(metadata={"min_len": 1})  # e.g. http://presidio-analyzer:3000
+    on_error: Literal["fail_closed", "builtin"] = "fail_closed"
+    timeout: float = field(default=2.0, metadata={"gt": 0})  # seconds for all of a request's texts
+    language: str = "en"
+    score_threshold: float = field(default=0.5, metadata={"min": 0, "max": 1})
+
+    def __post_init__(self) -> None:
+        if not self.analyzer_url.startswith(("http://", "https://")):
+            raise ValueError(f"analyzer_url: expected an http(s) URL, got {self.analyzer_url!r}")
+
+
+class AnalyzerUnavailable(Exception):
+    """The analyzer gave no usable answer (the message never holds request text)."""
+
+
+def unavailable() -> ProxyError:
+    return ProxyError(503, "The PII analyzer is unavailable; the request was not sent upstream.",
+                      "api_error", "pii_analyzer_unavailable")
+
+
+class PresidioAnalyzer:
+    """Asks a Presidio analyzer for spans; `fallback` (built-in recognizers) or a 503 when
+    it fails, per `on_error`."""
+
+    def __init__(self, options: PresidioOptions, entities: Sequence[str], services: Any,
+                 fallback: "Recognizers | None") -> None:
+        self.url = options.analyzer_url.rstrip("/") + "/analyze"
+        self.timeout = options.timeout
+        self.threshold = options.score_threshold
+        self.wanted = frozenset(entities)
+        self.fallback = fallback if options.on_error == "builtin" else None
+        self.services = services
+        self._payload = {"language": options.language, "entities": list(entities),
+                         "score_threshold": options.score_threshold}
+        self._failing = False
+
+    async def analyze(self, texts: list[str]) -> list[list[Span]]:
+        """Spans per text, in order."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                if len(texts) == 1:
+                    found = [await self._one(texts[0], None)]
+                else:
+                    gate = asyncio.Semaphore(_CONCURRENCY)
+                    async with asyncio.TaskGroup() as group:
+                        tasks = [group.create_task(self._one(t, gate)) for t in texts]
+                    found = [t.result() for t in tasks]
+        except (TimeoutError, AnalyzerUnavailable, aiohttp.ClientError, OSError, ExceptionGroup) as exc:
+            self._failed(exc)
+            if self.fallback is None:
+                raise unavailable() from None
+            return [self.fallback.analyze(t) for t in texts]
+        if self._failing:
+            self._failing = False
+            log.info("pii_analyzer_recovered", url=self.url)
+        return found
+
+    async def _one(self, text: str, gate: asyncio.Semaphore | None) -> list[Span]:
+        http = self.services.http if self.services is not None else None
+        if http is None:
+            raise AnalyzerUnavailable("no HTTP session")
+        body = orjson.dumps({"text": text, **self._payload})
+        if gate is not None:
+            await gate.acquire()
+        try:
+            async with http.post(self.url, data=body, headers=_JSON) as resp:
+                if resp.status != 200:
+                    raise AnalyzerUnavailable(f"HTTP {resp.status}")
+                raw = await resp.read()
+        finally:
+            if gate is not None:
+                gate.release()
+        try:
+            items = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise AnalyzerUnavailable("an answer that is not JSON") from None
+        return self._spans(items, len(text))
+
+    def _spans(self, items: Any, size: int) -> list[Span]:
+        if not isinstance(items, list):
+            raise AnalyzerUnavailable("an answer that is not a list")
+        spans = []
+        for item in items:
+            try:
+                entity, start, end = item["entity_type"], item["start"], item["end"]
+                score = float(item.get("score", 1.0))
+            except (TypeError, KeyError, ValueError):
+                raise AnalyzerUnavailable("a result without entity_type, start, end") from None
+            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= size):
+                raise AnalyzerUnavailable("a result with offsets outside the text")
+            if entity in self.wanted and score >= self.threshold:
+                spans.append(Span(start, end, entity, score))
+        spans.sort(key=lambda s: (s.start, s.start - s.end))
+        kept: list[Span] = []
+        for s in spans:
+            if not kept or s.start >= kept[-1].end:
+                kept.append(s)
+        return kept
+
+    def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, ExceptionGroup):
+            exc = exc.exceptions[0]
+        if not self._failing:
+            self._failing = True
+            reason = str(exc) if isinstance(exc, AnalyzerUnavailable) else type(exc).__name__
+            log.warning("pii_analyzer_failed", url=self.url, reason=reason,
+                        fallback="builtin" if self.fallback is not None else "fail_closed")

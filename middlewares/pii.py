@@ -1,0 +1,215 @@
+"""The `pii` middleware: personal data never reaches the provider (SPEC §6).
+
+Per request (not `GET /v1/models`), in this order:
+1. The policy: the configured options, or the team's `metadata.pii` laid over them (its
+   keys override the configured ones; `presidio` is replaced whole). A team's policy is
+   built once per distinct metadata value and cached; an invalid one is logged and the
+   configured policy applies. `entities: []` turns the middleware off for that team.
+2. The texts a provider would read (`llmproxy.pii.masking.request_texts`): chat messages
+   (strings, text parts, tool-call arguments as JSON, tool results), Anthropic `system`
+   and content blocks (text, tool_use input, tool_result content, text documents),
+   the legacy `prompt`, embeddings `input`. Only strings are scanned.
+3. The spans: built-in recognizers, or a Presidio analyzer (`llmproxy.pii.presidio`).
+   Every entity found counts once in `llmproxy_pii_redactions_total{entity}`.
+4. The mode: `block` answers 400 `pii_blocked` naming the entity types (never a value)
+   and nothing goes upstream; `redact` writes `<ENTITY>` in place of each; `mask` writes
+   placeholders (`<EMAIL_ADDRESS_1>`, see `llmproxy.pii.masking`) and puts the originals
+   back into a successful answer: a stream is wrapped and restored as it passes; a JSON
+   answer is read whole here (it cannot be restored before its end anyway) and sent as
+   bytes, so the writer frames it with Content-Length in one write.
+A request with no entity found goes on untouched, and so does its answer.
+
+Nothing here logs or puts into an error any text of a request or an answer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import aiohttp
+import orjson
+import structlog
+
+from llmproxy import errors
+from llmproxy.config import ConfigError, build
+from llmproxy.context import Reply
+from llmproxy.errors import ProxyError
+from llmproxy.pii.masking import RestoredStream, Vault, redact, request_texts, restore_answer
+from llmproxy.pii.presidio import PresidioAnalyzer, PresidioOptions
+from llmproxy.pii.recognizers import ENTITIES, Recognizers
+
+if TYPE_CHECKING:
+    from llmproxy.context import Context, Next
+    from llmproxy.services import Services
+
+log = structlog.get_logger("llmproxy.pii")
+
+METRIC = "llmproxy_pii_redactions_total"
+_ENTITY_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+_TEAM_CACHE = 1024  # distinct team policies kept
+
+
+@dataclass(frozen=True)
+class Options:
+    mode: Literal["mask", "redact", "block"] = "mask"
+    entities: tuple[str, ...] = tuple(sorted(ENTITIES))
+    presidio: PresidioOptions | None = None
+
+    def __post_init__(self) -> None:
+        for name in self.entities:
+            if self.presidio is None and name not in ENTITIES:
+                raise ValueError(f"entities: unknown entity {name!r} (built in: {', '.join(sorted(ENTITIES))}; "
+                                 "others need presidio)")
+            if not _ENTITY_NAME.fullmatch(name):
+                raise ValueError(f"entities: {name!r} is not an entity name (A-Z, 0-9, _)")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """One set of options, ready to use: the recognizers built, the analyzer connected."""
+
+    mode: str
+    entities: tuple[str, ...]
+    recognizers: Recognizers | None  # None when `presidio` is set
+    presidio: PresidioAnalyzer | None = field(default=None)
+
+    async def analyze(self, texts: list[str]) -> list[list[Any]]:
+        if self.presidio is not None:
+            return await self.presidio.analyze(texts)
+        analyze = self.recognizers.analyze
+        return [analyze(t) for t in texts]
+
+
+class PII:
+    """Built once at start as `PII(options, services)`; called once per request."""
+
+    Options = Options
+
+    def __init__(self, options: Options | None, services: "Services | None") -> None:
+        opts = options or Options()
+        self.services = services
+        self.metrics = services.metrics if services is not None else None
+        if self.metrics is not None:
+            self.metrics.define(METRIC, "counter", "Personal data entities found in requests.", ("entity",))
+        self.options = opts
+        self.default = self._policy(opts)
+        self._defaults = asdict(opts)  # what a team's metadata.pii is laid over
+        self._by_identity: dict[int, tuple[Any, Policy]] = {}  # id(metadata.pii) -> (it, policy)
+        self._by_value: dict[bytes, Policy] = {}
+
+    def _policy(self, opts: Options) -> Policy:
+        if opts.presidio is None:
+            return Policy(opts.mode, opts.entities, Recognizers(opts.entities))
+        fallback = None
+        if opts.presidio.on_error == "builtin":
+            fallback = Recognizers([e for e in opts.entities if e in ENTITIES])
+        return Policy(opts.mode, opts.entities, None,
+                      PresidioAnalyzer(opts.presidio, opts.entities, self.services, fallback))
+
+    async def __call__(self, ctx: "Context", call_next: "Next") -> Reply:
+        """Runs before the middlewares listed after it (cache, scheduler) and the upstream;
+        a `block` match or an analyzer outage (fail_closed) answers at once."""
+        if ctx.api == "models":
+            return await call_next(ctx)
+        policy = self.policy_for(ctx)
+        if not policy.entities:
+            return await call_next(ctx)
+        texts = request_texts(ctx.body, ctx.api)
+        if not texts.slots:
+            return await call_next(ctx)
+        values = texts.values()
+        found = await policy.analyze(values)
+        hits = {i: spans for i, spans in enumerate(found) if spans}
+        if not hits:
+            return await call_next(ctx)
+        self._count(hits)
+        if policy.mode == "block":
+            kinds = sorted({s.entity for spans in hits.values() for s in spans})
+            raise ProxyError(400, f"The request contains personal data ({', '.join(kinds)}), which this "
+                                  "policy does not allow to be sent.", "invalid_request_error", "pii_blocked")
+        if policy.mode == "redact":
+            texts.write({i: redact(values[i], spans) for i, spans in hits.items()})
+            return await call_next(ctx)
+        vault = Vault.for_request(ctx.body)  # before any placeholder is written
+        texts.write({i: vault.mask(values[i], spans) for i, spans in hits.items()})
+        reply = await call_next(ctx)
+        if not 200 <= reply.status < 300 or ctx.api == "embeddings":
+            return reply
+        body = reply.body
+        if ctx.stream:
+            if isinstance(body, (bytes, bytearray)):  # a whole answer (a cache hit, a plugin's own)
+                return Reply(reply.status, reply.headers, RestoredStream.whole(bytes(body), vault, ctx.api))
+            return Reply(reply.status, reply.headers, RestoredStream(body, vault, ctx.api))
+        # A JSON answer is restored whole: read it here, so that it goes out as bytes framed
+        # by Content-Length in one write (an upstream cut before its end is a clean 502).
+        if not isinstance(body, (bytes, bytearray)):
+            body = await _read_whole(body)
+        return Reply(reply.status, reply.headers, restore_answer(bytes(body), vault, ctx.api))
+
+    def _count(self, hits: dict[int, list[Any]]) -> None:
+        if self.metrics is None:
+            return
+        counts: dict[str, int] = {}
+        for spans in hits.values():
+            for s in spans:
+                counts[s.entity] = counts.get(s.entity, 0) + 1
+        for entity, n in counts.items():
+            self.metrics.inc(METRIC, (entity,), n)
+
+    # --- per-team policies ----------------------------------------------------------------
+
+    def policy_for(self, ctx: "Context") -> Policy:
+        """The team's policy when its metadata has `pii`, else the configured one."""
+        team = getattr(ctx.principal, "team", None)
+        meta = getattr(team, "metadata", None)
+        override = meta.get("pii") if isinstance(meta, dict) else None
+        if override is None:
+            return self.default
+        hit = self._by_identity.get(id(override))
+        if hit is not None and hit[0] is override:
+            return hit[1]
+        policy = self._team_policy(override, getattr(team, "team_id", None))
+        _bounded_put(self._by_identity, id(override), (override, policy))
+        return policy
+
+    def _team_policy(self, override: Any, team_id: Any) -> Policy:
+        try:
+            key = orjson.dumps(override, option=orjson.OPT_SORT_KEYS)
+        except TypeError:
+            key = repr(override).encode()
+        policy = self._by_value.get(key)
+        if policy is not None:
+            return policy
+        try:
+            if not isinstance(override, dict):
+                raise ConfigError("expected a mapping")
+            opts = build(Options, {**self._defaults, **override}, "team.metadata.pii")
+            policy = self._policy(opts)
+        except (ConfigError, ValueError) as exc:
+            log.warning("pii_team_policy_invalid", team_id=team_id, error=str(exc), using="configured policy")
+            policy = self.default
+        _bounded_put(self._by_value, key, policy)
+        return policy
+
+
+async def _read_whole(body: Any) -> bytes:
+    parts = []
+    try:
+        async for chunk in body:
+            parts.append(chunk)
+    except (aiohttp.ClientError, ConnectionError, TimeoutError):
+        raise errors.upstream_error("The upstream answer ended before it was complete.") from None
+    finally:
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    return b"".join(parts)
+
+
+def _bounded_put(table: dict, key: Any, value: Any) -> None:
+    if len(table) >= _TEAM_CACHE:
+        del table[next(iter(table))]  # the oldest entry
+    table[key] = value
+

@@ -12,7 +12,7 @@ import dataclasses
 import importlib.metadata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import structlog
 
@@ -198,22 +198,20 @@ def check_config(config: Config, registry: Registry) -> Checked:
     `server.allow_anonymous: true`.
     """
     errors: list[str] = []
-    middlewares: list[tuple[MiddlewareSpec, type, object | None]] = []
-    for spec in config.middlewares:
-        try:
-            cls = registry.middleware(spec.name, spec.path)
-        except ConfigError as exc:
-            errors.extend(exc.messages)
-            continue
-        middlewares.append((spec, cls, _middleware_options(spec, cls, config, errors)))
-    sinks: list[tuple[MiddlewareSpec, type, object | None]] = []
-    for spec in config.event_sinks:
-        try:
-            cls = registry.event_sink(spec.name, spec.path)
-        except ConfigError as exc:
-            errors.extend(exc.messages)
-            continue
-        sinks.append((spec, cls, _middleware_options(spec, cls, config, errors)))
+
+    def resolved(specs: Sequence[MiddlewareSpec], lookup: Any) -> list[tuple[MiddlewareSpec, type, object | None]]:
+        out = []
+        for spec in specs:
+            try:
+                cls = lookup(spec.name, spec.path)
+            except ConfigError as exc:
+                errors.extend(exc.messages)
+                continue
+            out.append((spec, cls, _middleware_options(spec, cls, config, errors)))
+        return out
+
+    middlewares = resolved(config.middlewares, registry.middleware)
+    sinks = resolved(config.event_sinks, registry.event_sink)
 
     deployment_options: dict[str, object | None] = {}
     providers: dict[str, type] = {}

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from llmproxy.tokenizer import count_tokens
-from llmproxy.testing import anthropic_events, hang, openai_events, reply_json, reply_sse
+from llmproxy.testing import anthropic_events, hang, openai_events, reply_sse
 
 from .conftest import MASTER, openai_config
 

@@ -31,10 +31,17 @@ class Services:
     readiness: dict[str, Any] = field(default_factory=dict)  # component -> state, shown on /health/readiness
 
 
-def open_redis(url: str) -> Any:
+def open_redis(url: str, max_connections: int = 256) -> Any:
     """A redis.asyncio client whose calls time out quickly: a hung Redis must slow nothing
-    beyond these bounds (callers fall back to local state on errors)."""
+    beyond these bounds (callers fall back to local state on errors).
+
+    The pool blocks (up to the same short timeout) when all its connections are busy:
+    redis-py's default pool raises "Too many connections" past 100 concurrent calls,
+    which under load would look like Redis being down and flip every limit to its
+    local fallback."""
     import redis.asyncio as aioredis
 
-    return aioredis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25,
-                             health_check_interval=15, retry_on_timeout=False)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=0.25, socket_timeout=0.25,
+        socket_connect_timeout=0.25, health_check_interval=15, retry_on_timeout=False)
+    return aioredis.Redis(connection_pool=pool)

@@ -182,6 +182,25 @@ async def _transaction(db: aiosqlite.Connection) -> AsyncIterator[None]:
         raise
 
 
+async def _set_wal(db: aiosqlite.Connection, busy_timeout_ms: int) -> str:
+    """Switch to WAL. The switch needs the file to itself and SQLite answers "database is
+    locked" at once (its busy handler does not wait for it) while another connection opening
+    at the same moment holds a lock: retry within the busy timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + busy_timeout_ms / 1000
+    delay = 0.005
+    while True:
+        try:
+            async with db.execute("PRAGMA journal_mode = WAL") as cursor:
+                (mode,) = await cursor.fetchone()
+            return mode
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or loop.time() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
 class SqliteStore(Store):
     def __init__(self, db: aiosqlite.Connection, path: str, busy_timeout_ms: int, journal_mode: str) -> None:
         self._db: aiosqlite.Connection | None = db
@@ -206,8 +225,7 @@ class SqliteStore(Store):
             db.row_factory = sqlite3.Row
             await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             await db.execute("PRAGMA foreign_keys = ON")
-            async with db.execute("PRAGMA journal_mode = WAL") as cursor:
-                (mode,) = await cursor.fetchone()
+            mode = await _set_wal(db, busy_timeout_ms)
         except (OSError, sqlite3.Error) as exc:
             if db is not None:
                 with suppress(Exception):

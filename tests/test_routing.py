@@ -54,7 +54,10 @@ async def test_two_deployments_share_the_load(make_proxy):
 async def test_failing_deployment_is_cooled_down_and_retried_elsewhere(make_proxy):
     a, b = await FakeUpstream().start(), await FakeUpstream().start()
     try:
-        proxy = await make_proxy(two_deployments(a, b))
+        config = two_deployments(a, b)
+        deps = config["models"][0]["deployments"]
+        deps[0]["weight"], deps[1]["weight"] = 1e6, 1e-6  # idle ties go to `a` (almost surely)
+        proxy = await make_proxy(config)
         a.push(*[reply_json(500, {"error": "boom"})] * 10)
         results = [await post(proxy) for _ in range(10)]
         assert all(status == 200 for status, _ in results)

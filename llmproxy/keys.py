@@ -7,11 +7,12 @@ is logged or stored can be turned back into the key.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import secrets
 from datetime import datetime, timedelta, timezone
+
+from .store.base import hash_key, mask_key
 
 PREFIX = "sk-"
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
@@ -22,13 +23,10 @@ def generate() -> str:
     return PREFIX + secrets.token_urlsafe(32)
 
 
-def key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def display(key: str) -> str:
-    """What may be shown of a key after it was handed out: `sk-...` and its last 4 characters."""
-    return f"{PREFIX}...{key[-4:]}"
+# One definition each, shared with the store: the digest the store keys by, and what may be
+# shown of a key after it was handed out (`sk-...abcd`).
+key_hash = hash_key
+display = mask_key
 
 
 def same_secret(a: str, b: str) -> bool:

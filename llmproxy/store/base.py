@@ -267,18 +267,22 @@ class Store(abc.ABC):
         """Store a new key under `key_hash` (see `hash_key`); returns it with its
         timestamps. AlreadyExists when the id or the hash is taken."""
 
-    @abc.abstractmethod
     async def key_by_hash(self, key_hash: str) -> KeyInfo | None:
         """The key whose hash is `key_hash`: the auth layer's lookup."""
+        return await self._one_key("key_hash", key_hash)
 
-    @abc.abstractmethod
     async def key(self, id: str) -> KeyInfo | None:
         """The key with public id `id`."""
+        return await self._one_key("id", id)
 
-    @abc.abstractmethod
     async def update_key(self, id: str, **fields: Any) -> KeyInfo:
         """Set the given fields (any KeyInfo field but id and timestamps; TypeError
         otherwise) and `updated_at`, atomically; returns the key. NotFound."""
+        updates = clean_updates("key", fields)
+        found = await self._update_record("key", id, updates) if updates else await self.key(id)
+        if found is None:
+            raise NotFound(f"key {id} not found")
+        return found
 
     @abc.abstractmethod
     async def delete_keys(self, ids: Sequence[str]) -> list[str]:
@@ -300,9 +304,24 @@ class Store(abc.ABC):
     async def team(self, team_id: str) -> TeamInfo | None:
         ...
 
-    @abc.abstractmethod
     async def update_team(self, team_id: str, **fields: Any) -> TeamInfo:
         """Like `update_key`. NotFound."""
+        updates = clean_updates("team", fields)
+        found = await self._update_record("team", team_id, updates) if updates else await self.team(team_id)
+        if found is None:
+            raise NotFound(f"team {team_id} not found")
+        return found
+
+    # -- what each dialect provides for the shared methods above
+
+    @abc.abstractmethod
+    async def _one_key(self, column: str, value: str) -> KeyInfo | None:
+        """The key whose `column` (id or key_hash) equals `value`."""
+
+    @abc.abstractmethod
+    async def _update_record(self, kind: str, ident: str, updates: dict[str, Any]) -> "KeyInfo | TeamInfo | None":
+        """Apply checked `updates` (plus updated_at) to the key or team `ident` in one
+        statement; the record after the update, or None when there is none."""
 
     @abc.abstractmethod
     async def delete_team(self, team_id: str) -> None:

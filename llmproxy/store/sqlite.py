@@ -41,7 +41,6 @@ from .base import (
     TeamInfo,
     check_key_hash,
     check_page,
-    clean_updates,
     stamped,
     utc,
 )
@@ -329,22 +328,12 @@ class SqliteStore(Store):
         rows = await self._fetch(f"SELECT {_KEY_SELECT} FROM llmproxy_keys WHERE {column} = ?", (value,))
         return KeyInfo(**_decode(rows[0])) if rows else None
 
-    async def key_by_hash(self, key_hash: str) -> KeyInfo | None:
-        return await self._one_key("key_hash", key_hash)
-
-    async def key(self, id: str) -> KeyInfo | None:
-        return await self._one_key("id", id)
-
-    async def update_key(self, id: str, **fields: Any) -> KeyInfo:
-        updates = clean_updates("key", fields)
-        if not updates:
-            found = await self.key(id)
-        else:
-            row = await self._update("llmproxy_keys", "id", id, updates, _KEY_SELECT)
-            found = None if row is None else KeyInfo(**_decode(row))
-        if found is None:
-            raise NotFound(f"key {id} not found")
-        return found
+    async def _update_record(self, kind: str, ident: str, updates: dict[str, Any]) -> KeyInfo | TeamInfo | None:
+        if kind == "key":
+            row = await self._update("llmproxy_keys", "id", ident, updates, _KEY_SELECT)
+            return None if row is None else KeyInfo(**_decode(row))
+        row = await self._update("llmproxy_teams", "team_id", ident, updates, _TEAM_SELECT)
+        return None if row is None else TeamInfo(**_decode(row))
 
     async def delete_keys(self, ids: Sequence[str]) -> list[str]:
         unique = list(dict.fromkeys(ids))
@@ -384,17 +373,6 @@ class SqliteStore(Store):
     async def team(self, team_id: str) -> TeamInfo | None:
         rows = await self._fetch(f"SELECT {_TEAM_SELECT} FROM llmproxy_teams WHERE team_id = ?", (team_id,))
         return TeamInfo(**_decode(rows[0])) if rows else None
-
-    async def update_team(self, team_id: str, **fields: Any) -> TeamInfo:
-        updates = clean_updates("team", fields)
-        if not updates:
-            found = await self.team(team_id)
-        else:
-            row = await self._update("llmproxy_teams", "team_id", team_id, updates, _TEAM_SELECT)
-            found = None if row is None else TeamInfo(**_decode(row))
-        if found is None:
-            raise NotFound(f"team {team_id} not found")
-        return found
 
     async def delete_team(self, team_id: str) -> None:
         async with self._write() as db:

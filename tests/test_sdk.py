@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import anthropic
 import openai
 import pytest
@@ -34,7 +36,7 @@ async def test_chat_non_stream(upstream, make_proxy):
     rec = proxy.records[-1]
     assert (rec.status, rec.prompt_tokens, rec.completion_tokens, rec.tokens_estimated) == (200, 11, 7, False)
     assert rec.deployment == "openai:gpt-upstream"
-    assert str(rec.spend) == str((11 * 1 + 7 * 2) / 1_000_000) or float(rec.spend) == pytest.approx(25e-6)
+    assert rec.spend == Decimal(11 * 1 + 7 * 2) / 1_000_000  # exact decimal, not a float
 
 
 async def test_chat_stream_usage_injected_and_removed(upstream, make_proxy):

@@ -118,3 +118,27 @@ def test_spill_round_trip_is_exact():
                    spend=Decimal("0.000000015"), key_id="k", prompt_tokens=3, ttfb_ms=1.5, cache_hit=True)
     assert _from_json(_to_json(row)) == row
     assert os.linesep not in _to_json(row).decode()
+
+
+async def test_retention_prunes_old_rows(upstream, make_proxy, tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from llmproxy.store import SpendRow, open_store
+
+    path = str(tmp_path / "retention.db")
+    early = await open_store(None, sqlite_path=path)  # the old row is there before the server starts
+    await early.migrate()
+    await early.write_spend([SpendRow(request_id="ancient", started_at=datetime.now(timezone.utc) - timedelta(days=31))])
+    await early.close()
+    proxy = await make_proxy(openai_config(upstream, database={"sqlite_path": path},
+                                           spend={"flush_interval": 0.05, "retention_days": 30}))
+    store = proxy.gateway.services.store
+    await send(proxy, 1)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 5
+    while loop.time() < end:
+        ids = {r.request_id for r in await store.spend_logs()}
+        if "ancient" not in ids and len(ids) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert ids == {proxy.records[-1].request_id}  # the 31-day-old row is gone, today's is kept

@@ -27,16 +27,16 @@ from typing import TYPE_CHECKING, AsyncIterator
 import aiohttp
 import orjson
 
-from . import errors
+from . import errors, tokenizer
 from .context import Attempt, Reply
 from .errors import ProxyError
 from .pricing import cost
 from .providers.base import Upstream, UpstreamConnectError
 from .sse import SSEParser
-from .usage import AnthropicStreamMeter, OpenAIStreamMeter, anthropic_usage, openai_usage, prompt_text
+from .usage import AnthropicStreamMeter, OpenAIStreamMeter, Usage, anthropic_usage, openai_usage, prompt_text
 
 if TYPE_CHECKING:
-    from .config import Model, Router as RouterConfig
+    from .config import Router as RouterConfig
     from .context import Context, Lease
     from .router import DeploymentState, Router
     from .services import Services
@@ -78,10 +78,8 @@ class _Failure(Exception):
 
 
 class Forwarder:
-    def __init__(self, router: "Router", models: dict[str, "Model"], config: "RouterConfig",
-                 services: "Services") -> None:
+    def __init__(self, router: "Router", config: "RouterConfig", services: "Services") -> None:
         self.router = router
-        self.models = models
         self.config = config
         self.services = services
 
@@ -326,9 +324,6 @@ class _BodyMeter:
         self.parse = parse
 
     def result(self, ctx: "Context"):
-        from . import tokenizer
-        from .usage import Usage
-
         usage = None
         if self.parts:
             body = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)

@@ -69,7 +69,7 @@ class Gateway:
                 provider = cls(dep, checked.deployment_options.get(dep.id), s)
                 states[model.name].append(DeploymentState(dep, provider, model))
         self.router = Router(states, s.clock)
-        self.forwarder = Forwarder(self.router, self.models, config.router, s)
+        self.forwarder = Forwarder(self.router, config.router, s)
         self.middlewares: list[Any] = []
         for spec, cls, options in checked.middleware_options:
             self.middlewares.append(_start(spec.path, cls, options, s))

@@ -6,7 +6,6 @@ from decimal import Decimal
 
 import anthropic
 import openai
-import pytest
 
 from llmproxy.testing import anthropic_events, openai_events, reply_sse
 

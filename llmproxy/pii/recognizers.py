@@ -186,10 +186,17 @@ _PHONE_TRUNK = re.compile(
     re.X,
 )
 
-_IPV4 = re.compile(r"(?<!\w)(?<![0-9]\.)[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?!\w)(?!\.[0-9])")
-_VERSION_BEFORE = re.compile(
-    r"(?i)(?:\b(?:version|ver|v|release|rel|build|firmware|fw|kernel|python|py|pip|npm|sdk"
-    r"|tag|rev|revision|patch)\.?[ \t]{0,2}(?:[:=#][ \t]{0,2})?(?:(?:is|was|to|of)[ \t]{1,2})?)\Z"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])"  # 0-255, leading zeros allowed
+_IPV4 = re.compile(rf"(?<!\w)(?<![0-9]\.){_OCTET}(?:\.{_OCTET}){{3}}(?!\w)(?!\.[0-9])")
+# A version word ending just before an IPv4-shaped string; matched on the reversed text
+# before it (anchored at the string's start, so no scan): word, optional ".", up to two
+# blanks, optional ":"/"="/"#" and blanks, optional "is"/"was"/"to"/"of" and blanks.
+_VERSION_WORDS = ("version", "ver", "v", "release", "rel", "build", "firmware", "fw", "kernel", "python",
+                  "py", "pip", "npm", "sdk", "tag", "rev", "revision", "patch")
+_VERSION_WINDOW = 24
+_VERSION_BEFORE_REVERSED = re.compile(
+    r"(?i)(?:[ \t]{1,2}(?:si|saw|ot|fo))?(?:[ \t]{0,2}[:=#])?[ \t]{0,2}\.?"
+    r"(?:" + "|".join(sorted((w[::-1] for w in _VERSION_WORDS), key=len, reverse=True)) + r")(?!\w)"
 )
 _VERSION_AFTER = re.compile(r"(?i)-(?:alpha|beta|rc|dev|pre)")
 
@@ -210,11 +217,13 @@ _IBAN_LENGTH = {
 }  # fmt: skip
 
 
-_LUHN_DOUBLED = str.maketrans("0123456789", "0246813579")  # 2d, digits summed
+_LUHN_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")  # 2d, its digits summed
 
 
 def _luhn_ok(digits: str) -> bool:
-    return sum(map(int, digits[-1::-2] + digits[-2::-2].translate(_LUHN_DOUBLED))) % 10 == 0
+    """Luhn over ASCII digits: the byte values summed, less 48 ("0") per digit."""
+    b = digits.encode("ascii")
+    return (sum(b[-1::-2]) + sum(b[-2::-2].translate(_LUHN_DOUBLED)) - 48 * len(b)) % 10 == 0
 
 
 def _mod97_ok(iban: str) -> bool:
@@ -239,6 +248,13 @@ def _trim_groups(s: str, most: int) -> str:
         elif ch in " .-":
             cut = i
     return s
+
+
+# Gates on a run's shape (ASCII texts), each a superset of what its pattern can match:
+# a pattern runs only when the run holds the digit groups it needs.
+_SSN_SHAPE = re.compile(rb"(?<!d)(?:dddsddsdddd|d{9})(?!d)")  # 3-2-4 or 9 in a row
+_NANP_SHAPE = re.compile(rb"ddd[sp]{1,2}ddd[sp]dddd")  # 3-3-4, "(415) " included
+_TRUNK_SHAPES = (b"dsd", b"dssd")  # a group, "-", " " or ")" and maybe " ", a group
 
 
 class _Numbers:
@@ -269,13 +285,19 @@ class _Numbers:
                 self._iban(text, start - 2, out)
             if end - start < 7:
                 continue
-            digits = shape.count(b"d", start, end) if shape is not None else _digit_count(text[start:end])
-            lo, hi = max(0, start - 2), min(n, end + 2)
+            if shape is None:
+                sh = None
+                digits = _digit_count(text[start:end])
+            else:
+                sh = shape[start:end]
+                digits = sh.count(b"d")
+            lo = start - 2 if start > 2 else 0
+            hi = end + 2 if end + 2 < n else n
             if self.ipv4 and text.count(".", start, end) >= 3:
                 self._ipv4(text, lo, hi, out)
             if self.phone and (digits >= 9 or (digits == 8 and start and text[start - 1] == "+")):
-                self._phones(text, start, end, digits, out)
-            if self.ssn and digits >= 9:
+                self._phones(text, start, end, hi, digits, sh, out)
+            if self.ssn and digits >= 9 and (sh is None or _SSN_SHAPE.search(sh)):
                 self._ssns(text, lo, hi, out)
             if self.card and digits >= 13:
                 self._cards(text, lo, hi, out)
@@ -304,28 +326,44 @@ class _Numbers:
                 out.append(Span(m.start(), m.end(), SSN, _SCORE_SSN_CONTEXT))
 
     @staticmethod
-    def _phones(text: str, start: int, end: int, digits: int, out: list[Span]) -> None:
-        lo, hi = max(0, start - 2), min(len(text), end + 2)
+    def _phones(text: str, start: int, end: int, hi: int, digits: int, sh: bytes | None,
+                out: list[Span]) -> None:
+        lo = start - 2 if start > 2 else 0
         candidates = []  # (match, fewest digits, most digits)
         if start and text[start - 1] == "+":  # "+" is no run character: it can only come first
-            candidates.append((_PHONE_INTERNATIONAL.match(text, start - 1, hi), 8, 15))
-        if digits >= 10:
+            m = _PHONE_INTERNATIONAL.match(text, start - 1, hi)
+            if m is not None and sh is not None and m.end() >= start + len(sh.rstrip(b"sp")):
+                # The number spans the whole run: a national match inside it would be
+                # shorter and lose to it (once it has its digit count, checked below).
+                s = m.group()
+                count = _digit_count(s)
+                if 8 <= count <= 15:
+                    out.append(Span(m.start(), m.end(), PHONE, _SCORE_PHONE))
+                    return
+            candidates.append((m, 8, 15))
+        if digits >= 10 and (sh is None or _NANP_SHAPE.search(sh)):
             candidates.extend((m, 10, 11) for m in _PHONE_NANP.finditer(text, lo, hi))
-        if digits >= 9 and text.find("0", start, end) != -1:
+        if (digits >= 9 and text.find("0", start, end) != -1
+                and (sh is None or _TRUNK_SHAPES[0] in sh or _TRUNK_SHAPES[1] in sh)):
             candidates.extend((m, 9, 12) for m in _PHONE_TRUNK.finditer(text, lo, hi))
         for m, fewest, most in candidates:
             if m is not None:
-                s = _trim_groups(m.group(), most)
-                if s and _digit_count(s) >= fewest:
+                s = m.group()
+                count = _digit_count(s)
+                if count > most:
+                    s = _trim_groups(s, most)
+                    count = _digit_count(s)
+                if s and count >= fewest:
                     out.append(Span(m.start(), m.start() + len(s), PHONE, _SCORE_PHONE))
 
     @staticmethod
     def _ipv4(text: str, lo: int, hi: int, out: list[Span]) -> None:
-        for m in _IPV4.finditer(text, lo, hi):
+        for m in _IPV4.finditer(text, lo, hi):  # octets 0-255 by the pattern
             start, end = m.span()
-            if any(int(octet) > 255 for octet in m.group().split(".")):
+            if _VERSION_AFTER.match(text, end):
                 continue
-            if _VERSION_BEFORE.search(text, max(0, start - 24), start) or _VERSION_AFTER.match(text, end):
+            before = text[start - _VERSION_WINDOW if start > _VERSION_WINDOW else 0 : start]
+            if _VERSION_BEFORE_REVERSED.match(before[::-1]):
                 continue
             out.append(Span(start, end, IP, _SCORE_IP))
 

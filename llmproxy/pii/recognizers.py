@@ -62,14 +62,12 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 __all__ = ["ENTITIES", "Recognizers", "Span", "resolve_overlaps"]
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
+class Span(NamedTuple):  # a tuple: cheap to make, sorts by position
     start: int  # character offsets into the analysed str
     end: int
     entity: str
@@ -269,8 +267,6 @@ class _Numbers:
     def __call__(self, text: str, out: list[Span]) -> None:
         if text.isascii():
             shape = text.encode("ascii").translate(_SHAPE)
-            if shape.count(b"d") < 4:
-                return
             runs = _SHAPE_RUN.finditer(shape)
         else:
             data = text.encode("utf-8", "surrogatepass")
@@ -279,9 +275,10 @@ class _Numbers:
             shape = None
             runs = _NUMBER_RUN.finditer(text)
         n = len(text)
+        card, ssn, phone, ipv4, iban = self.card, self.ssn, self.phone, self.ipv4, self.iban
         for run in runs:
             start, end = run.span()
-            if self.iban and start >= 2 and "A" <= text[start - 2] <= "Z" and "A" <= text[start - 1] <= "Z":
+            if iban and start >= 2 and "A" <= text[start - 2] <= "Z" and "A" <= text[start - 1] <= "Z":
                 self._iban(text, start - 2, out)
             if end - start < 7:
                 continue
@@ -290,16 +287,20 @@ class _Numbers:
                 digits = _digit_count(text[start:end])
             else:
                 sh = shape[start:end]
-                digits = sh.count(b"d")
+                digits = sh.count(100)  # b"d"
             lo = start - 2 if start > 2 else 0
             hi = end + 2 if end + 2 < n else n
-            if self.ipv4 and text.count(".", start, end) >= 3:
+            if ipv4 and text.count(".", start, end) >= 3:
                 self._ipv4(text, lo, hi, out)
-            if self.phone and (digits >= 9 or (digits == 8 and start and text[start - 1] == "+")):
+            if digits < 9:
+                if phone and digits == 8 and start and text[start - 1] == "+":
+                    self._phones(text, start, end, hi, digits, sh, out)
+                continue
+            if phone:
                 self._phones(text, start, end, hi, digits, sh, out)
-            if self.ssn and digits >= 9 and (sh is None or _SSN_SHAPE.search(sh)):
+            if ssn and (sh is None or _SSN_SHAPE.search(sh)):
                 self._ssns(text, lo, hi, out)
-            if self.card and digits >= 13:
+            if card and digits >= 13:
                 self._cards(text, lo, hi, out)
 
     @staticmethod
@@ -335,9 +336,7 @@ class _Numbers:
             if m is not None and sh is not None and m.end() >= start + len(sh.rstrip(b"sp")):
                 # The number spans the whole run: a national match inside it would be
                 # shorter and lose to it (once it has its digit count, checked below).
-                s = m.group()
-                count = _digit_count(s)
-                if 8 <= count <= 15:
+                if 8 <= digits <= 15:
                     out.append(Span(m.start(), m.end(), PHONE, _SCORE_PHONE))
                     return
             candidates.append((m, 8, 15))
@@ -435,7 +434,7 @@ def _ipv6_groups(addr: str) -> int:
 
 
 def _find_ipv6(text: str, out: list[Span]) -> None:
-    if text.count(":") < 2:
+    if ":" not in text:
         return
     pos = 0
     while hint := _IPV6_HINT.search(text, pos):
@@ -476,10 +475,12 @@ def _has_letter_and_digit(s: str) -> bool:
 # (gate, pattern, check of the match or None). A gate is a cheap test that the family's
 # prefix occurs; patterns start with a literal so the regex engine can skip ahead, and
 # look behind only after it.
-_KeyFamily = tuple[Callable[[str], bool], re.Pattern[str], Callable[[str], bool] | None]
+# A gate that is a str names a group of _DASH_KEY: one search finds both "sk-" and "xox?-".
+_KeyFamily = tuple[Callable[[str], bool] | str, re.Pattern[str], Callable[[str], bool] | None]
+_DASH_KEY = re.compile(r"-(?:(?<=(?P<sk>sk)-)|(?<=(?P<xox>xox[abprse])-))")
 _KEY_FAMILIES: tuple[_KeyFamily, ...] = (
     (
-        lambda t: "sk-" in t,
+        "sk",
         re.compile(r"sk-(?<![\w\-]...)[A-Za-z0-9_\-]{20,}"),
         lambda s: _key_shape_ok(s[3:]),
     ),
@@ -505,7 +506,7 @@ _KEY_FAMILIES: tuple[_KeyFamily, ...] = (
         None,
     ),
     (
-        lambda t: "xox" in t,
+        "xox",
         re.compile(r"xox(?<![\w\-]...)[abprse]-[A-Za-z0-9\-]{10,}"),
         _has_letter_and_digit,
     ),
@@ -519,11 +520,18 @@ _BEARER = re.compile(r"(?<!\w)(?:Bearer|bearer|BEARER)[ \t]+([A-Za-z0-9\-._~+/]{
 
 
 def _find_api_keys(text: str, out: list[Span]) -> None:
+    dashed: set[str | None] | None = None
     for gate, pattern, check in _KEY_FAMILIES:
-        if gate(text):
-            for m in pattern.finditer(text):
-                if check is None or check(m.group()):
-                    out.append(Span(m.start(), m.end(), API_KEY))
+        if isinstance(gate, str):
+            if dashed is None:
+                dashed = {m.lastgroup for m in _DASH_KEY.finditer(text)} if "-" in text else set()
+            if gate not in dashed:
+                continue
+        elif not gate(text):
+            continue
+        for m in pattern.finditer(text):
+            if check is None or check(m.group()):
+                out.append(Span(m.start(), m.end(), API_KEY))
     if "earer" in text or ("R" in text and "EARER" in text):
         for m in _BEARER.finditer(text):
             token = m.group(1).rstrip(".")
@@ -535,13 +543,22 @@ def _find_api_keys(text: str, out: list[Span]) -> None:
 # -- the recognizer set ------------------------------------------------------------
 
 
+def _by_position(s: Span) -> tuple[int, int]:
+    return s.start, s.end
+
+
 def resolve_overlaps(spans: Iterable[Span]) -> list[Span]:
     """`spans` sorted by start with overlaps removed: of two overlapping spans the longer
     stays, then the higher score, then the built-in entity with the stricter check (any
     other entity name after those), then the earlier one. Usable on spans from elsewhere
     (a Presidio analyzer) too. Empty spans are dropped."""
-    spans = sorted((s for s in spans if s.start < s.end), key=lambda s: (s.start, s.end))
-    if all(a.end <= b.start for a, b in zip(spans, spans[1:])):
+    spans = sorted([s for s in spans if s.start < s.end], key=_by_position)
+    end = 0
+    for s in spans:
+        if s.start < end:
+            break
+        end = s.end
+    else:
         return spans
     last = len(_PRIORITY)
     ranked = sorted(spans, key=lambda s: (s.start - s.end, -s.score, _PRIORITY.get(s.entity, last), s.start))

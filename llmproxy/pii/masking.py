@@ -87,10 +87,9 @@ class Vault:
         return cls(taken)
 
     def placeholder(self, entity: str, value: str) -> str:
-        key = (entity, value)
-        found = self._by_value.get(key)
+        found = self._by_value.get((entity, value))
         if found is None:
-            found = self._by_value[key] = self._new(entity, value)
+            found = self._new(entity, value)
         return found
 
     def _new(self, entity: str, value: str) -> str:
@@ -100,18 +99,26 @@ class Vault:
             n += 1
             found = f"<{entity}_{n}>"
         self._counters[entity] = n
+        self._by_value[(entity, value)] = found
         self.originals[found] = value
         if len(found) > self.longest:
             self.longest = len(found)
-        self._prefixes = self._escaped = None
+        if self._prefixes is not None or self._escaped is not None:
+            self._prefixes = self._escaped = None
         return found
 
     def mask(self, text: str, spans: Iterable[SpanLike]) -> str:
         """`text` with each span (sorted, non-overlapping) replaced by its placeholder."""
-        out, pos = [], 0
+        out: list[str] = []
+        pos = 0
+        by_value = self._by_value
         for s in spans:
-            out.append(text[pos:s.start])
-            out.append(self.placeholder(s.entity, text[s.start:s.end]))
+            start = s.start
+            value = text[start:s.end]
+            found = by_value.get((s.entity, value))
+            if found is None:
+                found = self._new(s.entity, value)
+            out += (text[pos:start], found)
             pos = s.end
         out.append(text[pos:])
         return "".join(out)

@@ -458,14 +458,8 @@ def _find_ipv6(text: str, out: list[Span]) -> None:
 # -- API keys -----------------------------------------------------------------------
 
 
-_KEY_STRETCH = re.compile(r"[A-Za-z0-9]{16}")
 _HAS_DIGIT = re.compile(r"[0-9]")
 _HAS_LETTER = re.compile(r"[A-Za-z]")
-
-
-def _key_shape_ok(body: str) -> bool:
-    """An ``sk-`` body: a digit, and a 16+ character stretch with no ``-``/``_``."""
-    return _HAS_DIGIT.search(body) is not None and _KEY_STRETCH.search(body) is not None
 
 
 def _has_letter_and_digit(s: str) -> bool:
@@ -481,8 +475,11 @@ _DASH_KEY = re.compile(r"-(?:(?<=(?P<sk>sk)-)|(?<=(?P<xox>xox[abprse])-))")
 _KEY_FAMILIES: tuple[_KeyFamily, ...] = (
     (
         "sk",
-        re.compile(r"sk-(?<![\w\-]...)[A-Za-z0-9_\-]{20,}"),
-        lambda s: _key_shape_ok(s[3:]),
+        # The body after "sk-" (the whole token: the lookaheads cannot leave it) needs a
+        # digit and a 16+ character stretch without "-"/"_" (module docstring).
+        re.compile(r"sk-(?<![\w\-]...)(?=[A-Za-z0-9_\-]*?[0-9])(?=[A-Za-z0-9_\-]*?[A-Za-z0-9]{16})"
+                   r"[A-Za-z0-9_\-]{20,}"),
+        None,
     ),
     (
         lambda t: True,  # the pattern's literal "A" is its own fast gate

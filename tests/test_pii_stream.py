@@ -267,6 +267,25 @@ def test_unchanged_events_pass_byte_for_byte():
     assert openai_text(out) == f"Hello there, {EMAIL} ok"
 
 
+def test_restored_events_keep_their_id_event_retry_and_comment_lines():
+    vault = Vault()
+    p = vault.placeholder("EMAIL_ADDRESS", EMAIL)
+    head = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    data = orjson.dumps({**head, "choices": [{"index": 0, "delta": {"content": f"to {p}"}}]})
+    for newline in (b"\n", b"\r\n"):
+        raw = newline.join([b": keep-alive", b"id: 41", b"event: chunk", b"retry: 3000", b"data: " + data, b"", b""])
+        out = run_stream(vault, "chat", [raw])
+        lines = out.split(b"\n")
+        assert lines[:4] == [b": keep-alive", b"id: 41", b"event: chunk", b"retry: 3000"]
+        assert orjson.loads(lines[4][6:])["choices"][0]["delta"]["content"] == f"to {EMAIL}"
+        assert lines[5:] == [b"", b""]
+    anthropic = anthropic_stream([f"x {p}"], escape=False).replace(b"event: content_block_delta\n",
+                                                                    b"event: content_block_delta\nid: 7\n")
+    out = run_stream(vault, "messages", [anthropic])
+    assert b"event: content_block_delta\nid: 7\ndata: " in out
+    assert anthropic_text(out) == f"x {EMAIL}"
+
+
 def test_whole_chunks_without_placeholder_start_are_not_parsed():
     vault, _ = _vault_and_masked(EMAIL)
     stream = RestoredStream(None, vault, "chat")  # type: ignore[arg-type]

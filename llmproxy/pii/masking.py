@@ -19,7 +19,8 @@ out at once. A placeholder has no `<` inside, so at most one such tail exists, a
 shorter than the longest placeholder. What is held goes out with the next text of the
 same value, or when the value ends (`finish_reason`, `content_block_stop`, the end of the
 stream, an error event, `[DONE]`). An event whose text did not change and that holds
-nothing back passes byte for byte; the others are re-serialized.
+nothing back passes byte for byte; the others are re-serialized with their `event:`,
+`id:`, `retry:` and comment lines kept.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = ["Vault", "TextRestorer", "RestoredStream", "request_texts", "restore_
 PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*_[0-9]+>")
 _PLACEHOLDER_BYTES = re.compile(rb"<[A-Z][A-Z0-9_]*_[0-9]+>")
 _MAX_DEPTH = 64  # nested JSON values walked; the server already rejects deeper bodies
+_BOM = b"\xef\xbb\xbf"
 
 
 class SpanLike(Protocol):
@@ -642,5 +644,29 @@ def _anthropic_delta(index: Any, dtype: str, text: str) -> bytes:
 
 
 def _serialize(ev: Event, obj: Any) -> bytes:
-    head = b"event: " + ev.event.encode() + b"\n" if ev.event is not None else b""
-    return head + b"data: " + orjson.dumps(obj) + b"\n\n"
+    """`ev` with its data replaced by `obj`: its other lines (`event:`, `id:`, `retry:`,
+    comments) are kept in their order, the new `data:` line where the first one was."""
+    data = b"data: " + orjson.dumps(obj)
+    raw = ev.raw
+    if raw[:5] == b"data:" and raw.find(10) == len(raw) - 2:  # the usual event: one data line
+        return data + b"\n\n"
+    bom = raw[:3] == _BOM
+    if bom:
+        raw = raw[3:]
+    if 13 in raw:
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    lines: list[bytes] = []
+    placed = False
+    for line in raw.split(b"\n"):
+        if not line:
+            continue  # the blank line that ends the event
+        if line[:5] == b"data:" or line == b"data":
+            if not placed:
+                lines.append(data)
+                placed = True
+            continue
+        lines.append(line)
+    if not placed:
+        lines.append(data)
+    out = b"\n".join(lines) + b"\n\n"
+    return _BOM + out if bom else out

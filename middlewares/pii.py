@@ -5,7 +5,7 @@ Per request (not `GET /v1/models`), in this order:
    keys override the configured ones; `presidio` is replaced whole). A team's policy is
    built once per distinct metadata value and cached; an invalid one is logged and the
    configured policy applies. `entities: []` turns the middleware off for that team.
-2. The texts a provider would read (`llmproxy.pii.masking.request_texts`): chat messages
+2. The texts a provider would read (`llmproxy.pii.texts.request_texts`): chat messages
    (strings, text parts, tool-call arguments as JSON, tool results), Anthropic `system`
    and content blocks (text, tool_use input, tool_result content, text documents),
    the legacy `prompt`, embeddings `input`. Only strings are scanned.
@@ -36,7 +36,9 @@ from llmproxy import errors
 from llmproxy.config import ConfigError, build
 from llmproxy.context import Reply
 from llmproxy.errors import ProxyError
-from llmproxy.pii.masking import RestoredStream, Vault, redact, request_texts, restore_answer
+from llmproxy.pii.masking import Vault, redact, restore_answer
+from llmproxy.pii.streams import RestoredStream
+from llmproxy.pii.texts import request_texts
 from llmproxy.pii.presidio import PresidioAnalyzer, PresidioOptions
 from llmproxy.pii.recognizers import ENTITIES, Recognizers
 

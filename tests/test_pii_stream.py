@@ -13,7 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmproxy.pii.masking import RestoredStream, TextRestorer, Vault, redact, request_texts, restore_answer
+from llmproxy.pii.masking import TextRestorer, Vault, redact, restore_answer
+from llmproxy.pii.streams import RestoredStream
+from llmproxy.pii.texts import request_texts
 from llmproxy.sse import SSEParser
 from llmproxy.testing import collect, make_context
 

@@ -1,0 +1,289 @@
+"""Restoring a streamed answer (OpenAI chat and completions, Anthropic messages) as it
+passes; the hold-back rule is in `llmproxy.pii.masking`'s docstring."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+import orjson
+
+from ..sse import Event, SSEParser
+from .masking import TextRestorer, Vault, may_hold_lt
+
+__all__ = ["RestoredStream"]
+
+_BOM = b"\xef\xbb\xbf"
+
+_ENVELOPE = ("id", "object", "created", "model", "system_fingerprint")
+_ANTHROPIC_FLUSH_ALL = frozenset({"message_delta", "message_stop", "error"})
+
+
+class RestoredStream:
+    """An SSE body (OpenAI chat or completions, Anthropic messages) with the originals
+    restored as it streams; `llmproxy.pii.masking` has the hold-back rule."""
+
+    __slots__ = ("body", "vault", "api", "parser", "slots", "held", "envelope", "done")
+
+    def __init__(self, body: AsyncIterator[bytes], vault: Vault, api: str) -> None:
+        self.body = body
+        self.vault = vault
+        self.api = api  # chat | completions | messages
+        self.parser = SSEParser()
+        self.slots: dict[tuple, tuple[TextRestorer, str]] = {}  # key -> (restorer, kind)
+        self.held: set[tuple] = set()  # keys of slots holding text back
+        self.envelope: dict[str, Any] = {}  # OpenAI: the last chunk's id, model...
+        self.done = False
+
+    def __aiter__(self) -> "RestoredStream":
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self.done:
+            try:
+                chunk = await self.body.__anext__()
+            except StopAsyncIteration:
+                self.done = True
+                out = self.finish()
+                if out:
+                    return out
+                break
+            out = self.chunk(chunk)
+            if out:
+                return out
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        aclose = getattr(self.body, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    @classmethod
+    def whole(cls, body: bytes, vault: Vault, api: str) -> bytes:
+        """A complete SSE body (not an iterator) restored."""
+        stream = cls(None, vault, api)  # type: ignore[arg-type]
+        return stream.chunk(body) + stream.finish()
+
+    # the work, synchronous (tests drive it directly) ------------------------------------
+
+    def chunk(self, chunk: bytes) -> bytes:
+        """Bytes to send for one upstream chunk."""
+        parser = self.parser
+        if not self.held and not parser.pending and chunk[-2:] == b"\n\n" and not may_hold_lt(chunk):
+            return chunk  # whole events, nothing held, no `<` anywhere: as they came
+        return b"".join([self.event(ev) for ev in parser.feed(chunk)])
+
+    def finish(self) -> bytes:
+        """Bytes to send once the upstream body has ended: what is left, what is held."""
+        out = [self.event(ev) for ev in self.parser.close()]
+        out.append(self._flush_all())
+        return b"".join(out)
+
+    def event(self, ev: Event) -> bytes:
+        data = ev.data
+        if not self.held and not may_hold_lt(data):
+            return ev.raw
+        if self.api == "messages":
+            return self._anthropic(ev)
+        return self._openai(ev)
+
+    # slots -------------------------------------------------------------------------------
+
+    def _feed(self, key: tuple, text: str, kind: str, json: bool = False) -> str:
+        slot = self.slots.get(key)
+        if slot is None:
+            if "<" not in text:
+                return text
+            slot = self.slots[key] = (TextRestorer(self.vault, json), kind)
+        restorer = slot[0]
+        out = restorer.feed(text)
+        if restorer.pending:
+            self.held.add(key)
+        else:
+            self.held.discard(key)
+        return out
+
+    def _flush(self, key: tuple) -> str:
+        if key not in self.held:
+            return ""
+        self.held.discard(key)
+        return self.slots[key][0].flush()
+
+    def _flush_all(self) -> bytes:
+        """Events carrying every held text, for the end of the stream (or an error)."""
+        if not self.held:
+            return b""
+        out = []
+        for key in sorted(self.held, key=repr):
+            kind = self.slots[key][1]
+            text = self._flush(key)
+            if self.api == "messages":
+                out.append(_anthropic_delta(key[0], kind, text))
+            else:
+                out.append(self._openai_delta(key, kind, text))
+        return b"".join(out)
+
+    # OpenAI --------------------------------------------------------------------------------
+
+    def _openai(self, ev: Event) -> bytes:
+        try:
+            obj = orjson.loads(ev.data) if ev.data[:1] == b"{" else None
+        except orjson.JSONDecodeError:
+            obj = None
+        choices = obj.get("choices") if isinstance(obj, dict) else None
+        if not isinstance(choices, list) or not choices:
+            # [DONE], an error, the usage chunk: what is held goes out before it.
+            return self._flush_all() + ev.raw
+        self.envelope = {k: obj[k] for k in _ENVELOPE if k in obj}
+        changed = False
+        for choice in choices:
+            if isinstance(choice, dict):
+                changed |= self._openai_choice(choice)
+        return _serialize(ev, obj) if changed else ev.raw
+
+    def _openai_choice(self, choice: dict) -> bool:
+        i = choice.get("index", 0)
+        ends = choice.get("finish_reason") is not None
+        changed = False
+        if self.api == "completions":
+            text = choice.get("text")
+            if isinstance(text, str):
+                new = self._feed((i, "text"), text, "text")
+                if ends:
+                    new += self._flush((i, "text"))
+                if new != text:
+                    choice["text"] = new
+                    changed = True
+            elif ends and (i, "text") in self.held:
+                choice["text"] = self._flush((i, "text"))
+                changed = True
+            return changed
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            if not ends or not any(k[0] == i for k in self.held):
+                return False
+            delta = choice["delta"] = {}
+        content = delta.get("content")
+        if isinstance(content, str):
+            new = self._feed((i, "content"), content, "content")
+            if ends:
+                new += self._flush((i, "content"))
+            if new != content:
+                delta["content"] = new
+                changed = True
+        elif ends and (i, "content") in self.held:
+            delta["content"] = self._flush((i, "content"))
+            changed = True
+        calls = delta.get("tool_calls")
+        seen = set()
+        if isinstance(calls, list):
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                args = fn.get("arguments") if isinstance(fn, dict) else None
+                if not isinstance(args, str):
+                    continue
+                key = (i, "tool", call.get("index", 0))
+                seen.add(key)
+                new = self._feed(key, args, "tool", json=True)
+                if ends:
+                    new += self._flush(key)
+                if new != args:
+                    fn["arguments"] = new
+                    changed = True
+        if ends:
+            for key in sorted((k for k in self.held if k[0] == i and k[1] == "tool" and k not in seen),
+                              key=lambda k: k[2]):
+                if not isinstance(delta.get("tool_calls"), list):
+                    delta["tool_calls"] = []
+                delta["tool_calls"].append({"index": key[2], "function": {"arguments": self._flush(key)}})
+                changed = True
+        return changed
+
+    def _openai_delta(self, key: tuple, kind: str, text: str) -> bytes:
+        i = key[0]
+        if kind == "text":
+            choice: dict[str, Any] = {"index": i, "text": text, "logprobs": None, "finish_reason": None}
+        elif kind == "tool":
+            choice = {"index": i, "delta": {"tool_calls": [{"index": key[2], "function": {"arguments": text}}]},
+                      "finish_reason": None}
+        else:
+            choice = {"index": i, "delta": {"content": text}, "finish_reason": None}
+        return b"data: " + orjson.dumps({**self.envelope, "choices": [choice]}) + b"\n\n"
+
+    # Anthropic -----------------------------------------------------------------------------
+
+    def _anthropic(self, ev: Event) -> bytes:
+        try:
+            obj = orjson.loads(ev.data) if ev.data[:1] == b"{" else None
+        except orjson.JSONDecodeError:
+            obj = None
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        if kind == "content_block_delta":
+            delta = obj.get("delta")
+            dtype = delta.get("type") if isinstance(delta, dict) else None
+            if dtype == "text_delta":
+                field, json = "text", False
+            elif dtype == "input_json_delta":
+                field, json = "partial_json", True
+            else:
+                return ev.raw
+            text = delta.get(field)
+            if not isinstance(text, str):
+                return ev.raw
+            new = self._feed((obj.get("index", 0),), text, dtype, json)
+            if new == text:
+                return ev.raw
+            delta[field] = new
+            return _serialize(ev, obj)
+        if kind == "content_block_start":
+            block = obj.get("content_block")
+            text = block.get("text") if isinstance(block, dict) and block.get("type") == "text" else None
+            if isinstance(text, str) and text:
+                new = self._feed((obj.get("index", 0),), text, "text_delta")
+                if new != text:
+                    block["text"] = new
+                    return _serialize(ev, obj)
+            return ev.raw
+        if kind == "content_block_stop":
+            key = (obj.get("index", 0),)
+            if key in self.held:
+                dtype = self.slots[key][1]
+                return _anthropic_delta(key[0], dtype, self._flush(key)) + ev.raw
+            return ev.raw
+        if kind in _ANTHROPIC_FLUSH_ALL or (obj is None and ev.event in _ANTHROPIC_FLUSH_ALL):
+            return self._flush_all() + ev.raw
+        return ev.raw  # ping, message_start, unknown: a placeholder may continue after it
+
+
+def _anthropic_delta(index: Any, dtype: str, text: str) -> bytes:
+    field = "partial_json" if dtype == "input_json_delta" else "text"
+    data = {"type": "content_block_delta", "index": index, "delta": {"type": dtype, field: text}}
+    return b"event: content_block_delta\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _serialize(ev: Event, obj: Any) -> bytes:
+    """`ev` with its data replaced by `obj`: its other lines (`event:`, `id:`, `retry:`,
+    comments) are kept in their order, the new `data:` line where the first one was."""
+    data = b"data: " + orjson.dumps(obj)
+    raw = ev.raw
+    if raw[:5] == b"data:" and raw.find(10) == len(raw) - 2:  # the usual event: one data line
+        return data + b"\n\n"
+    bom = raw[:3] == _BOM
+    if bom:
+        raw = raw[3:]
+    if 13 in raw:
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    lines: list[bytes] = []
+    placed = False
+    for line in raw.split(b"\n"):
+        if not line:
+            continue  # the blank line that ends the event
+        if line[:5] == b"data:" or line == b"data":
+            if not placed:
+                lines.append(data)
+                placed = True
+            continue
+        lines.append(line)
+    if not placed:
+        lines.append(data)
+    out = b"\n".join(lines) + b"\n\n"
+    return _BOM + out if bom else out

@@ -1,0 +1,149 @@
+"""Where a request's texts are: the strings a provider would read, as slots that the PII
+middleware can read and write back (chat messages and tool calls, Anthropic system and
+content blocks, the legacy prompt, embeddings input). Only strings are slots; keys,
+numbers and token-id lists are not text. Tool-call arguments are JSON text: their string
+values are the slots, and the arguments are re-serialized when one of them changes, so
+the masked arguments stay valid JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+__all__ = ["Texts", "request_texts"]
+
+_MAX_DEPTH = 64  # nested JSON values walked; the server already rejects deeper bodies
+
+
+class Texts:
+    """The strings of a request a provider would read, as (container, key) slots, plus the
+    JSON-text fields (tool-call arguments) to re-serialize when a slot inside them changed."""
+
+    __slots__ = ("slots", "json_fields")
+
+    def __init__(self) -> None:
+        self.slots: list[tuple[Any, Any]] = []
+        # (container, key, holder, first slot, end slot): container[key] = dumps(holder[0])
+        self.json_fields: list[tuple[Any, Any, list, int, int]] = []
+
+    def values(self) -> list[str]:
+        return [c[k] for c, k in self.slots]
+
+    def write(self, new: dict[int, str]) -> None:
+        """Set slot i to new[i]; re-serialize the JSON-text fields that hold a changed slot."""
+        slots = self.slots
+        for i, text in new.items():
+            c, k = slots[i]
+            c[k] = text
+        for container, key, holder, first, end in self.json_fields:
+            if any(first <= i < end for i in new):
+                container[key] = orjson.dumps(holder[0]).decode()
+
+    def add(self, container: Any, key: Any) -> None:
+        value = container[key]
+        if isinstance(value, str) and value:
+            self.slots.append((container, key))
+
+    def add_value(self, container: Any, key: Any, depth: int = 0) -> None:
+        """Every string value (not keys) inside a JSON value."""
+        value = container[key]
+        if isinstance(value, str):
+            if value:
+                self.slots.append((container, key))
+        elif depth > _MAX_DEPTH:
+            return
+        elif isinstance(value, dict):
+            for k in value:
+                self.add_value(value, k, depth + 1)
+        elif isinstance(value, list):
+            for i in range(len(value)):
+                self.add_value(value, i, depth + 1)
+
+    def add_json_text(self, container: Any, key: Any) -> None:
+        """A string that holds JSON (tool-call arguments): its string values are the slots,
+        so the masked text stays valid JSON; text that is not JSON is one plain slot."""
+        text = container[key]
+        if not isinstance(text, str) or not text:
+            return
+        try:
+            holder = [orjson.loads(text)]
+        except orjson.JSONDecodeError:
+            self.slots.append((container, key))
+            return
+        first = len(self.slots)
+        self.add_value(holder, 0)
+        if len(self.slots) > first:
+            self.json_fields.append((container, key, holder, first, len(self.slots)))
+
+
+def request_texts(body: dict, api: str) -> Texts:
+    """The slots of a request body for `api` (chat, completions, embeddings, messages)."""
+    texts = Texts()
+    if api == "chat":
+        for msg in _list(body.get("messages")):
+            if not isinstance(msg, dict):
+                continue
+            _openai_content(texts, msg)
+            for call in _list(msg.get("tool_calls")):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and "arguments" in fn:
+                    texts.add_json_text(fn, "arguments")
+            fn = msg.get("function_call")
+            if isinstance(fn, dict) and "arguments" in fn:
+                texts.add_json_text(fn, "arguments")
+    elif api == "messages":
+        if "system" in body:
+            _anthropic_content(texts, body, "system")
+        for msg in _list(body.get("messages")):
+            if isinstance(msg, dict) and "content" in msg:
+                _anthropic_content(texts, msg, "content")
+    elif api in ("completions", "embeddings"):
+        field = "prompt" if api == "completions" else "input"
+        value = body.get(field)
+        if isinstance(value, str):
+            texts.add(body, field)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, str):  # lists of token ids are not text
+                    texts.add(value, i)
+    return texts
+
+
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _openai_content(texts: Texts, msg: dict) -> None:
+    content = msg.get("content")
+    if isinstance(content, str):
+        texts.add(msg, "content")
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text" and "text" in part:
+                texts.add(part, "text")
+
+
+def _anthropic_content(texts: Texts, container: dict, key: str, depth: int = 0) -> None:
+    """A string, or a list of blocks: text, tool_use input, tool_result content (nested),
+    text documents. Thinking blocks are signed by the provider and stay untouched."""
+    content = container[key]
+    if isinstance(content, str):
+        texts.add(container, key)
+        return
+    if not isinstance(content, list) or depth > _MAX_DEPTH:
+        return
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text" and "text" in block:
+            texts.add(block, "text")
+        elif kind == "tool_use" and "input" in block:
+            texts.add_value(block, "input")
+        elif kind == "tool_result" and "content" in block:
+            _anthropic_content(texts, block, "content", depth + 1)
+        elif kind == "document":
+            source = block.get("source")
+            if isinstance(source, dict) and source.get("type") == "text" and "data" in source:
+                texts.add(source, "data")

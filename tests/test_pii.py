@@ -580,6 +580,9 @@ class FakeAnalyzer:
         if self.mode == "garbage":
             return web.Response(body=b"<html>", content_type="text/html")
         text = body["text"]
+        if self.mode == "bridge" and "\n\n" in text:  # a result across the texts joined
+            cut = text.index("\n\n")
+            return web.json_response([{"entity_type": "PERSON", "start": cut - 2, "end": cut + 4, "score": 0.9}])
         results = [{"entity_type": "EMAIL_ADDRESS", "start": m.start(), "end": m.end(), "score": 1.0,
                     "analysis_explanation": None, "recognition_metadata": {"recognizer_name": "EmailRecognizer"}}
                    for m in re.finditer(r"\S+@\S+\.\w+", text)]
@@ -615,10 +618,42 @@ async def test_presidio_spans_masked_by_us(upstream, make_proxy, analyzer):
     assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == text
     assert upstream.requests[-1].json["messages"][1]["content"] == \
         "<PERSON_1> wrote from <EMAIL_ADDRESS_1>. Cc someone."
-    assert sorted(r["text"] for r in analyzer.requests) == sorted(["Be brief.", text])
+    assert [r["text"] for r in analyzer.requests] == ["Be brief.\n\n" + text]  # one call per request
     first = analyzer.requests[0]
     assert first["language"] == "en" and first["score_threshold"] == 0.5
     assert first["entities"] == ["EMAIL_ADDRESS", "PERSON", "URL"]
+
+
+async def test_presidio_texts_batched_and_mapped_back(upstream, make_proxy, analyzer, monkeypatch):
+    from llmproxy.pii import presidio
+
+    monkeypatch.setattr(presidio, "_BATCH_CHARS", 60)  # at most 60 characters per call
+    proxy = await pii_proxy(make_proxy, upstream, presidio={"analyzer_url": analyzer.url})
+    upstream.push(echo(None))
+    texts = [f"mail {i}: user{i}@example.com please" for i in range(5)]  # 31-32 characters each
+    await oai(proxy).chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": t} for t in texts])
+    sent = [m["content"] for m in upstream.requests[-1].json["messages"]]
+    assert sent == [f"mail {i}: <EMAIL_ADDRESS_{i + 1}> please" for i in range(5)]
+    assert [r["text"].count("\n\n") + 1 for r in analyzer.requests] == [1, 1, 1, 1, 1]  # 2 × 31 + 2 > 60
+    monkeypatch.setattr(presidio, "_BATCH_CHARS", 70)
+    analyzer.requests.clear()
+    upstream.push(echo(None))
+    await oai(proxy).chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": t} for t in texts])
+    assert sorted(r["text"].count("\n\n") + 1 for r in analyzer.requests) == [1, 2, 2]
+    assert [m["content"] for m in upstream.requests[-1].json["messages"]] == sent
+
+
+async def test_presidio_result_across_texts_asks_each_alone(upstream, make_proxy, analyzer):
+    proxy = await pii_proxy(make_proxy, upstream, entities=["EMAIL_ADDRESS", "PERSON"],
+                            presidio={"analyzer_url": analyzer.url})
+    analyzer.mode = "bridge"
+    upstream.push(echo(None))
+    await oai(proxy).chat.completions.create(model="gpt-test", messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Jane: {EMAIL}"}])
+    assert [r["text"] for r in analyzer.requests] == ["Be brief.\n\n" + f"Jane: {EMAIL}", "Be brief.",
+                                                      f"Jane: {EMAIL}"]
+    sent = [m["content"] for m in upstream.requests[-1].json["messages"]]
+    assert sent == ["Be brief.", "<PERSON_1>: <EMAIL_ADDRESS_1>"]
 
 
 @pytest.mark.parametrize("mode", ["fail", "slow", "garbage", "down"])

@@ -1,11 +1,14 @@
 """A Presidio analyzer as the source of entity spans (the masking itself stays ours).
 
-One `POST {analyzer_url}/analyze` per text, `{"text", "language", "entities",
-"score_threshold"}`, answered by a list of `{"entity_type", "start", "end", "score", ...}`
-(Presidio's analyzer REST API). The texts of one request are asked concurrently (at most
-`_CONCURRENCY` at a time), all within one `timeout`. Presidio may return overlapping
-results from different recognizers: the spans kept are sorted and non-overlapping, the
-earliest start winning, then the longest.
+Presidio's analyzer REST API takes one text per `POST {analyzer_url}/analyze`
+(`{"text", "language", "entities", "score_threshold"}`, answered by a list of
+`{"entity_type", "start", "end", "score", ...}`). A request's texts are joined into as few
+calls as fit `_BATCH_CHARS` characters, separated by a blank line, and the offsets are
+mapped back to each text; a result that runs across a separator (a recognizer bridging two
+texts) cannot be split correctly, so the texts of that call are asked again one by one.
+Calls go out concurrently (at most `_CONCURRENCY` at a time), all within one `timeout`.
+Presidio may return overlapping results from different recognizers: the spans kept are
+sorted and non-overlapping, the earliest start winning, then the longest.
 
 When the analyzer fails (unreachable, timeout, a non-200 answer, a malformed one):
 `on_error: fail_closed` answers 503 and nothing goes upstream; `builtin` uses the built-in
@@ -15,6 +18,7 @@ recognizers instead. The outage is logged once (and its end once); never the tex
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
@@ -31,6 +35,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("llmproxy.pii")
 
 _CONCURRENCY = 8
+_BATCH_CHARS = 50_000  # characters of text per call (a longer text goes alone)
+_SEPARATOR = "\n\n"
 _JSON = {"Content-Type": "application/json"}
 
 
@@ -76,13 +82,14 @@ class PresidioAnalyzer:
         """Spans per text, in order."""
         try:
             async with asyncio.timeout(self.timeout):
-                if len(texts) == 1:
-                    found = [await self._one(texts[0], None)]
+                batches = _batches(texts)
+                if len(batches) == 1:
+                    found = await self._batch(texts, batches[0], None)
                 else:
                     gate = asyncio.Semaphore(_CONCURRENCY)
                     async with asyncio.TaskGroup() as group:
-                        tasks = [group.create_task(self._one(t, gate)) for t in texts]
-                    found = [t.result() for t in tasks]
+                        tasks = [group.create_task(self._batch(texts, b, gate)) for b in batches]
+                    found = [spans for t in tasks for spans in t.result()]
         except (TimeoutError, AnalyzerUnavailable, aiohttp.ClientError, OSError, ExceptionGroup) as exc:
             self._failed(exc)
             if self.fallback is None:
@@ -93,7 +100,36 @@ class PresidioAnalyzer:
             log.info("pii_analyzer_recovered", url=self.url)
         return found
 
-    async def _one(self, text: str, gate: asyncio.Semaphore | None) -> list[Span]:
+    async def _batch(self, texts: list[str], indexes: range, gate: asyncio.Semaphore | None) -> list[list[Span]]:
+        """Spans for texts[i] for i in `indexes` (consecutive), from one call when it can."""
+        if len(indexes) == 1:
+            text = texts[indexes[0]]
+            return [self._spans(await self._call(text, gate), len(text))]
+        starts, pos = [], 0
+        for i in indexes:
+            starts.append(pos)
+            pos += len(texts[i]) + len(_SEPARATOR)
+        items = await self._call(_SEPARATOR.join(texts[i] for i in indexes), gate)
+        if not isinstance(items, list):
+            raise AnalyzerUnavailable("an answer that is not a list")
+        per_text: list[list[Any]] = [[] for _ in indexes]
+        for item in items:
+            try:
+                start, end = item["start"], item["end"]
+            except (TypeError, KeyError):
+                raise AnalyzerUnavailable("a result without entity_type, start, end") from None
+            if not (isinstance(start, int) and isinstance(end, int)):
+                raise AnalyzerUnavailable("a result with offsets outside the text")
+            k = bisect_right(starts, start) - 1
+            base = starts[k] if k >= 0 else 0
+            if k < 0 or end > base + len(texts[indexes[k]]):
+                if 0 <= start < end <= pos:  # across a separator: ask for each text alone
+                    return [spans for i in indexes for spans in await self._batch(texts, range(i, i + 1), gate)]
+                raise AnalyzerUnavailable("a result with offsets outside the text")
+            per_text[k].append({**item, "start": start - base, "end": end - base})
+        return [self._spans(found, len(texts[i])) for found, i in zip(per_text, indexes)]
+
+    async def _call(self, text: str, gate: asyncio.Semaphore | None) -> Any:
         http = self.services.http if self.services is not None else None
         if http is None:
             raise AnalyzerUnavailable("no HTTP session")
@@ -109,10 +145,9 @@ class PresidioAnalyzer:
             if gate is not None:
                 gate.release()
         try:
-            items = orjson.loads(raw)
+            return orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise AnalyzerUnavailable("an answer that is not JSON") from None
-        return self._spans(items, len(text))
 
     def _spans(self, items: Any, size: int) -> list[Span]:
         if not isinstance(items, list):
@@ -143,3 +178,17 @@ class PresidioAnalyzer:
             reason = str(exc) if isinstance(exc, AnalyzerUnavailable) else type(exc).__name__
             log.warning("pii_analyzer_failed", url=self.url, reason=reason,
                         fallback="builtin" if self.fallback is not None else "fail_closed")
+
+
+def _batches(texts: list[str]) -> list[range]:
+    """Consecutive runs of text indexes of at most _BATCH_CHARS characters each (a longer
+    text alone)."""
+    out: list[range] = []
+    first, size = 0, 0
+    for i, text in enumerate(texts):
+        if i > first and size + len(_SEPARATOR) + len(text) > _BATCH_CHARS:
+            out.append(range(first, i))
+            first, size = i, 0
+        size += len(text) + (len(_SEPARATOR) if i > first else 0)
+    out.append(range(first, len(texts)))
+    return out

@@ -93,8 +93,10 @@ class PII:
         opts = options or Options()
         self.services = services
         self.metrics = services.metrics if services is not None else None
+        self._found: dict[str, int] = {}  # entities found since the metrics last read them
         if self.metrics is not None:
             self.metrics.define(METRIC, "counter", "Personal data entities found in requests.", ("entity",))
+            self.metrics.drains.append(self._drain_counts)  # counted in batches, before each read
         self.options = opts
         self.default = self._policy(opts)
         self._defaults = asdict(opts)  # what a team's metadata.pii is laid over
@@ -155,15 +157,15 @@ class PII:
         return Reply(reply.status, reply.headers, restore_answer(bytes(body), vault, ctx.api))
 
     def _count(self, hits: dict[int, list[Any]]) -> None:
-        if self.metrics is None:
-            return
-        counts: dict[str, int] = {}
+        found = self._found
         for spans in hits.values():
             for s in spans:
-                entity = s.entity
-                counts[entity] = counts.get(entity, 0) + 1
+                found[s.entity] = found.get(s.entity, 0) + 1
+
+    def _drain_counts(self) -> None:
+        found, self._found = self._found, {}
         inc = self.metrics.inc
-        for entity, n in counts.items():
+        for entity, n in found.items():
             inc(METRIC, (entity,), n)
 
     # --- per-team policies ----------------------------------------------------------------

@@ -10,6 +10,8 @@ Per request (not `GET /v1/models`), in this order:
    and content blocks (text, tool_use input, tool_result content, text documents),
    the legacy `prompt`, embeddings `input`. Only strings are scanned.
 3. The spans: built-in recognizers, or a Presidio analyzer (`llmproxy.pii.presidio`).
+   The built-in recognizers' spans of long texts are remembered (`llmproxy.pii.cache`,
+   `cache_size`), so the history a chat sends with every turn is analysed once.
    Every entity found counts once in `llmproxy_pii_redactions_total{entity}`.
 4. The mode: `block` answers 400 `pii_blocked` naming the entity types (never a value)
    and nothing goes upstream; `redact` writes `<ENTITY>` in place of each; `mask` writes
@@ -36,6 +38,7 @@ from llmproxy import errors
 from llmproxy.config import ConfigError, build
 from llmproxy.context import Reply
 from llmproxy.errors import ProxyError
+from llmproxy.pii.cache import SpanCache
 from llmproxy.pii.masking import Vault, redact, restore_answer
 from llmproxy.pii.streams import RestoredStream
 from llmproxy.pii.texts import request_texts
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("llmproxy.pii")
 
 METRIC = "llmproxy_pii_redactions_total"
+CACHE_METRIC = "llmproxy_pii_cache_lookups_total"
 _ENTITY_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 _TEAM_CACHE = 1024  # distinct team policies kept
 
@@ -58,6 +62,10 @@ class Options:
     mode: Literal["mask", "redact", "block"] = "mask"
     entities: tuple[str, ...] = tuple(sorted(ENTITIES))
     presidio: PresidioOptions | None = None
+    # Texts of 256+ characters whose spans the built-in recognizers remember (a chat's
+    # history comes back with every turn); 0: analyse every text every time. Read from the
+    # configured options only (one table for every team, keyed by the entity set).
+    cache_size: int = field(default=4096, metadata={"min": 0})
 
     def __post_init__(self) -> None:
         for name in self.entities:
@@ -94,8 +102,12 @@ class PII:
         self.services = services
         self.metrics = services.metrics if services is not None else None
         self._found: dict[str, int] = {}  # entities found since the metrics last read them
+        self.cache = SpanCache(opts.cache_size) if opts.cache_size > 0 else None
+        self._cache_counted = (0, 0)
         if self.metrics is not None:
             self.metrics.define(METRIC, "counter", "Personal data entities found in requests.", ("entity",))
+            self.metrics.define(CACHE_METRIC, "counter",
+                                "Texts looked up in the PII span cache (built-in recognizers).", ("result",))
             self.metrics.drains.append(self._drain_counts)  # counted in batches, before each read
         self.options = opts
         self.default = self._policy(opts)
@@ -125,8 +137,11 @@ class PII:
             return await call_next(ctx)
         values = texts.values()
         if policy.recognizers is not None:  # built in: no coroutine to await
-            analyze = policy.recognizers.analyze
-            found = [analyze(t) for t in values]
+            if self.cache is not None:
+                found = self.cache.analyze(values, policy.recognizers)
+            else:
+                analyze = policy.recognizers.analyze
+                found = [analyze(t) for t in values]
         else:
             found = await policy.analyze(values)
         hits = {i: spans for i, spans in enumerate(found) if spans}
@@ -167,6 +182,14 @@ class PII:
         inc = self.metrics.inc
         for entity, n in found.items():
             inc(METRIC, (entity,), n)
+        if self.cache is not None:
+            hits, misses = self.cache.hits, self.cache.misses
+            before_hits, before_misses = self._cache_counted
+            if hits > before_hits:
+                inc(CACHE_METRIC, ("hit",), hits - before_hits)
+            if misses > before_misses:
+                inc(CACHE_METRIC, ("miss",), misses - before_misses)
+            self._cache_counted = (hits, misses)
 
     # --- per-team policies ----------------------------------------------------------------
 

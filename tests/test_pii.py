@@ -759,3 +759,83 @@ async def test_json_answer_cut_short_is_a_clean_502(upstream, make_proxy):
             error = (await r.json())["error"]
     assert (error["type"], error["code"]) == ("api_error", "upstream_error")
     assert proxy.records[-1].status == 502
+
+
+# --- the span cache: a conversation's history is analysed once -------------------------------
+
+HISTORY = (PROMPT + " ") * 6  # 400+ characters: long enough to be remembered
+
+
+async def metric_lines(proxy, name: str) -> dict[str, float]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.url + "/metrics") as r:
+            text = await r.text()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith(name)}
+
+
+async def test_history_is_analysed_once_and_still_masked(upstream, make_proxy, monkeypatch):
+    from llmproxy.pii.recognizers import Recognizers
+
+    analysed: list[str] = []
+    real = Recognizers.analyze
+
+    def spy(self, text):
+        analysed.append(text)
+        return real(self, text)
+
+    monkeypatch.setattr(Recognizers, "analyze", spy)
+    proxy = await pii_proxy(make_proxy, upstream)
+    client = oai(proxy)
+    for turn in range(3):
+        upstream.push(echo(None))
+        question = f"Turn {turn}: and what about {IP}?"
+        answer = await client.chat.completions.create(model="gpt-test", messages=[
+            {"role": "user", "content": HISTORY}, {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": question}])
+        assert answer.choices[0].message.content == question  # restored
+        sent = upstream.requests[-1].json["messages"]
+        assert EMAIL not in sent[0]["content"] and "<EMAIL_ADDRESS_1>" in sent[0]["content"]
+        assert sent[2]["content"] == f"Turn {turn}: and what about <IP_ADDRESS_1>?"  # same value, same placeholder
+    assert analysed.count(HISTORY) == 1  # then from the cache
+    assert sum(t.startswith("Turn") for t in analysed) == 3  # short texts: every time
+    lookups = await metric_lines(proxy, "llmproxy_pii_cache_lookups_total")
+    assert lookups == {'llmproxy_pii_cache_lookups_total{result="hit"}': 2.0,
+                       'llmproxy_pii_cache_lookups_total{result="miss"}': 1.0}
+
+
+async def test_cache_is_per_entity_set_and_can_be_off(upstream, make_proxy):
+    config = openai_config(upstream, middlewares=["team", {"pii": {"mode": "mask"}}])
+    proxy = await make_proxy(config, pii_registry(team=FakeTeam))
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": HISTORY}]}
+    async with aiohttp.ClientSession() as s:
+        for metadata in ({}, {"pii": {"entities": ["IP_ADDRESS"]}}, {}):
+            FakeTeam.metadata = metadata
+            async with s.post(proxy.url + "/v1/chat/completions", headers=AUTH, json=body) as r:
+                assert r.status == 200
+            sent = upstream.requests[-1].json["messages"][0]["content"]
+            assert IP not in sent
+            assert (EMAIL in sent) == bool(metadata)  # the IP-only team's result is its own
+    assert len(proxy.gateway.middlewares[1].cache.table) == 2
+    off = await pii_proxy(make_proxy, upstream, cache_size=0)
+    assert off.gateway.middlewares[0].cache is None
+    upstream.push(echo(None))
+    await oai(off).chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": HISTORY}])
+    assert EMAIL not in upstream.requests[-1].json["messages"][0]["content"]
+    assert await metric_lines(off, "llmproxy_pii_cache_lookups_total") == {}
+
+
+def test_span_cache_holds_no_text_and_stays_bounded():
+    from llmproxy.pii.cache import SpanCache
+    from llmproxy.pii.recognizers import Recognizers
+
+    rec = Recognizers()
+    cache = SpanCache(size=2, min_chars=10)
+    texts = [f"{i}: write to {EMAIL} today" for i in range(3)]
+    first = cache.analyze(texts, rec)
+    assert [[text[s.start:s.end] for s in spans] for text, spans in zip(texts, first)] == [[EMAIL]] * 3
+    assert len(cache.table) == 2 and (cache.hits, cache.misses) == (0, 3)
+    assert cache.analyze(texts[2:], rec) == first[2:] and cache.hits == 1
+    assert cache.analyze(texts[:1], rec) == first[:1] and cache.misses == 4  # the oldest went
+    for (scope, digest), spans in cache.table.items():
+        assert len(digest) == 16 and EMAIL not in repr((scope, digest, spans))
+    assert cache.analyze(["short"], rec) == [[]] and cache.misses == 4  # under min_chars: not cached

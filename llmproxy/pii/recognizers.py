@@ -576,7 +576,7 @@ _Finder = Callable[[str, list[Span]], None]
 class Recognizers:
     """The built-in recognizers for a set of entities; build once, call `analyze` often."""
 
-    __slots__ = ("entities", "_finders")
+    __slots__ = ("entities", "key", "_finders")
 
     def __init__(self, entities: Iterable[str] = ENTITIES) -> None:
         if isinstance(entities, str):
@@ -587,6 +587,7 @@ class Recognizers:
             names = ", ".join(map(repr, unknown))
             raise ValueError(f"unknown PII entity {names} (known: {', '.join(sorted(ENTITIES))})")
         self.entities = wanted
+        self.key = ",".join(sorted(wanted))  # the same for equal sets: results can be shared
         finders: list[_Finder] = []
         if EMAIL in wanted:
             finders.append(_find_emails)

@@ -15,7 +15,14 @@ command per stdin line, answer one JSON result per stdout line, exit at EOF.
      "timeout": 60, "deadline": 600,
      "keys_file": "/path/keys.txt" | "keys": ["sk-...", ...],   # optional, see below
      "key_header": "authorization" | "x-api-key",                 # default authorization
-     "ttfb": true}                                                # default: true for *-sse
+     "ttfb": true,                                                # default: true for *-sse
+     "vary": "qzqzqz"}                                            # optional, see below
+
+Vary: each occurrence of the `vary` marker in the serialized body is replaced, per request,
+by a word of as many lowercase letters that this process never sent before (the first
+request gets "aaaaaa", the next "aaaaab", ..., across all commands), so no two prompts
+are the same and no cache along the way can answer one from another. The body keeps its
+length.
 
 Keys: with `keys_file` (one key per line; blank lines and lines starting with # are
 skipped) or `keys`, request i carries key number i % len(keys): round-robin, so a run of
@@ -99,11 +106,24 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[idx]
 
 
+_varied = [0]  # words handed out by this process (it serves many commands): never reused
+
+
+def unique_word(i: int, width: int) -> bytes:
+    """Request i's word: i in base 26, written with a-z, `width` letters."""
+    out = bytearray(b"a" * width)
+    for pos in range(width - 1, -1, -1):
+        i, digit = divmod(i, 26)
+        out[pos] += digit
+    return bytes(out)
+
+
 async def run_load(cmd: dict) -> dict:
     url: str = cmd["url"]
     n = int(cmd["n"])
     c = max(1, min(int(cmd.get("c", 16)), n if n > 0 else 1))
     body = orjson.dumps(cmd["body"])
+    marker = str(cmd.get("vary") or "").encode()
     headers = {"Content-Type": "application/json", **cmd.get("headers", {})}
     keys = cmd.get("keys") or (read_keys(cmd["keys_file"]) if cmd.get("keys_file") else None)
     # request i sends per_key[i % len]: round-robin over the keys (one dict: no keys given)
@@ -135,10 +155,15 @@ async def run_load(cmd: dict) -> dict:
         nonlocal next_index, ok, bytes_in
         while next_index < n:  # bounded: every pass takes one of the n indices
             hdrs = per_key[next_index % n_heads]
+            if marker:
+                payload = body.replace(marker, unique_word(_varied[0], len(marker)))
+                _varied[0] += 1
+            else:
+                payload = body
             next_index += 1
             t0 = time.perf_counter()
             try:
-                async with session.post(url, data=body, headers=hdrs) as resp:
+                async with session.post(url, data=payload, headers=hdrs) as resp:
                     status = resp.status
                     if want_ttfb:
                         first = await resp.content.readany()  # b"" only at the end of the body

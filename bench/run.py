@@ -76,8 +76,9 @@ CHAT_MESSAGES = [{"role": "user", "content": "hello"}]
 # (but with dates, a version, a price and an order number, so that the number recognizers
 # have something to reject) and once with five entities spliced in: an e-mail address, a
 # phone number, a Luhn-valid card number, an IPv4 address and an `sk-proj-` key. Both are
-# exactly PROMPT_2K_SIZE ASCII characters. `--list` shows them; the built-in recognizers
-# find 0 and 5 entities in them (the bench counts llmproxy_pii_redactions_total per run).
+# exactly PROMPT_2K_SIZE ASCII characters and begin with a word that differs on every
+# request (VARY). `--list` shows them; the built-in recognizers find 0 and 5 entities in
+# them (the bench counts llmproxy_pii_redactions_total per run).
 PROMPT_2K_SIZE = 2048
 _FILLER_SENTENCES = (
     "Please summarise the notes below for the weekly review and keep the tone neutral. ",
@@ -107,11 +108,19 @@ def _filler(size: int) -> str:
     return "".join(parts)[:size]
 
 
+# A word of the prompts that bench/load.py replaces per request by one never sent before,
+# so that every request's prompt is new (no cache along the way, such as the pii
+# middleware's span cache, answers it from an earlier one); it holds no digit or entity.
+VARY = "qzqzqz"
+_VARIED_HEAD = f"Ref {VARY}. "
+
+
 def prompt_2k(with_pii: bool, size: int = PROMPT_2K_SIZE) -> str:
-    """The 2 KB notes; with_pii: the PII_SNIPPETS spread evenly over them, same length."""
+    """The 2 KB notes (starting with the VARY word); with_pii: the PII_SNIPPETS spread
+    evenly over them, same length."""
     if not with_pii:
-        return _filler(size)
-    text = _filler(size - sum(len(s) for s in PII_SNIPPETS))
+        return _VARIED_HEAD + _filler(size - len(_VARIED_HEAD))
+    text = _VARIED_HEAD + _filler(size - len(_VARIED_HEAD) - sum(len(s) for s in PII_SNIPPETS))
     parts, pos = [], 0
     for j, snippet in enumerate(PII_SNIPPETS):  # each after the end of a sentence
         cut = text.find(". ", max(pos, len(text) * (j + 1) // (len(PII_SNIPPETS) + 1))) + 2
@@ -125,6 +134,11 @@ def prompt_2k(with_pii: bool, size: int = PROMPT_2K_SIZE) -> str:
 
 CHAT_2K = [{"role": "user", "content": prompt_2k(False)}]
 CHAT_2K_PII = [{"role": "user", "content": prompt_2k(True)}]
+# A conversation's next turn: the same 2 KB history with five entities on every request
+# (what a chat client resends), then a short new question that differs per request.
+CHAT_HISTORY_PII = [{"role": "user", "content": prompt_2k(True).replace(VARY, "before")},
+                    {"role": "assistant", "content": "Noted."},
+                    {"role": "user", "content": f"Ref {VARY}: which of these is due first?"}]
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("chat", "/v1/chat/completions",
@@ -151,6 +165,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("chat-2k-pii-stream", "/v1/chat/completions",
              {"model": "bench-model", "messages": CHAT_2K_PII, "stream": True},
              "openai-sse", "openai", True, "OpenAI chat, stream, the 2 KB prompt with 5 entities"),
+    Scenario("chat-history-pii", "/v1/chat/completions",
+             {"model": "bench-model", "messages": CHAT_HISTORY_PII},
+             "openai-json", "openai", False,
+             "OpenAI chat, non-stream, the next turn of a conversation: the 2 KB history with 5 entities "
+             "(the same every request) and a new question"),
     Scenario("messages", "/v1/messages",
              {"model": "bench-claude", "max_tokens": 64, "messages": CHAT_MESSAGES},
              "anthropic-json", "anthropic", False, "Anthropic messages, non-stream"),
@@ -251,8 +270,9 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
           ("chat", "chat-stream"),
           "scheduler on, limits never binding, local and with a private Redis (issue 5)"),
     Suite("pii", ("proxy", "proxy-pii"),
-          ("chat-2k", "chat-2k-stream", "chat-2k-pii", "chat-2k-pii-stream"),
-          "pii mask on a 2 KB prompt without and with 5 entities; streamed TTFB (issue 6)"),
+          ("chat-2k", "chat-2k-stream", "chat-2k-pii", "chat-2k-pii-stream", "chat-history-pii"),
+          "pii mask on a 2 KB prompt without and with 5 entities, every prompt new; streamed TTFB; "
+          "a conversation's next turn (issue 6)"),
 ]}
 ALL_SUITES = ("core", "scheduler", "pii")
 DEFAULT_SUITE = "all"   # `make bench`; see bench/README.md for its duration
@@ -884,6 +904,8 @@ def measure(load: LoadClient, target: Target, sc: Scenario, n: int, args,
     cmd = {"url": f"http://127.0.0.1:{target.port}{sc.path}", "n": n, "c": args.c,
            "body": sc.body, "headers": scenario_headers(sc), "check": sc.check,
            "timeout": args.request_timeout, "deadline": args.run_timeout}
+    if VARY in json.dumps(sc.body):
+        cmd["vary"] = VARY  # every request's prompt new (see VARY)
     if target.keys_file is not None:  # round-robin over the row's keys, not the master key
         cmd["keys_file"] = str(target.keys_file)
         cmd["key_header"] = "x-api-key" if sc.api == "anthropic" else "authorization"
@@ -1254,7 +1276,7 @@ def print_table(summary: dict, targets: list[Target], args, title: str | None = 
                                  f"{_lookups_text(other)} over the {len(rounds)} runs (hello, ping: "
                                  "redis-py setting up a new pool connection or checking an idle one; "
                                  "not scheduler state, not in calls/req)")
-            want = len(PII_SNIPPETS) if sc_name.startswith("chat-2k-pii") else 0
+            want = len(PII_SNIPPETS) if sc_name.startswith(("chat-2k-pii", "chat-history-pii")) else 0
             got = r.get("pii_entities_per_req")
             if got is not None and sc_name.startswith("chat-2k") and abs(got - want) > 1e-9:
                 notes.append(f"{sc_name}/{t.name}: {got:.3f} PII entities found per request, "

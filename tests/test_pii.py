@@ -836,6 +836,7 @@ def test_span_cache_holds_no_text_and_stays_bounded():
     assert len(cache.table) == 2 and (cache.hits, cache.misses) == (0, 3)
     assert cache.analyze(texts[2:], rec) == first[2:] and cache.hits == 1
     assert cache.analyze(texts[:1], rec) == first[:1] and cache.misses == 4  # the oldest went
-    for (scope, digest), spans in cache.table.items():
-        assert len(digest) == 16 and EMAIL not in repr((scope, digest, spans))
+    for key, packed in cache.table.items():
+        assert isinstance(key, bytes) and len(key) == 4 + 16 and isinstance(packed, bytes)
+        assert EMAIL.encode() not in key + packed
     assert cache.analyze(["short"], rec) == [[]] and cache.misses == 4  # under min_chars: not cached

@@ -10,8 +10,8 @@ Per request (not `GET /v1/models`), in this order:
    and content blocks (text, tool_use input, tool_result content, text documents),
    the legacy `prompt`, embeddings `input`. Only strings are scanned.
 3. The spans: built-in recognizers, or a Presidio analyzer (`llmproxy.pii.presidio`).
-   The built-in recognizers' spans of long texts are remembered (`llmproxy.pii.cache`,
-   `cache_size`), so the history a chat sends with every turn is analysed once.
+   The spans of long texts are remembered (`llmproxy.pii.cache`, `cache_size`), so the
+   history a chat sends with every turn is analysed (or sent to Presidio) once.
    Every entity found counts once in `llmproxy_pii_redactions_total{entity}`.
 4. The mode: `block` answers 400 `pii_blocked` naming the entity types (never a value)
    and nothing goes upstream; `redact` writes `<ENTITY>` in place of each; `mask` writes
@@ -62,9 +62,9 @@ class Options:
     mode: Literal["mask", "redact", "block"] = "mask"
     entities: tuple[str, ...] = tuple(sorted(ENTITIES))
     presidio: PresidioOptions | None = None
-    # Texts of 256+ characters whose spans the built-in recognizers remember (a chat's
-    # history comes back with every turn); 0: analyse every text every time. Read from the
-    # configured options only (one table for every team, keyed by the entity set).
+    # Texts of 256+ characters whose spans are remembered (a chat's history comes back
+    # with every turn); 0: analyse every text every time. Read from the configured options
+    # only (one table for every team, keyed by the recognizers' or analyzer's settings).
     cache_size: int = field(default=4096, metadata={"min": 0})
 
     def __post_init__(self) -> None:
@@ -85,9 +85,11 @@ class Policy:
     recognizers: Recognizers | None  # None when `presidio` is set
     presidio: PresidioAnalyzer | None = field(default=None)
 
-    async def analyze(self, texts: list[str]) -> list[list[Any]]:
+    async def analyze(self, texts: list[str], cache: SpanCache | None = None) -> list[list[Any]]:
         if self.presidio is not None:
-            return await self.presidio.analyze(texts)
+            return await self.presidio.analyze(texts, cache)
+        if cache is not None:
+            return cache.analyze(texts, self.recognizers)
         analyze = self.recognizers.analyze
         return [analyze(t) for t in texts]
 
@@ -107,7 +109,7 @@ class PII:
         if self.metrics is not None:
             self.metrics.define(METRIC, "counter", "Personal data entities found in requests.", ("entity",))
             self.metrics.define(CACHE_METRIC, "counter",
-                                "Texts looked up in the PII span cache (built-in recognizers).", ("result",))
+                                "Texts looked up in the PII span cache.", ("result",))
             self.metrics.drains.append(self._drain_counts)  # counted in batches, before each read
         self.options = opts
         self.default = self._policy(opts)
@@ -143,7 +145,7 @@ class PII:
                 analyze = policy.recognizers.analyze
                 found = [analyze(t) for t in values]
         else:
-            found = await policy.analyze(values)
+            found = await policy.analyze(values, self.cache)
         hits = {i: spans for i, spans in enumerate(found) if spans}
         if not hits:
             return await call_next(ctx)

@@ -840,3 +840,23 @@ def test_span_cache_holds_no_text_and_stays_bounded():
         assert isinstance(key, bytes) and len(key) == 4 + 16 and isinstance(packed, bytes)
         assert EMAIL.encode() not in key + packed
     assert cache.analyze(["short"], rec) == [[]] and cache.misses == 4  # under min_chars: not cached
+
+
+async def test_presidio_history_sent_once_and_fallback_answers_not_kept(upstream, make_proxy, analyzer):
+    proxy = await pii_proxy(make_proxy, upstream, presidio={"analyzer_url": analyzer.url, "on_error": "builtin"})
+    client = oai(proxy)
+
+    async def turn(n: int) -> list[str]:
+        analyzer.requests.clear()
+        upstream.push(echo(None))
+        await client.chat.completions.create(model="gpt-test", messages=[
+            {"role": "user", "content": HISTORY}, {"role": "user", "content": f"Turn {n}: reply to {EMAIL}"}])
+        sent = upstream.requests[-1].json["messages"]
+        assert EMAIL not in sent[0]["content"] and sent[1]["content"] == f"Turn {n}: reply to <EMAIL_ADDRESS_1>"
+        return [r["text"] for r in analyzer.requests]
+
+    analyzer.mode = "fail"
+    assert await turn(0) == ["\n\n".join([HISTORY, "Turn 0: reply to " + EMAIL])]  # failed: the fallback masked
+    analyzer.mode = "ok"
+    assert await turn(1) == ["\n\n".join([HISTORY, "Turn 1: reply to " + EMAIL])]  # the fallback's was not kept
+    assert await turn(2) == ["Turn 2: reply to " + EMAIL]  # the history's answer was

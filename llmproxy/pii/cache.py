@@ -1,10 +1,11 @@
 """Spans of texts seen recently, so that a conversation's history is not analysed again on
 every turn (a chat client sends the whole history with each request).
 
-Keyed by the recognizers' entity set and a 128-bit BLAKE2b digest of the text: the table
-holds no text, only offsets, entity names and scores. Texts shorter than `min_chars` are
-analysed every time (cheap, and they would crowd out the long ones). When full, the
-oldest entry goes (first in, first out).
+Keyed by the analyser's scope (the built-in recognizers' entity set, or a Presidio
+analyzer's URL and options) and a 128-bit BLAKE2b digest of the text: the table holds no
+text, only offsets, entity names and scores. Texts shorter than `min_chars` are analysed
+every time (cheap, and they would crowd out the long ones). When full, the oldest entry
+goes (first in, first out).
 
 Keys and entries are plain bytes (spans packed with `struct`), not tuples of objects: an
 entry lives for many requests, and objects the garbage collector tracks would make every
@@ -16,22 +17,20 @@ from __future__ import annotations
 import struct
 from collections import deque
 from hashlib import blake2b
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
-from .recognizers import ENTITIES, Span
+from .recognizers import Span
 
 if TYPE_CHECKING:
     from .recognizers import Recognizers
 
 __all__ = ["SpanCache"]
 
-_NAMES = tuple(sorted(ENTITIES))  # the built-in entities: a span's entity is stored as its index
-_INDEX = {name: i for i, name in enumerate(_NAMES)}
-_SPAN = struct.Struct("<IIBd")  # start, end, entity index, score
+_SPAN = struct.Struct("<IIHd")  # start, end, entity (index into `names`), score
 
 
 class SpanCache:
-    __slots__ = ("size", "min_chars", "table", "order", "scopes", "hits", "misses")
+    __slots__ = ("size", "min_chars", "table", "order", "scopes", "names", "index", "hits", "misses")
 
     def __init__(self, size: int, min_chars: int = 256) -> None:
         self.size = size
@@ -40,32 +39,55 @@ class SpanCache:
         # Insertion order, to evict the oldest in O(1) (the first key of a dict that keys
         # are deleted from is found by skipping the deleted slots: O(n) per eviction).
         self.order: deque[bytes] = deque()
-        self.scopes: dict[str, bytes] = {}  # entity set -> a short prefix of its keys
+        self.scopes: dict[str, bytes] = {}  # scope -> a short prefix of its keys
+        self.names: list[str] = []  # entity names met so far (a config holds a few)
+        self.index: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
 
+    def key(self, scope: str, text: str) -> bytes | None:
+        """The table key of `text` for `scope`; None when the text is too short to keep."""
+        if len(text) < self.min_chars:
+            return None
+        prefix = self.scopes.get(scope)
+        if prefix is None:
+            prefix = self.scopes[scope] = len(self.scopes).to_bytes(4, "little")
+        return prefix + blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+    def get(self, key: bytes) -> list[Span] | None:
+        packed = self.table.get(key)
+        if packed is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        names = self.names
+        return [Span(start, end, names[k], score) for start, end, k, score in _SPAN.iter_unpack(packed)]
+
+    def put(self, key: bytes, spans: Sequence[Span]) -> None:
+        index = self.index
+        for s in spans:
+            if s.entity not in index:
+                if len(self.names) > 0xFFFF:
+                    return  # more distinct entity names than any config holds: not kept
+                index[s.entity] = len(self.names)
+                self.names.append(s.entity)
+        table = self.table
+        if key not in table:
+            if len(table) >= self.size:
+                del table[self.order.popleft()]
+            self.order.append(key)
+        table[key] = b"".join([_SPAN.pack(s.start, s.end, index[s.entity], s.score) for s in spans])
+
     def analyze(self, texts: list[str], recognizers: Recognizers) -> list[list[Span]]:
         """`recognizers.analyze` of each text, from the table when it has been seen."""
-        table = self.table
-        scope = self.scopes.get(recognizers.key)
-        if scope is None:
-            scope = self.scopes[recognizers.key] = len(self.scopes).to_bytes(4, "little")
         out: list[list[Span]] = []
+        scope = recognizers.key
         for text in texts:
-            if len(text) < self.min_chars:
-                out.append(recognizers.analyze(text))
-                continue
-            key = scope + blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-            packed = table.get(key)
-            if packed is None:
-                self.misses += 1
+            key = self.key(scope, text)
+            spans = self.get(key) if key is not None else None
+            if spans is None:
                 spans = recognizers.analyze(text)
-                if len(table) >= self.size:
-                    del table[self.order.popleft()]
-                table[key] = b"".join([_SPAN.pack(s.start, s.end, _INDEX[s.entity], s.score) for s in spans])
-                self.order.append(key)
-            else:
-                self.hits += 1
-                spans = [Span(start, end, _NAMES[k], score) for start, end, k, score in _SPAN.iter_unpack(packed)]
+                if key is not None:
+                    self.put(key, spans)
             out.append(spans)
         return out

@@ -30,6 +30,7 @@ from ..errors import ProxyError
 from .recognizers import Span
 
 if TYPE_CHECKING:
+    from .cache import SpanCache
     from .recognizers import Recognizers
 
 log = structlog.get_logger("llmproxy.pii")
@@ -76,10 +77,31 @@ class PresidioAnalyzer:
         self.services = services
         self._payload = {"language": options.language, "entities": list(entities),
                          "score_threshold": options.score_threshold}
+        # What its answers depend on: a span cache keeps them apart from other analyzers'.
+        self.key = "presidio " + orjson.dumps({"url": self.url, **self._payload}).decode()
         self._failing = False
 
-    async def analyze(self, texts: list[str]) -> list[list[Span]]:
-        """Spans per text, in order."""
+    async def analyze(self, texts: list[str], cache: "SpanCache | None" = None) -> list[list[Span]]:
+        """Spans per text, in order; with a `cache`, only texts it does not hold are sent
+        (the analyzer's answers are kept, a fallback's never are)."""
+        if cache is None:
+            return (await self._analyze(texts))[0]
+        keys = [cache.key(self.key, t) for t in texts]
+        found: list[list[Span] | None] = [cache.get(k) if k is not None else None for k in keys]
+        missing = [i for i, spans in enumerate(found) if spans is None]
+        if missing:
+            spans_of, answered = await self._analyze([texts[i] for i in missing])
+            for i, spans in zip(missing, spans_of):
+                found[i] = spans
+                key = keys[i]
+                if answered and key is not None:
+                    cache.put(key, spans)
+        return found  # type: ignore[return-value]
+
+    async def _analyze(self, texts: list[str]) -> tuple[list[list[Span]], bool]:
+        """Spans per text, and whether the analyzer gave them (False: the fallback did)."""
+        if not texts:
+            return [], True
         try:
             async with asyncio.timeout(self.timeout):
                 batches = _batches(texts)
@@ -94,11 +116,11 @@ class PresidioAnalyzer:
             self._failed(exc)
             if self.fallback is None:
                 raise unavailable() from None
-            return [self.fallback.analyze(t) for t in texts]
+            return [self.fallback.analyze(t) for t in texts], False
         if self._failing:
             self._failing = False
             log.info("pii_analyzer_recovered", url=self.url)
-        return found
+        return found, True
 
     async def _batch(self, texts: list[str], indexes: range, gate: asyncio.Semaphore | None) -> list[list[Span]]:
         """Spans for texts[i] for i in `indexes` (consecutive), from one call when it can."""

@@ -125,10 +125,7 @@ class RestoredStream:
     # OpenAI --------------------------------------------------------------------------------
 
     def _openai(self, ev: Event) -> bytes:
-        try:
-            obj = orjson.loads(ev.data) if ev.data[:1] == b"{" else None
-        except orjson.JSONDecodeError:
-            obj = None
+        obj = _json_object(ev.data)
         choices = obj.get("choices") if isinstance(obj, dict) else None
         if not isinstance(choices, list) or not choices:
             # [DONE], an error, the usage chunk: what is held goes out before it.
@@ -143,36 +140,14 @@ class RestoredStream:
     def _openai_choice(self, choice: dict) -> bool:
         i = choice.get("index", 0)
         ends = choice.get("finish_reason") is not None
-        changed = False
         if self.api == "completions":
-            text = choice.get("text")
-            if isinstance(text, str):
-                new = self._feed((i, "text"), text, "text")
-                if ends:
-                    new += self._flush((i, "text"))
-                if new != text:
-                    choice["text"] = new
-                    changed = True
-            elif ends and (i, "text") in self.held:
-                choice["text"] = self._flush((i, "text"))
-                changed = True
-            return changed
+            return self._restore_field(choice, "text", (i, "text"), ends)
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             if not ends or not any(k[0] == i for k in self.held):
                 return False
             delta = choice["delta"] = {}
-        content = delta.get("content")
-        if isinstance(content, str):
-            new = self._feed((i, "content"), content, "content")
-            if ends:
-                new += self._flush((i, "content"))
-            if new != content:
-                delta["content"] = new
-                changed = True
-        elif ends and (i, "content") in self.held:
-            delta["content"] = self._flush((i, "content"))
-            changed = True
+        changed = self._restore_field(delta, "content", (i, "content"), ends)
         calls = delta.get("tool_calls")
         seen = set()
         if isinstance(calls, list):
@@ -198,6 +173,24 @@ class RestoredStream:
                 changed = True
         return changed
 
+    def _restore_field(self, container: dict, field: str, key: tuple, ends: bool) -> bool:
+        """Restore `container[field]`, one text value tracked under `key` (its kind is
+        key[1]); when the value ends here, what was held goes out with it. Whether the
+        container changed."""
+        text = container.get(field)
+        if isinstance(text, str):
+            new = self._feed(key, text, key[1])
+            if ends:
+                new += self._flush(key)
+            if new == text:
+                return False
+            container[field] = new
+            return True
+        if ends and key in self.held:
+            container[field] = self._flush(key)
+            return True
+        return False
+
     def _openai_delta(self, key: tuple, kind: str, text: str) -> bytes:
         i = key[0]
         if kind == "text":
@@ -212,10 +205,7 @@ class RestoredStream:
     # Anthropic -----------------------------------------------------------------------------
 
     def _anthropic(self, ev: Event) -> bytes:
-        try:
-            obj = orjson.loads(ev.data) if ev.data[:1] == b"{" else None
-        except orjson.JSONDecodeError:
-            obj = None
+        obj = _json_object(ev.data)
         kind = obj.get("type") if isinstance(obj, dict) else None
         if kind == "content_block_delta":
             delta = obj.get("delta")
@@ -252,6 +242,16 @@ class RestoredStream:
         if kind in _ANTHROPIC_FLUSH_ALL or (obj is None and ev.event in _ANTHROPIC_FLUSH_ALL):
             return self._flush_all() + ev.raw
         return ev.raw  # ping, message_start, unknown: a placeholder may continue after it
+
+
+def _json_object(data: bytes) -> Any:
+    """An event's data parsed when it is a JSON object, else None ([DONE], a broken one)."""
+    if data[:1] != b"{":
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _anthropic_delta(index: Any, dtype: str, text: str) -> bytes:

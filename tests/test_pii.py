@@ -806,7 +806,8 @@ async def test_history_is_analysed_once_and_still_masked(upstream, make_proxy, m
 async def test_cache_is_per_entity_set_and_can_be_off(upstream, make_proxy):
     config = openai_config(upstream, middlewares=["team", {"pii": {"mode": "mask"}}])
     proxy = await make_proxy(config, pii_registry(team=FakeTeam))
-    body = {"model": "gpt-test", "messages": [{"role": "user", "content": HISTORY}]}
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": HISTORY},
+                                              {"role": "user", "content": "Next?"}]}
     async with aiohttp.ClientSession() as s:
         for metadata in ({}, {"pii": {"entities": ["IP_ADDRESS"]}}, {}):
             FakeTeam.metadata = metadata
@@ -831,15 +832,16 @@ def test_span_cache_holds_no_text_and_stays_bounded():
     rec = Recognizers()
     cache = SpanCache(size=2, min_chars=10)
     texts = [f"{i}: write to {EMAIL} today" for i in range(3)]
-    first = cache.analyze(texts, rec)
-    assert [[text[s.start:s.end] for s in spans] for text, spans in zip(texts, first)] == [[EMAIL]] * 3
-    assert len(cache.table) == 2 and (cache.hits, cache.misses) == (0, 3)
-    assert cache.analyze(texts[2:], rec) == first[2:] and cache.hits == 1
-    assert cache.analyze(texts[:1], rec) == first[:1] and cache.misses == 4  # the oldest went
+    newest = f"and now to {EMAIL}, please"
+    first = cache.analyze([*texts, newest], rec)
+    assert [[text[s.start:s.end] for s in spans] for text, spans in zip([*texts, newest], first)] == [[EMAIL]] * 4
+    assert len(cache.table) == 2 and (cache.hits, cache.misses) == (0, 3)  # the newest is not looked up
+    assert cache.analyze([texts[2], newest], rec) == [first[2], first[3]] and cache.hits == 1
+    assert cache.analyze([texts[0], newest], rec) == [first[0], first[3]] and cache.misses == 4  # the oldest went
     for key, packed in cache.table.items():
         assert isinstance(key, bytes) and len(key) == 4 + 16 and isinstance(packed, bytes)
         assert EMAIL.encode() not in key + packed
-    assert cache.analyze(["short"], rec) == [[]] and cache.misses == 4  # under min_chars: not cached
+    assert cache.analyze(["short", newest], rec) == [[], first[3]] and cache.misses == 4  # short: not kept
 
 
 async def test_presidio_history_sent_once_and_fallback_answers_not_kept(upstream, make_proxy, analyzer):

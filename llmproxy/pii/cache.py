@@ -1,6 +1,10 @@
 """Spans of texts seen recently, so that a conversation's history is not analysed again on
 every turn (a chat client sends the whole history with each request).
 
+The last text of a request (its newest message) is not looked up or kept: it is new
+almost every time, and hashing it would only add to its cost; it is kept once a later
+request sends it again as history.
+
 Keyed by the analyser's scope (the built-in recognizers' entity set, or a Presidio
 analyzer's URL and options) and a 128-bit BLAKE2b digest of the text: the table holds no
 text, only offsets, entity names and scores. Texts shorter than `min_chars` are analysed
@@ -82,8 +86,9 @@ class SpanCache:
         """`recognizers.analyze` of each text, from the table when it has been seen."""
         out: list[list[Span]] = []
         scope = recognizers.key
-        for text in texts:
-            key = self.key(scope, text)
+        last = len(texts) - 1
+        for i, text in enumerate(texts):
+            key = self.key(scope, text) if i < last else None
             spans = self.get(key) if key is not None else None
             if spans is None:
                 spans = recognizers.analyze(text)

@@ -86,7 +86,8 @@ class PresidioAnalyzer:
         (the analyzer's answers are kept, a fallback's never are)."""
         if cache is None:
             return (await self._analyze(texts))[0]
-        keys = [cache.key(self.key, t) for t in texts]
+        last = len(texts) - 1  # the newest message: see llmproxy.pii.cache
+        keys = [cache.key(self.key, t) if i < last else None for i, t in enumerate(texts)]
         found: list[list[Span] | None] = [cache.get(k) if k is not None else None for k in keys]
         missing = [i for i, spans in enumerate(found) if spans is None]
         if missing:

@@ -65,7 +65,9 @@ async def make_proxy(tmp_path) -> AsyncIterator[Callable[..., Any]]:
         config = dict(config)
         n = len(servers)
         config.setdefault("database", {"sqlite_path": str(tmp_path / f"proxy{n}.db")})
-        config.setdefault("spend", {"spill_path": str(tmp_path / f"spill{n}.jsonl")})
+        # Every proxy its own spill file, also when the test sets other spend options: a
+        # shared default path would let one test's spilled rows be replayed into another's.
+        config["spend"] = {"spill_path": str(tmp_path / f"spill{n}.jsonl"), **config.get("spend", {})}
         cfg = parse_config(config)
         gateway = Gateway(cfg, registry)
         server = TestServer(gateway.app(), host="127.0.0.1")

@@ -1278,7 +1278,7 @@ def print_table(summary: dict, targets: list[Target], args, title: str | None = 
                                  "not scheduler state, not in calls/req)")
             want = len(PII_SNIPPETS) if sc_name.startswith(("chat-2k-pii", "chat-history-pii")) else 0
             got = r.get("pii_entities_per_req")
-            if got is not None and sc_name.startswith("chat-2k") and abs(got - want) > 1e-9:
+            if got is not None and sc_name.startswith(("chat-2k", "chat-history-pii")) and abs(got - want) > 1e-9:
                 notes.append(f"{sc_name}/{t.name}: {got:.3f} PII entities found per request, "
                              f"the prompt holds {want}")
             a, b = r["cpu_us_per_req_stat_median"], r["cpu_us_per_req_schedstat_median"]

@@ -85,9 +85,8 @@ class Policy:
     recognizers: Recognizers | None  # None when `presidio` is set
     presidio: PresidioAnalyzer | None = field(default=None)
 
-    async def analyze(self, texts: list[str], cache: SpanCache | None = None) -> list[list[Any]]:
-        if self.presidio is not None:
-            return await self.presidio.analyze(texts, cache)
+    def builtin(self, texts: list[str], cache: SpanCache | None) -> list[list[Any]]:
+        """The built-in recognizers' spans (synchronous: no coroutine on the hot path)."""
         if cache is not None:
             return cache.analyze(texts, self.recognizers)
         analyze = self.recognizers.analyze
@@ -105,7 +104,6 @@ class PII:
         self.metrics = services.metrics if services is not None else None
         self._found: dict[str, int] = {}  # entities found since the metrics last read them
         self.cache = SpanCache(opts.cache_size) if opts.cache_size > 0 else None
-        self._cache_counted = (0, 0)
         if self.metrics is not None:
             self.metrics.define(METRIC, "counter", "Personal data entities found in requests.", ("entity",))
             self.metrics.define(CACHE_METRIC, "counter",
@@ -138,14 +136,10 @@ class PII:
         if not texts.slots:
             return await call_next(ctx)
         values = texts.values()
-        if policy.recognizers is not None:  # built in: no coroutine to await
-            if self.cache is not None:
-                found = self.cache.analyze(values, policy.recognizers)
-            else:
-                analyze = policy.recognizers.analyze
-                found = [analyze(t) for t in values]
+        if policy.presidio is None:
+            found = policy.builtin(values, self.cache)
         else:
-            found = await policy.analyze(values, self.cache)
+            found = await policy.presidio.analyze(values, self.cache)
         hits = {i: spans for i, spans in enumerate(found) if spans}
         if not hits:
             return await call_next(ctx)
@@ -185,13 +179,11 @@ class PII:
         for entity, n in found.items():
             inc(METRIC, (entity,), n)
         if self.cache is not None:
-            hits, misses = self.cache.hits, self.cache.misses
-            before_hits, before_misses = self._cache_counted
-            if hits > before_hits:
-                inc(CACHE_METRIC, ("hit",), hits - before_hits)
-            if misses > before_misses:
-                inc(CACHE_METRIC, ("miss",), misses - before_misses)
-            self._cache_counted = (hits, misses)
+            hits, misses = self.cache.take_counts()
+            if hits:
+                inc(CACHE_METRIC, ("hit",), hits)
+            if misses:
+                inc(CACHE_METRIC, ("miss",), misses)
 
     # --- per-team policies ----------------------------------------------------------------
 

@@ -728,16 +728,22 @@ async def test_nothing_of_the_prompt_in_logs_or_records(upstream, make_proxy, ca
         assert not any(value in repr(record) for value in ORIGINALS)
 
 
+async def metric_lines(proxy, name: str) -> dict[str, float]:
+    """The samples of metric `name` on the proxy's /metrics, by their label text."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.url + "/metrics") as r:
+            text = await r.text()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith(name)}
+
+
 async def test_metrics_count_each_entity(upstream, make_proxy):
     proxy = await pii_proxy(make_proxy, upstream)
     upstream.push(echo())
     await oai(proxy).chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": PROMPT}])
-    async with aiohttp.ClientSession() as s:
-        async with s.get(proxy.url + "/metrics") as r:
-            text = await r.text()
-    assert 'llmproxy_pii_redactions_total{entity="EMAIL_ADDRESS"} 2.0' in text
-    assert 'llmproxy_pii_redactions_total{entity="US_SSN"} 1.0' in text
-    assert 'llmproxy_pii_redactions_total{entity="IP_ADDRESS"} 1.0' in text
+    found = await metric_lines(proxy, "llmproxy_pii_redactions_total")
+    assert found == {'llmproxy_pii_redactions_total{entity="EMAIL_ADDRESS"}': 2.0,
+                     'llmproxy_pii_redactions_total{entity="US_SSN"}': 1.0,
+                     'llmproxy_pii_redactions_total{entity="IP_ADDRESS"}': 1.0}
 
 
 async def test_json_answer_cut_short_is_a_clean_502(upstream, make_proxy):
@@ -764,13 +770,6 @@ async def test_json_answer_cut_short_is_a_clean_502(upstream, make_proxy):
 # --- the span cache: a conversation's history is analysed once -------------------------------
 
 HISTORY = (PROMPT + " ") * 6  # 400+ characters: long enough to be remembered
-
-
-async def metric_lines(proxy, name: str) -> dict[str, float]:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(proxy.url + "/metrics") as r:
-            text = await r.text()
-    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith(name)}
 
 
 async def test_history_is_analysed_once_and_still_masked(upstream, make_proxy, monkeypatch):

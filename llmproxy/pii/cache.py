@@ -49,14 +49,21 @@ class SpanCache:
         self.hits = 0
         self.misses = 0
 
-    def key(self, scope: str, text: str) -> bytes | None:
-        """The table key of `text` for `scope`; None when the text is too short to keep."""
-        if len(text) < self.min_chars:
-            return None
+    def keys(self, scope: str, texts: list[str]) -> list[bytes | None]:
+        """The table key of each of a request's texts for `scope`; None for a text too
+        short to keep and for the last one (the newest message)."""
         prefix = self.scopes.get(scope)
         if prefix is None:
             prefix = self.scopes[scope] = len(self.scopes).to_bytes(4, "little")
-        return prefix + blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        last = len(texts) - 1
+        return [prefix + blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+                if i < last and len(t) >= self.min_chars else None for i, t in enumerate(texts)]
+
+    def take_counts(self) -> tuple[int, int]:
+        """Hits and misses since the last call."""
+        counts = (self.hits, self.misses)
+        self.hits = self.misses = 0
+        return counts
 
     def get(self, key: bytes) -> list[Span] | None:
         packed = self.table.get(key)
@@ -85,10 +92,7 @@ class SpanCache:
     def analyze(self, texts: list[str], recognizers: Recognizers) -> list[list[Span]]:
         """`recognizers.analyze` of each text, from the table when it has been seen."""
         out: list[list[Span]] = []
-        scope = recognizers.key
-        last = len(texts) - 1
-        for i, text in enumerate(texts):
-            key = self.key(scope, text) if i < last else None
+        for text, key in zip(texts, self.keys(recognizers.key, texts)):
             spans = self.get(key) if key is not None else None
             if spans is None:
                 spans = recognizers.analyze(text)

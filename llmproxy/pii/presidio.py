@@ -86,8 +86,7 @@ class PresidioAnalyzer:
         (the analyzer's answers are kept, a fallback's never are)."""
         if cache is None:
             return (await self._analyze(texts))[0]
-        last = len(texts) - 1  # the newest message: see llmproxy.pii.cache
-        keys = [cache.key(self.key, t) if i < last else None for i, t in enumerate(texts)]
+        keys = cache.keys(self.key, texts)
         found: list[list[Span] | None] = [cache.get(k) if k is not None else None for k in keys]
         missing = [i for i, spans in enumerate(found) if spans is None]
         if missing:
@@ -141,14 +140,12 @@ class PresidioAnalyzer:
                 start, end = item["start"], item["end"]
             except (TypeError, KeyError):
                 raise AnalyzerUnavailable("a result without entity_type, start, end") from None
-            if not (isinstance(start, int) and isinstance(end, int)):
+            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= pos):
                 raise AnalyzerUnavailable("a result with offsets outside the text")
-            k = bisect_right(starts, start) - 1
-            base = starts[k] if k >= 0 else 0
-            if k < 0 or end > base + len(texts[indexes[k]]):
-                if 0 <= start < end <= pos:  # across a separator: ask for each text alone
-                    return [spans for i in indexes for spans in await self._batch(texts, range(i, i + 1), gate)]
-                raise AnalyzerUnavailable("a result with offsets outside the text")
+            k = bisect_right(starts, start) - 1  # the text it starts in (starts[0] is 0)
+            base = starts[k]
+            if end > base + len(texts[indexes[k]]):  # across a separator: ask for each text alone
+                return [spans for i in indexes for spans in await self._batch(texts, range(i, i + 1), gate)]
             per_text[k].append({**item, "start": start - base, "end": end - base})
         return [self._spans(found, len(texts[i])) for found, i in zip(per_text, indexes)]
 

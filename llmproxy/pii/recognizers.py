@@ -334,8 +334,8 @@ class _Numbers:
         if start and text[start - 1] == "+":  # "+" is no run character: it can only come first
             m = _PHONE_INTERNATIONAL.match(text, start - 1, hi)
             if m is not None and sh is not None and m.end() >= start + len(sh.rstrip(b"sp")):
-                # The number spans the whole run: a national match inside it would be
-                # shorter and lose to it (once it has its digit count, checked below).
+                # The number spans the whole run (its digits are the run's): a national
+                # match inside it would be shorter and lose to it.
                 if 8 <= digits <= 15:
                     out.append(Span(m.start(), m.end(), PHONE, _SCORE_PHONE))
                     return

@@ -3,20 +3,47 @@ and properties over arbitrary text."""
 
 from __future__ import annotations
 
+import os
+import re
 import time
+from typing import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmproxy.pii.recognizers import ENTITIES, Recognizers, Span, resolve_overlaps
+from llmproxy.pii import recognizers as rec
+from llmproxy.pii.recognizers import ENTITIES, Recognizers, Span, resolve_overlaps, scan_compiled, scan_python
 
+# Every test here runs twice: with the compiled one-pass scan (llmproxy/pii/_scan.c) and
+# with its Python equivalent. ALL and ONLY are rebound per run by the fixture below.
 ALL = Recognizers()
 ONLY = {entity: Recognizers([entity]) for entity in ENTITIES}
 
 
-def found(text: str, recognizers: Recognizers = ALL) -> list[tuple[str, str]]:
-    return [(text[s.start : s.end], s.entity) for s in recognizers.analyze(text)]
+def require_compiled() -> None:
+    """Skip without the C scan, except under CI=true: there it must have been built."""
+    if scan_compiled is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("llmproxy.pii._scan is not built (the install found no C compiler?)")
+        pytest.skip("llmproxy.pii._scan is not built: the Python scan is tested alone")
+
+
+@pytest.fixture(scope="module", params=["compiled", "python"], autouse=True)
+def scan_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    global ALL, ONLY
+    compiled = request.param == "compiled"
+    if compiled:
+        require_compiled()
+    ALL = Recognizers(compiled=compiled)
+    ONLY = {entity: Recognizers([entity], compiled=compiled) for entity in ENTITIES}
+    assert ALL.scan is (scan_compiled if compiled else scan_python)
+    yield request.param
+    ALL, ONLY = Recognizers(), {entity: Recognizers([entity]) for entity in ENTITIES}
+
+
+def found(text: str, recognizers: Recognizers | None = None) -> list[tuple[str, str]]:
+    return [(text[s.start : s.end], s.entity) for s in (recognizers or ALL).analyze(text)]
 
 
 # -- sample secrets (built here so no real-looking key sits in the source as one string) --
@@ -452,6 +479,60 @@ def test_every_span_is_found_again_on_its_own(text: str) -> None:
             with_context = ONLY[s.entity].analyze(prefix + piece)
             alone = [(x.start - len(prefix), x.end - len(prefix), x.entity) for x in with_context]
         assert alone == [(0, len(piece), s.entity)], (text, piece, s)
+
+
+# -- the one pass: compiled and Python agree ------------------------------------------
+
+KEY_PREFIXES = ["sk-", "xoxb-", "xoxq-", "AKIA", "ASIA", "AIza", "AIz", "k_live_", "k_test_", "sk_tes",
+                "ghp_", "ghx_", "github_pat_", "github_", "eyJ", "Bearer ", "BEARER", "bearer", "eare"]
+NUMBERS = ["+1 ", "+44 (0)20 ", "DE89", "GB", "4111 1111 1111 1111", "1.2.3.4", "203.0.113.42", "078-05-1120",
+           "(415) 555-2671", "12.34.56", "1..2", "9\u00a08"]
+scan_text = st.lists(
+    st.one_of(
+        st.sampled_from(KEY_PREFIXES + NUMBERS + CAUGHT + NOT_CAUGHT),
+        st.text(alphabet="0123456789 \t\u00a0().-/+_AZBDEGKIS azskxobpregyJRliv\u00e9\u20ac\U0001f600", max_size=16),
+        st.text(max_size=4),
+    ),
+    max_size=10,
+).map("".join)
+
+
+def prefix_bits(text: str) -> int:
+    """The KEY_* bits of the prefixes in `text`, by their definition."""
+    return (
+        rec.KEY_SK * ("sk-" in text)
+        | rec.KEY_XOX * bool(re.search(r"xox[abprse]-", text))
+        | rec.KEY_AWS * bool(re.search(r"A(?:KIA|SIA|Iza)", text))
+        | rec.KEY_STRIPE * ("k_live_" in text or "k_test_" in text)
+        | rec.KEY_GITHUB * bool(re.search(r"gh[pousr]_|github_pat_", text))
+        | rec.KEY_JWT * ("eyJ" in text)
+        | rec.KEY_BEARER * ("earer" in text or "EARER" in text)
+    )
+
+
+@settings(deadline=None, max_examples=1500)
+@given(st.one_of(scan_text, st.text()))
+def test_compiled_scan_finds_what_the_python_scan_finds(text: str) -> None:
+    require_compiled()
+    runs, keys = scan_compiled(text)
+    py_runs, py_keys = scan_python(text)
+    assert runs == py_runs
+    assert keys == prefix_bits(text)
+    assert keys & ~py_keys == 0  # the Python bits may be set on weaker evidence, never the C ones
+    assert Recognizers(compiled=True).analyze(text) == Recognizers(compiled=False).analyze(text)
+
+
+@pytest.mark.parametrize("text", ["", "7", "\u00e9 12 34", "x\U0001f600 4111 1111 1111 1111 \u00a0+1 415 555 2671",
+                                  "\u20ac 1.2.3.4 AKIA", "AB12", "\u00e9AB12", "1" * 9 + "\u00e9"])
+def test_compiled_scan_on_every_string_width(text: str) -> None:
+    require_compiled()
+    assert scan_compiled(text) == (scan_python(text)[0], prefix_bits(text))
+
+
+def test_compiled_scan_takes_only_str() -> None:
+    require_compiled()
+    with pytest.raises(TypeError):
+        scan_compiled(b"4111 1111 1111 1111")  # type: ignore[arg-type]
 
 
 # -- cost ------------------------------------------------------------------------------

@@ -6,14 +6,19 @@ then the higher score, then the stricter check (card, IBAN, API key, e-mail, SSN
 phone); `resolve_overlaps` applies the same rule to spans from elsewhere.
 
 This runs on every prompt, so the expensive part is skipped whenever a cheap test says
-it cannot match (each test is one C-level pass over the text):
+it cannot match:
 
 - e-mail addresses are looked for only around each ``@``;
-- numbers (cards, SSNs, phones, IPv4, IBANs) only when the text holds at least four
-  ASCII digits; one regex pass then finds the runs of digits and separators long enough
-  to hold one, and the entity patterns run only inside those;
+- numbers (cards, SSNs, phones, IPv4, IBANs) only inside the runs of digits and
+  separators long enough to hold one, and only when the text holds at least four
+  ASCII digits;
 - IPv6 only where ``::`` (after a whole hex group) or ``:h:h:h:`` occurs;
 - each API-key family only when its fixed prefix occurs (``sk-``, ``AKIA``, ``eyJ``...).
+
+The runs and the key prefixes are found by one pass over the text, `scan`: in C
+(``llmproxy/pii/_scan.c``, built at install when a compiler is there) or, without it, by
+`scan_python`, which finds the same runs with the regex engine (the C pass is tested
+against it). Everything after that, every entity pattern and check, is Python.
 
 Candidates are then validated in Python (Luhn, mod-97, ranges, context). The rules for
 the judgement calls:
@@ -64,7 +69,12 @@ import re
 from bisect import bisect_left
 from typing import Callable, Iterable, NamedTuple
 
-__all__ = ["ENTITIES", "Recognizers", "Span", "resolve_overlaps"]
+try:
+    from llmproxy.pii._scan import scan as scan_compiled
+except ImportError:  # not built (no compiler at install): scan_python does the same
+    scan_compiled = None
+
+__all__ = ["ENTITIES", "Recognizers", "Span", "resolve_overlaps", "scan_compiled", "scan_python"]
 
 
 class Span(NamedTuple):  # a tuple: cheap to make, sorts by position
@@ -264,30 +274,22 @@ class _Numbers:
         self.card, self.ssn, self.phone = CARD in entities, SSN in entities, PHONE in entities
         self.ipv4, self.iban = IP in entities, IBAN in entities
 
-    def __call__(self, text: str, out: list[Span]) -> None:
-        if text.isascii():
-            shape = text.encode("ascii").translate(_SHAPE)
-            runs = _SHAPE_RUN.finditer(shape)
-        else:
-            data = text.encode("utf-8", "surrogatepass")
-            if len(data) - len(data.translate(None, _DIGITS)) < 4:
-                return
-            shape = None
-            runs = _NUMBER_RUN.finditer(text)
+    def __call__(self, text: str, runs: list[tuple[int, int]], out: list[Span]) -> None:
+        """The entities inside `runs` (`scan`'s runs of digits and separators)."""
+        ascii_ = text.isascii()
         n = len(text)
         card, ssn, phone, ipv4, iban = self.card, self.ssn, self.phone, self.ipv4, self.iban
-        for run in runs:
-            start, end = run.span()
+        for start, end in runs:
             if iban and start >= 2 and "A" <= text[start - 2] <= "Z" and "A" <= text[start - 1] <= "Z":
                 self._iban(text, start - 2, out)
             if end - start < 7:
                 continue
-            if shape is None:
+            if ascii_:
+                sh = text[start:end].encode("ascii").translate(_SHAPE)
+                digits = sh.count(100)  # b"d"
+            else:
                 sh = None
                 digits = _digit_count(text[start:end])
-            else:
-                sh = shape[start:end]
-                digits = sh.count(100)  # b"d"
             lo = start - 2 if start > 2 else 0
             hi = end + 2 if end + 2 < n else n
             if ipv4 and text.count(".", start, end) >= 3:
@@ -466,15 +468,25 @@ def _has_letter_and_digit(s: str) -> bool:
     return _HAS_DIGIT.search(s) is not None and _HAS_LETTER.search(s) is not None
 
 
-# (gate, pattern, check of the match or None). A gate is a cheap test that the family's
-# prefix occurs; patterns start with a literal so the regex engine can skip ahead, and
-# look behind only after it.
-# A gate that is a str names a group of _DASH_KEY: one search finds both "sk-" and "xox?-".
-_KeyFamily = tuple[Callable[[str], bool] | str, re.Pattern[str], Callable[[str], bool] | None]
+# The key prefixes `scan` reports, as bits (the same values in _scan.c). A bit may be set
+# when its prefix is absent (scan_python sets KEY_AWS and KEY_GITHUB on weaker evidence),
+# never the other way round: a family whose bit is clear cannot match.
+KEY_SK = 1  # "sk-"
+KEY_XOX = 2  # "xox" + one of abprse + "-"
+KEY_AWS = 4  # "AKIA", "ASIA", "AIza"
+KEY_STRIPE = 8  # "k_live_", "k_test_"
+KEY_GITHUB = 16  # "gh" + one of pousr + "_", "github_pat_"
+KEY_JWT = 32  # "eyJ"
+KEY_BEARER = 64  # "earer", "EARER"
+
+# (bit, pattern, check of the match or None): a pattern runs only when its prefix's bit is
+# set; patterns start with a literal so the regex engine can skip ahead, and look behind
+# only after it.
+_KeyFamily = tuple[int, re.Pattern[str], Callable[[str], bool] | None]
 _DASH_KEY = re.compile(r"-(?:(?<=(?P<sk>sk)-)|(?<=(?P<xox>xox[abprse])-))")
 _KEY_FAMILIES: tuple[_KeyFamily, ...] = (
     (
-        "sk",
+        KEY_SK,
         # The body after "sk-" (the whole token: the lookaheads cannot leave it) needs a
         # digit and a 16+ character stretch without "-"/"_" (module docstring).
         re.compile(r"sk-(?<![\w\-]...)(?=[A-Za-z0-9_\-]*?[0-9])(?=[A-Za-z0-9_\-]*?[A-Za-z0-9]{16})"
@@ -482,7 +494,7 @@ _KEY_FAMILIES: tuple[_KeyFamily, ...] = (
         None,
     ),
     (
-        lambda t: True,  # the pattern's literal "A" is its own fast gate
+        KEY_AWS,
         re.compile(
             r"A(?:KIA|SIA)(?<![\w\-]....)[A-Z0-9]{16}(?![\w\-])"
             r"|AIza(?<![\w\-]....)[A-Za-z0-9_\-]{35}(?![\w\-])"
@@ -490,12 +502,12 @@ _KEY_FAMILIES: tuple[_KeyFamily, ...] = (
         None,
     ),
     (
-        lambda t: "_" in t and ("k_live_" in t or "k_test_" in t),
+        KEY_STRIPE,
         re.compile(r"[sr]k_(?<![\w\-]...)(?:live|test)_[A-Za-z0-9]{16,}(?![\w\-])"),
         None,
     ),
     (
-        lambda t: "_" in t,
+        KEY_GITHUB,
         re.compile(
             r"g(?:h[pousr]_(?<![\w\-]....)[A-Za-z0-9]{36,255}|ithub_pat_(?<![\w\-]...........)[A-Za-z0-9_]{30,255})"
             r"(?![\w\-])"
@@ -503,12 +515,12 @@ _KEY_FAMILIES: tuple[_KeyFamily, ...] = (
         None,
     ),
     (
-        "xox",
+        KEY_XOX,
         re.compile(r"xox(?<![\w\-]...)[abprse]-[A-Za-z0-9\-]{10,}"),
         _has_letter_and_digit,
     ),
     (
-        lambda t: "J" in t and "eyJ" in t,
+        KEY_JWT,
         re.compile(r"eyJ(?<![\w\-]...)[A-Za-z0-9_\-]{10,}+\.eyJ[A-Za-z0-9_\-]{10,}+\.[A-Za-z0-9_\-]{10,}+(?![\w\-])"),
         None,
     ),
@@ -516,25 +528,49 @@ _KEY_FAMILIES: tuple[_KeyFamily, ...] = (
 _BEARER = re.compile(r"(?<!\w)(?:Bearer|bearer|BEARER)[ \t]+([A-Za-z0-9\-._~+/]{20,}=*)")
 
 
-def _find_api_keys(text: str, out: list[Span]) -> None:
-    dashed: set[str | None] | None = None
-    for gate, pattern, check in _KEY_FAMILIES:
-        if isinstance(gate, str):
-            if dashed is None:
-                dashed = {m.lastgroup for m in _DASH_KEY.finditer(text)} if "-" in text else set()
-            if gate not in dashed:
-                continue
-        elif not gate(text):
+def _find_api_keys(text: str, keys: int, out: list[Span]) -> None:
+    """The API keys of the families whose prefix bit is set in `keys` (from `scan`)."""
+    for bit, pattern, check in _KEY_FAMILIES:
+        if not keys & bit:
             continue
         for m in pattern.finditer(text):
             if check is None or check(m.group()):
                 out.append(Span(m.start(), m.end(), API_KEY))
-    if "earer" in text or ("R" in text and "EARER" in text):
+    if keys & KEY_BEARER:
         for m in _BEARER.finditer(text):
             token = m.group(1).rstrip(".")
             if len(token) >= 20 and _has_letter_and_digit(token):
                 start = m.start(1)
                 out.append(Span(start, start + len(token), API_KEY, _SCORE_BEARER))
+
+
+# -- the one pass --------------------------------------------------------------------
+
+
+def scan_python(text: str) -> tuple[list[tuple[int, int]], int]:
+    """`(runs, keys)`: the runs of digits and separators that can hold a number entity
+    (`_SHAPE_RUN` over an ASCII text's shape, `_NUMBER_RUN` over any other text holding
+    4+ digits) and the KEY_* bits of the key prefixes present. What `_scan.c` computes in
+    one pass; used when it is not built."""
+    if text.isascii():
+        runs = [m.span() for m in _SHAPE_RUN.finditer(text.encode("ascii").translate(_SHAPE))]
+    else:
+        data = text.encode("utf-8", "surrogatepass")
+        digits = len(data) - len(data.translate(None, _DIGITS))
+        runs = [m.span() for m in _NUMBER_RUN.finditer(text)] if digits >= 4 else []
+    keys = KEY_AWS  # the pattern's literal "A" is its own fast gate
+    if "-" in text:
+        for m in _DASH_KEY.finditer(text):
+            keys |= KEY_SK if m.lastgroup == "sk" else KEY_XOX
+    if "_" in text:
+        keys |= KEY_GITHUB
+        if "k_live_" in text or "k_test_" in text:
+            keys |= KEY_STRIPE
+    if "J" in text and "eyJ" in text:
+        keys |= KEY_JWT
+    if "earer" in text or ("R" in text and "EARER" in text):
+        keys |= KEY_BEARER
+    return runs, keys
 
 
 # -- the recognizer set ------------------------------------------------------------
@@ -570,15 +606,13 @@ def resolve_overlaps(spans: Iterable[Span]) -> list[Span]:
     return kept
 
 
-_Finder = Callable[[str, list[Span]], None]
-
-
 class Recognizers:
-    """The built-in recognizers for a set of entities; build once, call `analyze` often."""
+    """The built-in recognizers for a set of entities; build once, call `analyze` often.
+    `compiled=False` uses `scan_python` even where the C pass is built (tests, comparison)."""
 
-    __slots__ = ("entities", "key", "_finders")
+    __slots__ = ("entities", "key", "scan", "_emails", "_numbers", "_ipv6", "_keys")
 
-    def __init__(self, entities: Iterable[str] = ENTITIES) -> None:
+    def __init__(self, entities: Iterable[str] = ENTITIES, compiled: bool = True) -> None:
         if isinstance(entities, str):
             raise TypeError("entities must be an iterable of entity names, not one str")
         wanted = frozenset(entities)
@@ -588,20 +622,24 @@ class Recognizers:
             raise ValueError(f"unknown PII entity {names} (known: {', '.join(sorted(ENTITIES))})")
         self.entities = wanted
         self.key = ",".join(sorted(wanted))  # the same for equal sets: results can be shared
-        finders: list[_Finder] = []
-        if EMAIL in wanted:
-            finders.append(_find_emails)
-        if wanted & {CARD, SSN, PHONE, IP, IBAN}:
-            finders.append(_Numbers(wanted))
-        if IP in wanted:
-            finders.append(_find_ipv6)
-        if API_KEY in wanted:
-            finders.append(_find_api_keys)
-        self._finders = tuple(finders)
+        self.scan: Callable[[str], tuple[list[tuple[int, int]], int]] = (
+            scan_compiled if compiled and scan_compiled is not None else scan_python)
+        self._emails = EMAIL in wanted
+        self._numbers = _Numbers(wanted) if wanted & {CARD, SSN, PHONE, IP, IBAN} else None
+        self._ipv6 = IP in wanted
+        self._keys = API_KEY in wanted
 
     def analyze(self, text: str) -> list[Span]:
         """The entities in `text`: sorted by start, non-overlapping, offsets into `text`."""
         spans: list[Span] = []
-        for find in self._finders:
-            find(text, spans)
+        if self._emails:
+            _find_emails(text, spans)
+        if self._numbers is not None or self._keys:
+            runs, keys = self.scan(text)
+            if runs and self._numbers is not None:
+                self._numbers(text, runs, spans)
+            if keys and self._keys:
+                _find_api_keys(text, keys, spans)
+        if self._ipv6:
+            _find_ipv6(text, spans)
         return resolve_overlaps(spans) if len(spans) > 1 else spans

@@ -1,0 +1,189 @@
+/* One pass over a prompt that finds where the built-in PII recognizers must look.
+ *
+ * scan(text) -> (runs, keys)
+ *   runs: [(start, end), ...] the runs of digits and separators that can hold a card,
+ *         SSN, phone, IPv4 or IBAN: exactly what recognizers._SHAPE_RUN finds in an ASCII
+ *         text's shape and recognizers._NUMBER_RUN in any other text (that one only when
+ *         the text holds 4+ digits);
+ *   keys: a bit set of the API-key prefixes present (recognizers.KEY_* bits).
+ *
+ * It replaces several passes of the regex engine with one loop; the recognizers in
+ * recognizers.py stay the judges (every entity pattern and check runs as before). Optional:
+ * when this module is not built, recognizers.py computes the same in Python.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+enum { C_X = 0, C_D = 1, C_S = 2, C_P = 3 }; /* other, digit, separator, "." */
+
+/* Bits of `keys`; the same values as KEY_* in recognizers.py. */
+enum {
+    K_SK = 1,      /* "sk-" */
+    K_XOX = 2,     /* "xox" + one of abprse + "-" */
+    K_AWS = 4,     /* "AKIA", "ASIA", "AIza" */
+    K_STRIPE = 8,  /* "k_live_", "k_test_" */
+    K_GITHUB = 16, /* "gh" + one of pousr + "_", "github_pat_" */
+    K_JWT = 32,    /* "eyJ" */
+    K_BEARER = 64  /* "earer", "EARER" */
+};
+
+static unsigned char cls[256];
+static unsigned char look[256]; /* 1: a digit or a character the key prefixes end or start with */
+
+static void init_classes(void) {
+    for (int c = '0'; c <= '9'; c++) cls[c] = C_D;
+    cls[' '] = cls['\t'] = cls['('] = cls[')'] = cls['-'] = cls['/'] = cls[0xA0] = C_S;
+    cls['.'] = C_P;
+    for (int c = '0'; c <= '9'; c++) look[c] = 1;
+    look['-'] = look['A'] = look['_'] = look['J'] = look['r'] = look['R'] = 1;
+}
+
+#define CLASS(c) ((c) < 256 ? cls[(c)] : C_X)
+#define IS_DIGIT(c) ((c) >= '0' && (c) <= '9')
+#define IS_UPPER(c) ((c) >= 'A' && (c) <= 'Z')
+#define IS_SEP(c) (CLASS(c) >= C_S) /* a separator or "." */
+#define IS_RUN(c) (CLASS(c) != C_X)
+
+/* The scanner, once per code unit width. */
+#define DEFINE_SCAN(NAME, T)                                                                     \
+    static int NAME##_digits_after(const T *s, Py_ssize_t n, Py_ssize_t j, int groups) {         \
+        /* (?:[sp]{0,2}+d){groups} from j */                                                     \
+        for (int g = 0; g < groups; g++) {                                                       \
+            int seps = 0;                                                                        \
+            while (seps < 2 && j < n && IS_SEP(s[j])) { j++; seps++; }                           \
+            if (j >= n || !IS_DIGIT(s[j])) return 0;                                             \
+            j++;                                                                                 \
+        }                                                                                        \
+        return 1;                                                                                \
+    }                                                                                            \
+    static int NAME##_ipv4_after(const T *s, Py_ssize_t n, Py_ssize_t j) {                       \
+        /* d{0,2} p d{1,3} p d{1,3} p d from j (the first digit already read) */                 \
+        int k = 0;                                                                               \
+        while (k < 2 && j < n && IS_DIGIT(s[j])) { j++; k++; }                                   \
+        for (int part = 0; part < 2; part++) {                                                   \
+            if (j >= n || s[j] != '.') return 0;                                                 \
+            j++;                                                                                 \
+            k = 0;                                                                               \
+            while (k < 3 && j < n && IS_DIGIT(s[j])) { j++; k++; }                               \
+            if (k == 0) return 0;                                                                \
+        }                                                                                        \
+        return j + 1 < n && s[j] == '.' && IS_DIGIT(s[j + 1]);                                   \
+    }                                                                                            \
+    static int NAME(const T *s, Py_ssize_t n, int want_runs, PyObject *runs, long *keys) {      \
+        long k = 0;                                                                              \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                     \
+            Py_UCS4 c = s[i];                                                                    \
+            if (c >= 256 || !look[c]) continue;                                                  \
+            if (IS_DIGIT(c)) {                                                                   \
+                if (!want_runs || (i > 0 && IS_DIGIT(s[i - 1]))) continue;                       \
+                int ok = NAME##_digits_after(s, n, i + 1, 8)                                     \
+                    || (i > 0 && s[i - 1] == '+' && NAME##_digits_after(s, n, i + 1, 7))         \
+                    || (i >= 2 && IS_UPPER(s[i - 2]) && IS_UPPER(s[i - 1]) && i + 1 < n          \
+                        && IS_DIGIT(s[i + 1]))                                                   \
+                    || NAME##_ipv4_after(s, n, i + 1);                                           \
+                if (!ok) continue;                                                               \
+                Py_ssize_t e = i + 1;                                                            \
+                while (e < n && IS_RUN(s[e])) e++;                                               \
+                PyObject *span = Py_BuildValue("(nn)", i, e);                                    \
+                if (span == NULL || PyList_Append(runs, span) < 0) { Py_XDECREF(span); return -1; } \
+                Py_DECREF(span);                                                                 \
+                i = e - 1; /* s[e] is no digit: the loop goes on after it */                     \
+                continue;                                                                        \
+            }                                                                                    \
+            switch (c) {                                                                         \
+            case '-':                                                                            \
+                if (i >= 2 && s[i - 2] == 's' && s[i - 1] == 'k') k |= K_SK;                     \
+                if (i >= 4 && s[i - 4] == 'x' && s[i - 3] == 'o' && s[i - 2] == 'x') {           \
+                    Py_UCS4 v = s[i - 1];                                                        \
+                    if (v == 'a' || v == 'b' || v == 'p' || v == 'r' || v == 's' || v == 'e')    \
+                        k |= K_XOX;                                                              \
+                }                                                                                \
+                break;                                                                           \
+            case 'A':                                                                            \
+                if (i + 3 < n && ((s[i + 1] == 'K' && s[i + 2] == 'I' && s[i + 3] == 'A')        \
+                                  || (s[i + 1] == 'S' && s[i + 2] == 'I' && s[i + 3] == 'A')     \
+                                  || (s[i + 1] == 'I' && s[i + 2] == 'z' && s[i + 3] == 'a')))   \
+                    k |= K_AWS;                                                                  \
+                break;                                                                           \
+            case '_':                                                                            \
+                if (i >= 1 && s[i - 1] == 'k' && i + 5 < n && s[i + 5] == '_'                    \
+                    && ((s[i + 1] == 'l' && s[i + 2] == 'i' && s[i + 3] == 'v' && s[i + 4] == 'e') \
+                        || (s[i + 1] == 't' && s[i + 2] == 'e' && s[i + 3] == 's' && s[i + 4] == 't'))) \
+                    k |= K_STRIPE;                                                               \
+                if (i >= 3 && s[i - 3] == 'g' && s[i - 2] == 'h') {                              \
+                    Py_UCS4 v = s[i - 1];                                                        \
+                    if (v == 'p' || v == 'o' || v == 'u' || v == 's' || v == 'r') k |= K_GITHUB; \
+                }                                                                                \
+                if (i >= 6 && i + 4 < n && s[i - 6] == 'g' && s[i - 5] == 'i' && s[i - 4] == 't' \
+                    && s[i - 3] == 'h' && s[i - 2] == 'u' && s[i - 1] == 'b' && s[i + 1] == 'p'  \
+                    && s[i + 2] == 'a' && s[i + 3] == 't' && s[i + 4] == '_')                    \
+                    k |= K_GITHUB;                                                               \
+                break;                                                                           \
+            case 'J':                                                                            \
+                if (i >= 2 && s[i - 2] == 'e' && s[i - 1] == 'y') k |= K_JWT;                    \
+                break;                                                                           \
+            case 'r':                                                                            \
+                if (i >= 4 && s[i - 4] == 'e' && s[i - 3] == 'a' && s[i - 2] == 'r' && s[i - 1] == 'e') \
+                    k |= K_BEARER;                                                               \
+                break;                                                                           \
+            case 'R':                                                                            \
+                if (i >= 4 && s[i - 4] == 'E' && s[i - 3] == 'A' && s[i - 2] == 'R' && s[i - 1] == 'E') \
+                    k |= K_BEARER;                                                               \
+                break;                                                                           \
+            }                                                                                    \
+        }                                                                                        \
+        *keys = k;                                                                               \
+        return 0;                                                                                \
+    }
+
+DEFINE_SCAN(scan1, Py_UCS1)
+DEFINE_SCAN(scan2, Py_UCS2)
+DEFINE_SCAN(scan4, Py_UCS4)
+
+static PyObject *scan(PyObject *Py_UNUSED(module), PyObject *text) {
+    if (!PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "scan() needs a str");
+        return NULL;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    const void *data = PyUnicode_DATA(text);
+    int kind = PyUnicode_KIND(text);
+    int want_runs = 1;
+    if (!PyUnicode_IS_ASCII(text)) { /* as recognizers.py: runs only with 4+ digits */
+        Py_ssize_t digits = 0;
+        for (Py_ssize_t i = 0; i < n && digits < 4; i++) {
+            Py_UCS4 c = PyUnicode_READ(kind, data, i);
+            digits += IS_DIGIT(c);
+        }
+        want_runs = digits >= 4;
+    }
+    PyObject *runs = PyList_New(0);
+    if (runs == NULL) return NULL;
+    long keys = 0;
+    int rc;
+    if (kind == PyUnicode_1BYTE_KIND) rc = scan1((const Py_UCS1 *)data, n, want_runs, runs, &keys);
+    else if (kind == PyUnicode_2BYTE_KIND) rc = scan2((const Py_UCS2 *)data, n, want_runs, runs, &keys);
+    else rc = scan4((const Py_UCS4 *)data, n, want_runs, runs, &keys);
+    if (rc < 0) {
+        Py_DECREF(runs);
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue("(Nl)", runs, keys);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"scan", scan, METH_O, "scan(text) -> (runs, keys): where the PII recognizers must look."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "llmproxy.pii._scan",
+    "One pass over a text finding the runs of digits and the API-key prefixes the PII "
+    "recognizers look at.", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__scan(void) {
+    init_classes();
+    return PyModule_Create(&module);
+}

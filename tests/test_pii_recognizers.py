@@ -490,6 +490,7 @@ NUMBERS = ["+1 ", "+44 (0)20 ", "DE89", "GB", "4111 1111 1111 1111", "1.2.3.4", 
 scan_text = st.lists(
     st.one_of(
         st.sampled_from(KEY_PREFIXES + NUMBERS + CAUGHT + NOT_CAUGHT),
+        st.text(alphabet="0123456789 -./()+\t\u00a0AB", max_size=24),  # the numbers' shapes and gates
         st.text(alphabet="0123456789 \t\u00a0().-/+_AZBDEGKIS azskxobpregyJRliv\u00e9\u20ac\U0001f600", max_size=16),
         st.text(max_size=4),
     ),

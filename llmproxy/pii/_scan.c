@@ -1,10 +1,12 @@
 /* One pass over a prompt that finds where the built-in PII recognizers must look.
  *
  * scan(text) -> (runs, keys)
- *   runs: [(start, end), ...] the runs of digits and separators that can hold a card,
- *         SSN, phone, IPv4 or IBAN: exactly what recognizers._SHAPE_RUN finds in an ASCII
- *         text's shape and recognizers._NUMBER_RUN in any other text (that one only when
- *         the text holds 4+ digits);
+ *   runs: [(start, end, digits, last, flags), ...] the runs of digits and separators that
+ *         can hold a card, SSN, phone, IPv4 or IBAN: exactly what recognizers._SHAPE_RUN
+ *         finds in an ASCII text's shape and recognizers._NUMBER_RUN in any other text
+ *         (that one only when the text holds 4+ digits), each with its digit count, the
+ *         end of its last digit and the RUN_* bits of recognizers.py (what _run_info
+ *         computes in Python);
  *   keys: a bit set of the API-key prefixes present (recognizers.KEY_* bits).
  *
  * It replaces several passes of the regex engine with one loop; the recognizers in
@@ -27,6 +29,11 @@ enum {
     K_BEARER = 64  /* "earer", "EARER" */
 };
 
+/* Bits of a run's flags; the same values as RUN_* in recognizers.py. */
+enum {
+    R_SHAPED = 1, R_PLUS = 2, R_IBAN = 4, R_DOTS = 8, R_SSN = 16, R_NANP = 32, R_TRUNK = 64
+};
+
 static unsigned char cls[256];
 static unsigned char look[256]; /* 1: a digit or a character the key prefixes end or start with */
 
@@ -43,6 +50,8 @@ static void init_classes(void) {
 #define IS_UPPER(c) ((c) >= 'A' && (c) <= 'Z')
 #define IS_SEP(c) (CLASS(c) >= C_S) /* a separator or "." */
 #define IS_RUN(c) (CLASS(c) != C_X)
+/* A separator of the shape's class "s" (not "."): space, tab, ( ) - / */
+#define IS_S(c) ((c) == ' ' || (c) == '\t' || (c) == '(' || (c) == ')' || (c) == '-' || (c) == '/')
 
 /* The scanner, once per code unit width. */
 #define DEFINE_SCAN(NAME, T)                                                                     \
@@ -69,7 +78,64 @@ static void init_classes(void) {
         }                                                                                        \
         return j + 1 < n && s[j] == '.' && IS_DIGIT(s[j + 1]);                                   \
     }                                                                                            \
-    static int NAME(const T *s, Py_ssize_t n, int want_runs, PyObject *runs, long *keys) {      \
+    static Py_ssize_t NAME##_group(const T *s, Py_ssize_t end, Py_ssize_t j) {                 \
+        /* how many digits from j on */                                                          \
+        Py_ssize_t k = j;                                                                        \
+        while (k < end && IS_DIGIT(s[k])) k++;                                                   \
+        return k - j;                                                                            \
+    }                                                                                            \
+    static PyObject *NAME##_run(const T *s, Py_ssize_t start, Py_ssize_t end, int shaped) {      \
+        Py_ssize_t digits = 0, last = start, dots = 0;                                           \
+        int zero = 0, ssn = 0, nanp = 0, trunk = 0;                                              \
+        for (Py_ssize_t j = start; j < end; j++) {                                               \
+            Py_UCS4 c = s[j];                                                                    \
+            if (IS_DIGIT(c)) {                                                                   \
+                digits++;                                                                        \
+                last = j + 1;                                                                    \
+                zero |= c == '0';                                                                \
+            } else if (c == '.') {                                                               \
+                dots++;                                                                          \
+            }                                                                                    \
+        }                                                                                        \
+        int flags = 0;                                                                           \
+        if (shaped) {                                                                            \
+            flags |= R_SHAPED;                                                                   \
+            for (Py_ssize_t j = start; j < end; j++) {                                           \
+                if (!IS_DIGIT(s[j])) continue;                                                   \
+                /* _SSN_SHAPE: (?<!d)(?:dddsddsdddd|d{9})(?!d), at the start of a group */      \
+                if (!ssn && (j == start || !IS_DIGIT(s[j - 1]))) {                               \
+                    Py_ssize_t g = NAME##_group(s, end, j);                                      \
+                    if (g == 9) ssn = 1;                                                         \
+                    else if (g == 3 && j + 3 < end && IS_S(s[j + 3])                             \
+                             && NAME##_group(s, end, j + 4) == 2 && j + 6 < end && IS_S(s[j + 6]) \
+                             && NAME##_group(s, end, j + 7) == 4)                                \
+                        ssn = 1;                                                                 \
+                }                                                                                \
+                /* _NANP_SHAPE: ddd[sp]{1,2}ddd[sp]dddd, anywhere */                            \
+                if (!nanp && NAME##_group(s, end, j) >= 3) {                                     \
+                    Py_ssize_t q = j + 3, k = 0;                                                 \
+                    while (k < 2 && q < end && IS_SEP(s[q])) { q++; k++; }                       \
+                    if (k > 0 && NAME##_group(s, end, q) >= 3 && q + 3 < end && IS_SEP(s[q + 3]) \
+                        && NAME##_group(s, end, q + 4) >= 4)                                     \
+                        nanp = 1;                                                                \
+                }                                                                                \
+                /* _TRUNK_SHAPES: dsd or dssd */                                                 \
+                if (!trunk && j + 2 < end && IS_S(s[j + 1])                                      \
+                    && (IS_DIGIT(s[j + 2]) || (j + 3 < end && IS_S(s[j + 2]) && IS_DIGIT(s[j + 3])))) \
+                    trunk = 1;                                                                   \
+            }                                                                                    \
+            if (ssn) flags |= R_SSN;                                                             \
+            if (nanp) flags |= R_NANP;                                                           \
+            if (zero && trunk) flags |= R_TRUNK;                                                 \
+        } else {                                                                                 \
+            flags |= R_SSN | R_NANP | (zero ? R_TRUNK : 0);                                      \
+        }                                                                                        \
+        if (start > 0 && s[start - 1] == '+') flags |= R_PLUS;                                   \
+        if (start >= 2 && IS_UPPER(s[start - 2]) && IS_UPPER(s[start - 1])) flags |= R_IBAN;     \
+        if (dots >= 3) flags |= R_DOTS;                                                          \
+        return Py_BuildValue("(nnnni)", start, end, digits, last, flags);                        \
+    }                                                                                            \
+    static int NAME(const T *s, Py_ssize_t n, int want_runs, int shaped, PyObject *runs, long *keys) { \
         long k = 0;                                                                              \
         for (Py_ssize_t i = 0; i < n; i++) {                                                     \
             Py_UCS4 c = s[i];                                                                    \
@@ -84,7 +150,7 @@ static void init_classes(void) {
                 if (!ok) continue;                                                               \
                 Py_ssize_t e = i + 1;                                                            \
                 while (e < n && IS_RUN(s[e])) e++;                                               \
-                PyObject *span = Py_BuildValue("(nn)", i, e);                                    \
+                PyObject *span = NAME##_run(s, i, e, shaped);                                    \
                 if (span == NULL || PyList_Append(runs, span) < 0) { Py_XDECREF(span); return -1; } \
                 Py_DECREF(span);                                                                 \
                 i = e - 1; /* s[e] is no digit: the loop goes on after it */                     \
@@ -148,8 +214,8 @@ static PyObject *scan(PyObject *Py_UNUSED(module), PyObject *text) {
     Py_ssize_t n = PyUnicode_GET_LENGTH(text);
     const void *data = PyUnicode_DATA(text);
     int kind = PyUnicode_KIND(text);
-    int want_runs = 1;
-    if (!PyUnicode_IS_ASCII(text)) { /* as recognizers.py: runs only with 4+ digits */
+    int want_runs = 1, shaped = PyUnicode_IS_ASCII(text);
+    if (!shaped) { /* as recognizers.py: runs only with 4+ digits */
         Py_ssize_t digits = 0;
         for (Py_ssize_t i = 0; i < n && digits < 4; i++) {
             Py_UCS4 c = PyUnicode_READ(kind, data, i);
@@ -161,9 +227,9 @@ static PyObject *scan(PyObject *Py_UNUSED(module), PyObject *text) {
     if (runs == NULL) return NULL;
     long keys = 0;
     int rc;
-    if (kind == PyUnicode_1BYTE_KIND) rc = scan1((const Py_UCS1 *)data, n, want_runs, runs, &keys);
-    else if (kind == PyUnicode_2BYTE_KIND) rc = scan2((const Py_UCS2 *)data, n, want_runs, runs, &keys);
-    else rc = scan4((const Py_UCS4 *)data, n, want_runs, runs, &keys);
+    if (kind == PyUnicode_1BYTE_KIND) rc = scan1((const Py_UCS1 *)data, n, want_runs, shaped, runs, &keys);
+    else if (kind == PyUnicode_2BYTE_KIND) rc = scan2((const Py_UCS2 *)data, n, want_runs, shaped, runs, &keys);
+    else rc = scan4((const Py_UCS4 *)data, n, want_runs, shaped, runs, &keys);
     if (rc < 0) {
         Py_DECREF(runs);
         return NULL;

@@ -264,6 +264,43 @@ _SSN_SHAPE = re.compile(rb"(?<!d)(?:dddsddsdddd|d{9})(?!d)")  # 3-2-4 or 9 in a 
 _NANP_SHAPE = re.compile(rb"ddd[sp]{1,2}ddd[sp]dddd")  # 3-3-4, "(415) " included
 _TRUNK_SHAPES = (b"dsd", b"dssd")  # a group, "-", " " or ")" and maybe " ", a group
 
+# A run as `scan` reports it: (start, end, digits, last, flags): its digit count, the end
+# of its last digit, and these bits (the same values in _scan.c):
+RUN_SHAPED = 1  # the text is ASCII: the shape gates below were applied
+RUN_PLUS = 2  # a "+" right before the run
+RUN_IBAN = 4  # two capitals right before it
+RUN_DOTS = 8  # 3+ "." in it
+RUN_SSN = 16  # _SSN_SHAPE matches its shape (always set when not RUN_SHAPED)
+RUN_NANP = 32  # _NANP_SHAPE matches its shape (always set when not RUN_SHAPED)
+RUN_TRUNK = 64  # a "0" in it and (not RUN_SHAPED or a _TRUNK_SHAPES in its shape)
+Run = tuple[int, int, int, int, int]
+_RUN_SEPARATORS = " \t\u00a0().-/"
+
+
+def _run_info(text: str, start: int, end: int, shaped: bool) -> Run:
+    """`scan_python`'s account of one run (what _scan.c computes in C)."""
+    run = text[start:end]
+    if shaped:
+        sh = run.encode("ascii").translate(_SHAPE)
+        digits = sh.count(100)  # b"d"
+        flags = RUN_SHAPED
+        if _SSN_SHAPE.search(sh):
+            flags |= RUN_SSN
+        if _NANP_SHAPE.search(sh):
+            flags |= RUN_NANP
+        if "0" in run and (_TRUNK_SHAPES[0] in sh or _TRUNK_SHAPES[1] in sh):
+            flags |= RUN_TRUNK
+    else:
+        digits = _digit_count(run)
+        flags = RUN_SSN | RUN_NANP | (RUN_TRUNK if "0" in run else 0)
+    if start and text[start - 1] == "+":
+        flags |= RUN_PLUS
+    if start >= 2 and "A" <= text[start - 2] <= "Z" and "A" <= text[start - 1] <= "Z":
+        flags |= RUN_IBAN
+    if run.count(".") >= 3:
+        flags |= RUN_DOTS
+    return start, end, digits, start + len(run.rstrip(_RUN_SEPARATORS)), flags
+
 
 class _Numbers:
     """Cards, SSNs, phones, IPv4 and IBANs: everything found inside runs of digits."""
@@ -274,33 +311,26 @@ class _Numbers:
         self.card, self.ssn, self.phone = CARD in entities, SSN in entities, PHONE in entities
         self.ipv4, self.iban = IP in entities, IBAN in entities
 
-    def __call__(self, text: str, runs: list[tuple[int, int]], out: list[Span]) -> None:
+    def __call__(self, text: str, runs: list[Run], out: list[Span]) -> None:
         """The entities inside `runs` (`scan`'s runs of digits and separators)."""
-        ascii_ = text.isascii()
         n = len(text)
         card, ssn, phone, ipv4, iban = self.card, self.ssn, self.phone, self.ipv4, self.iban
-        for start, end in runs:
-            if iban and start >= 2 and "A" <= text[start - 2] <= "Z" and "A" <= text[start - 1] <= "Z":
+        for start, end, digits, last, flags in runs:
+            if iban and flags & RUN_IBAN:
                 self._iban(text, start - 2, out)
             if end - start < 7:
                 continue
-            if ascii_:
-                sh = text[start:end].encode("ascii").translate(_SHAPE)
-                digits = sh.count(100)  # b"d"
-            else:
-                sh = None
-                digits = _digit_count(text[start:end])
             lo = start - 2 if start > 2 else 0
             hi = end + 2 if end + 2 < n else n
-            if ipv4 and text.count(".", start, end) >= 3:
+            if ipv4 and flags & RUN_DOTS:
                 self._ipv4(text, lo, hi, out)
             if digits < 9:
-                if phone and digits == 8 and start and text[start - 1] == "+":
-                    self._phones(text, start, end, hi, digits, sh, out)
+                if phone and digits == 8 and flags & RUN_PLUS:
+                    self._phones(text, start, hi, digits, last, flags, out)
                 continue
-            if phone:
-                self._phones(text, start, end, hi, digits, sh, out)
-            if ssn and (sh is None or _SSN_SHAPE.search(sh)):
+            if phone and flags & (RUN_PLUS | RUN_NANP | RUN_TRUNK):
+                self._phones(text, start, hi, digits, last, flags, out)
+            if ssn and flags & RUN_SSN:
                 self._ssns(text, lo, hi, out)
             if card and digits >= 13:
                 self._cards(text, lo, hi, out)
@@ -329,23 +359,21 @@ class _Numbers:
                 out.append(Span(m.start(), m.end(), SSN, _SCORE_SSN_CONTEXT))
 
     @staticmethod
-    def _phones(text: str, start: int, end: int, hi: int, digits: int, sh: bytes | None,
-                out: list[Span]) -> None:
+    def _phones(text: str, start: int, hi: int, digits: int, last: int, flags: int, out: list[Span]) -> None:
         lo = start - 2 if start > 2 else 0
         candidates = []  # (match, fewest digits, most digits)
-        if start and text[start - 1] == "+":  # "+" is no run character: it can only come first
+        if flags & RUN_PLUS:  # "+" is no run character: it can only come first
             m = _PHONE_INTERNATIONAL.match(text, start - 1, hi)
-            if m is not None and sh is not None and m.end() >= start + len(sh.rstrip(b"sp")):
+            if m is not None and flags & RUN_SHAPED and m.end() >= last:
                 # The number spans the whole run (its digits are the run's): a national
                 # match inside it would be shorter and lose to it.
                 if 8 <= digits <= 15:
                     out.append(Span(m.start(), m.end(), PHONE, _SCORE_PHONE))
                     return
             candidates.append((m, 8, 15))
-        if digits >= 10 and (sh is None or _NANP_SHAPE.search(sh)):
+        if digits >= 10 and flags & RUN_NANP:
             candidates.extend((m, 10, 11) for m in _PHONE_NANP.finditer(text, lo, hi))
-        if (digits >= 9 and text.find("0", start, end) != -1
-                and (sh is None or _TRUNK_SHAPES[0] in sh or _TRUNK_SHAPES[1] in sh)):
+        if digits >= 9 and flags & RUN_TRUNK:
             candidates.extend((m, 9, 12) for m in _PHONE_TRUNK.finditer(text, lo, hi))
         for m, fewest, most in candidates:
             if m is not None:
@@ -547,17 +575,18 @@ def _find_api_keys(text: str, keys: int, out: list[Span]) -> None:
 # -- the one pass --------------------------------------------------------------------
 
 
-def scan_python(text: str) -> tuple[list[tuple[int, int]], int]:
+def scan_python(text: str) -> tuple[list[Run], int]:
     """`(runs, keys)`: the runs of digits and separators that can hold a number entity
     (`_SHAPE_RUN` over an ASCII text's shape, `_NUMBER_RUN` over any other text holding
-    4+ digits) and the KEY_* bits of the key prefixes present. What `_scan.c` computes in
-    one pass; used when it is not built."""
+    4+ digits), each as a `Run`, and the KEY_* bits of the key prefixes present. What
+    `_scan.c` computes in one pass; used when it is not built."""
     if text.isascii():
-        runs = [m.span() for m in _SHAPE_RUN.finditer(text.encode("ascii").translate(_SHAPE))]
+        found = _SHAPE_RUN.finditer(text.encode("ascii").translate(_SHAPE))
+        runs = [_run_info(text, *m.span(), True) for m in found]
     else:
         data = text.encode("utf-8", "surrogatepass")
         digits = len(data) - len(data.translate(None, _DIGITS))
-        runs = [m.span() for m in _NUMBER_RUN.finditer(text)] if digits >= 4 else []
+        runs = [_run_info(text, *m.span(), False) for m in _NUMBER_RUN.finditer(text)] if digits >= 4 else []
     keys = KEY_AWS  # the pattern's literal "A" is its own fast gate
     if "-" in text:
         for m in _DASH_KEY.finditer(text):
@@ -622,7 +651,7 @@ class Recognizers:
             raise ValueError(f"unknown PII entity {names} (known: {', '.join(sorted(ENTITIES))})")
         self.entities = wanted
         self.key = ",".join(sorted(wanted))  # the same for equal sets: results can be shared
-        self.scan: Callable[[str], tuple[list[tuple[int, int]], int]] = (
+        self.scan: Callable[[str], tuple[list[Run], int]] = (
             scan_compiled if compiled and scan_compiled is not None else scan_python)
         self._emails = EMAIL in wanted
         self._numbers = _Numbers(wanted) if wanted & {CARD, SSN, PHONE, IP, IBAN} else None

@@ -484,8 +484,8 @@ def test_every_span_is_found_again_on_its_own(text: str) -> None:
 # -- the one pass: compiled and Python agree ------------------------------------------
 
 KEY_PREFIXES = ["sk-", "xoxb-", "xoxq-", "AKIA", "ASIA", "AIza", "AIz", "k_live_", "k_test_", "sk_tes",
-                "ghp_", "ghx_", "github_pat_", "github_", "eyJ", "Bearer ", "BEARER", "bearer", "eare"]
-NUMBERS = ["+1 ", "+44 (0)20 ", "DE89", "GB", "4111 1111 1111 1111", "1.2.3.4", "203.0.113.42", "078-05-1120",
+                "ghp_", "ghx_", "github_pat_", "github_", "eyJ", "Bearer ", "BEARER", "bearer", "eare", "nearer", "BEArer"]
+NUMBERS = ["::1", "fe80::", ":ab", "a:b", "+1 ", "+44 (0)20 ", "DE89", "GB", "4111 1111 1111 1111", "1.2.3.4", "203.0.113.42", "078-05-1120",
            "(415) 555-2671", "12.34.56", "1..2", "9\u00a08"]
 scan_text = st.lists(
     st.one_of(
@@ -499,7 +499,7 @@ scan_text = st.lists(
 
 
 def prefix_bits(text: str) -> int:
-    """The KEY_* bits of the prefixes in `text`, by their definition."""
+    """The KEY_* bits of the prefixes in `text` and HINT_IPV6, by their definition."""
     return (
         rec.KEY_SK * ("sk-" in text)
         | rec.KEY_XOX * bool(re.search(r"xox[abprse]-", text))
@@ -507,7 +507,8 @@ def prefix_bits(text: str) -> int:
         | rec.KEY_STRIPE * ("k_live_" in text or "k_test_" in text)
         | rec.KEY_GITHUB * bool(re.search(r"gh[pousr]_|github_pat_", text))
         | rec.KEY_JWT * ("eyJ" in text)
-        | rec.KEY_BEARER * ("earer" in text or "EARER" in text)
+        | rec.KEY_BEARER * bool(re.search(r"Bearer|bearer|BEARER", text))
+        | rec.HINT_IPV6 * bool(re.search(r":[:0-9A-Fa-f]", text))
     )
 
 

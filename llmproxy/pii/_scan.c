@@ -7,7 +7,8 @@
  *         (that one only when the text holds 4+ digits), each with its digit count, the
  *         end of its last digit and the RUN_* bits of recognizers.py (what _run_info
  *         computes in Python);
- *   keys: a bit set of the API-key prefixes present (recognizers.KEY_* bits).
+ *   keys: a bit set of the API-key prefixes present (recognizers.KEY_* bits), and
+ *         whether an IPv6 address may be there (recognizers.HINT_IPV6).
  *
  * It replaces several passes of the regex engine with one loop; the recognizers in
  * recognizers.py stay the judges (every entity pattern and check runs as before). Optional:
@@ -18,7 +19,7 @@
 
 enum { C_X = 0, C_D = 1, C_S = 2, C_P = 3 }; /* other, digit, separator, "." */
 
-/* Bits of `keys`; the same values as KEY_* in recognizers.py. */
+/* Bits of `keys`; the same values as KEY_* and HINT_IPV6 in recognizers.py. */
 enum {
     K_SK = 1,      /* "sk-" */
     K_XOX = 2,     /* "xox" + one of abprse + "-" */
@@ -26,7 +27,8 @@ enum {
     K_STRIPE = 8,  /* "k_live_", "k_test_" */
     K_GITHUB = 16, /* "gh" + one of pousr + "_", "github_pat_" */
     K_JWT = 32,    /* "eyJ" */
-    K_BEARER = 64  /* "earer", "EARER" */
+    K_BEARER = 64, /* "Bearer", "bearer", "BEARER" */
+    H_IPV6 = 128   /* ":" before ":" or a hex digit (every IPv6 hint starts so) */
 };
 
 /* Bits of a run's flags; the same values as RUN_* in recognizers.py. */
@@ -42,7 +44,7 @@ static void init_classes(void) {
     cls[' '] = cls['\t'] = cls['('] = cls[')'] = cls['-'] = cls['/'] = cls[0xA0] = C_S;
     cls['.'] = C_P;
     for (int c = '0'; c <= '9'; c++) look[c] = 1;
-    look['-'] = look['A'] = look['_'] = look['J'] = look['r'] = look['R'] = 1;
+    look['-'] = look['A'] = look['_'] = look['J'] = look['B'] = look['b'] = look[':'] = 1;
 }
 
 #define CLASS(c) ((c) < 256 ? cls[(c)] : C_X)
@@ -138,8 +140,9 @@ static void init_classes(void) {
     static int NAME(const T *s, Py_ssize_t n, int want_runs, int shaped, PyObject *runs, long *keys) { \
         long k = 0;                                                                              \
         for (Py_ssize_t i = 0; i < n; i++) {                                                     \
+            while (i < n && (s[i] >= 256 || !look[s[i]])) i++; /* the common case, kept tight */ \
+            if (i >= n) break;                                                                   \
             Py_UCS4 c = s[i];                                                                    \
-            if (c >= 256 || !look[c]) continue;                                                  \
             if (IS_DIGIT(c)) {                                                                   \
                 if (!want_runs || (i > 0 && IS_DIGIT(s[i - 1]))) continue;                       \
                 int ok = NAME##_digits_after(s, n, i + 1, 8)                                     \
@@ -188,12 +191,18 @@ static void init_classes(void) {
             case 'J':                                                                            \
                 if (i >= 2 && s[i - 2] == 'e' && s[i - 1] == 'y') k |= K_JWT;                    \
                 break;                                                                           \
-            case 'r':                                                                            \
-                if (i >= 4 && s[i - 4] == 'e' && s[i - 3] == 'a' && s[i - 2] == 'r' && s[i - 1] == 'e') \
-                    k |= K_BEARER;                                                               \
+            case ':':                                                                            \
+                if (i + 1 < n && (s[i + 1] == ':' || IS_DIGIT(s[i + 1])                          \
+                                  || (s[i + 1] >= 'a' && s[i + 1] <= 'f')                        \
+                                  || (s[i + 1] >= 'A' && s[i + 1] <= 'F')))                      \
+                    k |= H_IPV6;                                                                 \
                 break;                                                                           \
-            case 'R':                                                                            \
-                if (i >= 4 && s[i - 4] == 'E' && s[i - 3] == 'A' && s[i - 2] == 'R' && s[i - 1] == 'E') \
+            case 'b':                                                                            \
+            case 'B':                                                                            \
+                if (i + 5 < n && ((s[i + 1] == 'e' && s[i + 2] == 'a' && s[i + 3] == 'r'         \
+                                   && s[i + 4] == 'e' && s[i + 5] == 'r')                        \
+                                  || (c == 'B' && s[i + 1] == 'E' && s[i + 2] == 'A'             \
+                                      && s[i + 3] == 'R' && s[i + 4] == 'E' && s[i + 5] == 'R'))) \
                     k |= K_BEARER;                                                               \
                 break;                                                                           \
             }                                                                                    \

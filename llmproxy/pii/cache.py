@@ -91,6 +91,8 @@ class SpanCache:
 
     def analyze(self, texts: list[str], recognizers: Recognizers) -> list[list[Span]]:
         """`recognizers.analyze` of each text, from the table when it has been seen."""
+        if len(texts) == 1:  # a request's only text is its newest: neither looked up nor kept
+            return [recognizers.analyze(texts[0])]
         out: list[list[Span]] = []
         for text, key in zip(texts, self.keys(recognizers.key, texts)):
             spans = self.get(key) if key is not None else None

@@ -464,8 +464,6 @@ def _ipv6_groups(addr: str) -> int:
 
 
 def _find_ipv6(text: str, out: list[Span]) -> None:
-    if ":" not in text:
-        return
     pos = 0
     while hint := _IPV6_HINT.search(text, pos):
         start = hint.start()
@@ -505,7 +503,9 @@ KEY_AWS = 4  # "AKIA", "ASIA", "AIza"
 KEY_STRIPE = 8  # "k_live_", "k_test_"
 KEY_GITHUB = 16  # "gh" + one of pousr + "_", "github_pat_"
 KEY_JWT = 32  # "eyJ"
-KEY_BEARER = 64  # "earer", "EARER"
+KEY_BEARER = 64  # "Bearer", "bearer", "BEARER" (scan_python: "earer", "EARER")
+_KEY_BITS = KEY_SK | KEY_XOX | KEY_AWS | KEY_STRIPE | KEY_GITHUB | KEY_JWT | KEY_BEARER
+HINT_IPV6 = 128  # not a key: ":" before ":" or a hex digit (scan_python: any ":")
 
 # (bit, pattern, check of the match or None): a pattern runs only when its prefix's bit is
 # set; patterns start with a literal so the regex engine can skip ahead, and look behind
@@ -578,8 +578,8 @@ def _find_api_keys(text: str, keys: int, out: list[Span]) -> None:
 def scan_python(text: str) -> tuple[list[Run], int]:
     """`(runs, keys)`: the runs of digits and separators that can hold a number entity
     (`_SHAPE_RUN` over an ASCII text's shape, `_NUMBER_RUN` over any other text holding
-    4+ digits), each as a `Run`, and the KEY_* bits of the key prefixes present. What
-    `_scan.c` computes in one pass; used when it is not built."""
+    4+ digits), each as a `Run`, and the KEY_* bits of the key prefixes present (plus
+    HINT_IPV6). What `_scan.c` computes in one pass; used when it is not built."""
     if text.isascii():
         found = _SHAPE_RUN.finditer(text.encode("ascii").translate(_SHAPE))
         runs = [_run_info(text, *m.span(), True) for m in found]
@@ -599,14 +599,12 @@ def scan_python(text: str) -> tuple[list[Run], int]:
         keys |= KEY_JWT
     if "earer" in text or ("R" in text and "EARER" in text):
         keys |= KEY_BEARER
+    if ":" in text:
+        keys |= HINT_IPV6
     return runs, keys
 
 
 # -- the recognizer set ------------------------------------------------------------
-
-
-def _by_position(s: Span) -> tuple[int, int]:
-    return s.start, s.end
 
 
 def resolve_overlaps(spans: Iterable[Span]) -> list[Span]:
@@ -614,14 +612,16 @@ def resolve_overlaps(spans: Iterable[Span]) -> list[Span]:
     stays, then the higher score, then the built-in entity with the stricter check (any
     other entity name after those), then the earlier one. Usable on spans from elsewhere
     (a Presidio analyzer) too. Empty spans are dropped."""
-    spans = sorted([s for s in spans if s.start < s.end], key=_by_position)
+    given = [s for s in spans if s.start < s.end]
+    ordered = sorted(given)  # tuples: by start, then end
     end = 0
-    for s in spans:
+    for s in ordered:
         if s.start < end:
             break
         end = s.end
     else:
-        return spans
+        return ordered
+    spans = given  # ties below keep the order given
     last = len(_PRIORITY)
     ranked = sorted(spans, key=lambda s: (s.start - s.end, -s.score, _PRIORITY.get(s.entity, last), s.start))
     starts: list[int] = []
@@ -663,12 +663,12 @@ class Recognizers:
         spans: list[Span] = []
         if self._emails:
             _find_emails(text, spans)
-        if self._numbers is not None or self._keys:
-            runs, keys = self.scan(text)
+        if self._numbers is not None or self._keys or self._ipv6:
+            runs, hints = self.scan(text)
             if runs and self._numbers is not None:
                 self._numbers(text, runs, spans)
-            if keys and self._keys:
-                _find_api_keys(text, keys, spans)
-        if self._ipv6:
-            _find_ipv6(text, spans)
+            if hints & _KEY_BITS and self._keys:
+                _find_api_keys(text, hints, spans)
+            if hints & HINT_IPV6 and self._ipv6:
+                _find_ipv6(text, spans)
         return resolve_overlaps(spans) if len(spans) > 1 else spans

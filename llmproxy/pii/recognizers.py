@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
+from functools import partial
 from typing import Callable, Iterable, NamedTuple
 
 try:
@@ -82,6 +83,11 @@ class Span(NamedTuple):  # a tuple: cheap to make, sorts by position
     end: int
     entity: str
     score: float = 1.0
+
+
+# Span((start, end, entity, score)) without the Python-level __new__ of a NamedTuple: the
+# recognizers make one per entity found.
+_span = partial(tuple.__new__, Span)
 
 
 EMAIL = "EMAIL_ADDRESS"
@@ -126,7 +132,7 @@ def _find_emails(text: str, out: list[Span]) -> None:
         if domain:
             start, end = at - local.end(), domain.end()
             if not _in_url_authority(text, start) or text.startswith("@", end):
-                out.append(Span(start, end, EMAIL))
+                out.append(_span((start, end, EMAIL, 1.0)))
         at = text.find("@", at + 1)
 
 
@@ -340,7 +346,7 @@ class _Numbers:
         for m in _CARD.finditer(text, lo, hi):
             digits = m.group().replace(" ", "").replace("-", "")
             if _luhn_ok(digits):
-                out.append(Span(m.start(), m.end(), CARD))
+                out.append(_span((m.start(), m.end(), CARD, 1.0)))
 
     @staticmethod
     def _ssns(text: str, lo: int, hi: int, out: list[Span]) -> None:
@@ -354,9 +360,9 @@ class _Numbers:
             ):  # fmt: skip
                 continue
             if not m.group("plain"):
-                out.append(Span(m.start(), m.end(), SSN, _SCORE_SSN))
+                out.append(_span((m.start(), m.end(), SSN, _SCORE_SSN)))
             elif _SSN_CONTEXT.search(text, max(0, m.start() - _SSN_CONTEXT_WINDOW), m.start()):
-                out.append(Span(m.start(), m.end(), SSN, _SCORE_SSN_CONTEXT))
+                out.append(_span((m.start(), m.end(), SSN, _SCORE_SSN_CONTEXT)))
 
     @staticmethod
     def _phones(text: str, start: int, hi: int, digits: int, last: int, flags: int, out: list[Span]) -> None:
@@ -368,7 +374,7 @@ class _Numbers:
                 # The number spans the whole run (its digits are the run's): a national
                 # match inside it would be shorter and lose to it.
                 if 8 <= digits <= 15:
-                    out.append(Span(m.start(), m.end(), PHONE, _SCORE_PHONE))
+                    out.append(_span((m.start(), m.end(), PHONE, _SCORE_PHONE)))
                     return
             candidates.append((m, 8, 15))
         if digits >= 10 and flags & RUN_NANP:
@@ -383,7 +389,7 @@ class _Numbers:
                     s = _trim_groups(s, most)
                     count = _digit_count(s)
                 if s and count >= fewest:
-                    out.append(Span(m.start(), m.start() + len(s), PHONE, _SCORE_PHONE))
+                    out.append(_span((m.start(), m.start() + len(s), PHONE, _SCORE_PHONE)))
 
     @staticmethod
     def _ipv4(text: str, lo: int, hi: int, out: list[Span]) -> None:
@@ -394,7 +400,7 @@ class _Numbers:
             before = text[start - _VERSION_WINDOW if start > _VERSION_WINDOW else 0 : start]
             if _VERSION_BEFORE_REVERSED.match(before[::-1]):
                 continue
-            out.append(Span(start, end, IP, _SCORE_IP))
+            out.append(_span((start, end, IP, _SCORE_IP)))
 
     @staticmethod
     def _iban(text: str, at: int, out: list[Span]) -> None:
@@ -417,7 +423,7 @@ class _Numbers:
                 return
             s, compact = s[:cut], compact[:length]
         if _mod97_ok(compact):
-            out.append(Span(at, at + len(s), IBAN))
+            out.append(_span((at, at + len(s), IBAN, 1.0)))
 
 
 # -- IPv6 ---------------------------------------------------------------------------
@@ -480,7 +486,7 @@ def _find_ipv6(text: str, out: list[Span]) -> None:
             continue
         if "::" in addr and not any("0" <= c <= "9" for c in addr):
             continue  # a::b, dead::beef: more likely code than an address
-        out.append(Span(m.start(), m.end(), IP, _SCORE_IP))
+        out.append(_span((m.start(), m.end(), IP, _SCORE_IP)))
 
 
 # -- API keys -----------------------------------------------------------------------
@@ -556,20 +562,22 @@ _KEY_FAMILIES: tuple[_KeyFamily, ...] = (
 _BEARER = re.compile(r"(?<!\w)(?:Bearer|bearer|BEARER)[ \t]+([A-Za-z0-9\-._~+/]{20,}=*)")
 
 
+# The families to look for, by the bits `scan` set (its KEY_* bits are below 64).
+_FAMILIES_BY_BITS = tuple(tuple(f for f in _KEY_FAMILIES if bits & f[0]) for bits in range(64))
+
+
 def _find_api_keys(text: str, keys: int, out: list[Span]) -> None:
     """The API keys of the families whose prefix bit is set in `keys` (from `scan`)."""
-    for bit, pattern, check in _KEY_FAMILIES:
-        if not keys & bit:
-            continue
+    for _, pattern, check in _FAMILIES_BY_BITS[keys & 63]:
         for m in pattern.finditer(text):
             if check is None or check(m.group()):
-                out.append(Span(m.start(), m.end(), API_KEY))
+                out.append(_span((m.start(), m.end(), API_KEY, 1.0)))
     if keys & KEY_BEARER:
         for m in _BEARER.finditer(text):
             token = m.group(1).rstrip(".")
             if len(token) >= 20 and _has_letter_and_digit(token):
                 start = m.start(1)
-                out.append(Span(start, start + len(token), API_KEY, _SCORE_BEARER))
+                out.append(_span((start, start + len(token), API_KEY, _SCORE_BEARER)))
 
 
 # -- the one pass --------------------------------------------------------------------

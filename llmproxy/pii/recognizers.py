@@ -395,7 +395,7 @@ class _Numbers:
     def _ipv4(text: str, lo: int, hi: int, out: list[Span]) -> None:
         for m in _IPV4.finditer(text, lo, hi):  # octets 0-255 by the pattern
             start, end = m.span()
-            if _VERSION_AFTER.match(text, end):
+            if text.startswith("-", end) and _VERSION_AFTER.match(text, end):
                 continue
             before = text[start - _VERSION_WINDOW if start > _VERSION_WINDOW else 0 : start]
             if _VERSION_BEFORE_REVERSED.match(before[::-1]):
@@ -620,7 +620,11 @@ def resolve_overlaps(spans: Iterable[Span]) -> list[Span]:
     stays, then the higher score, then the built-in entity with the stricter check (any
     other entity name after those), then the earlier one. Usable on spans from elsewhere
     (a Presidio analyzer) too. Empty spans are dropped."""
-    given = [s for s in spans if s.start < s.end]
+    return _resolve([s for s in spans if s.start < s.end])
+
+
+def _resolve(given: list[Span]) -> list[Span]:
+    """resolve_overlaps of non-empty spans (the recognizers make no empty ones)."""
     ordered = sorted(given)  # tuples: by start, then end
     end = 0
     for s in ordered:
@@ -629,9 +633,9 @@ def resolve_overlaps(spans: Iterable[Span]) -> list[Span]:
         end = s.end
     else:
         return ordered
-    spans = given  # ties below keep the order given
     last = len(_PRIORITY)
-    ranked = sorted(spans, key=lambda s: (s.start - s.end, -s.score, _PRIORITY.get(s.entity, last), s.start))
+    # Ties (the same start and end) keep the order given.
+    ranked = sorted(given, key=lambda s: (s.start - s.end, -s.score, _PRIORITY.get(s.entity, last), s.start))
     starts: list[int] = []
     kept: list[Span] = []
     for s in ranked:
@@ -679,4 +683,4 @@ class Recognizers:
                 _find_api_keys(text, hints, spans)
             if hints & HINT_IPV6 and self._ipv6:
                 _find_ipv6(text, spans)
-        return resolve_overlaps(spans) if len(spans) > 1 else spans
+        return _resolve(spans) if len(spans) > 1 else spans

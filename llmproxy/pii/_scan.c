@@ -1,6 +1,6 @@
 /* One pass over a prompt that finds where the built-in PII recognizers must look.
  *
- * scan(text) -> (runs, keys)
+ * scan(text) -> (runs, keys, emails)
  *   runs: [(start, end, digits, last, flags), ...] the runs of digits and separators that
  *         can hold a card, SSN, phone, IPv4 or IBAN: exactly what recognizers._SHAPE_RUN
  *         finds in an ASCII text's shape and recognizers._NUMBER_RUN in any other text
@@ -8,7 +8,10 @@
  *         end of its last digit and the RUN_* bits of recognizers.py (what _run_info
  *         computes in Python);
  *   keys: a bit set of the API-key prefixes present (recognizers.KEY_* bits), and
- *         whether an IPv6 address may be there (recognizers.HINT_IPV6).
+ *         whether an IPv6 address may be there (recognizers.HINT_IPV6);
+ *   emails: [(start, end), ...] around each "@", what recognizers._LOCAL_REVERSED (read
+ *         backwards, at most 64 characters) and recognizers._DOMAIN match (the URL rule
+ *         is applied in Python).
  *
  * It replaces several passes of the regex engine with one loop; the recognizers in
  * recognizers.py stay the judges (every entity pattern and check runs as before). Optional:
@@ -44,12 +47,17 @@ static void init_classes(void) {
     cls[' '] = cls['\t'] = cls['('] = cls[')'] = cls['-'] = cls['/'] = cls[0xA0] = C_S;
     cls['.'] = C_P;
     for (int c = '0'; c <= '9'; c++) look[c] = 1;
-    look['-'] = look['A'] = look['_'] = look['J'] = look['B'] = look['b'] = look[':'] = 1;
+    look['-'] = look['A'] = look['_'] = look['J'] = look['B'] = look['b'] = look[':'] = look['@'] = 1;
 }
 
 #define CLASS(c) ((c) < 256 ? cls[(c)] : C_X)
 #define IS_DIGIT(c) ((c) >= '0' && (c) <= '9')
 #define IS_UPPER(c) ((c) >= 'A' && (c) <= 'Z')
+#define IS_LETTER(c) (IS_UPPER(c) || ((c) >= 'a' && (c) <= 'z'))
+#define IS_ALNUM(c) (IS_LETTER(c) || IS_DIGIT(c))
+#define IS_LDH(c) (IS_ALNUM(c) || (c) == '-') /* a domain label's characters */
+#define IS_ATOM(c) (IS_ALNUM(c) || (c) == '_' || (c) == '%' || (c) == '+' || (c) == '-')
+#define LOCAL_MAX 64
 #define IS_SEP(c) (CLASS(c) >= C_S) /* a separator or "." */
 #define IS_RUN(c) (CLASS(c) != C_X)
 /* A separator of the shape's class "s" (not "."): space, tab, ( ) - / */
@@ -137,7 +145,43 @@ static void init_classes(void) {
         if (dots >= 3) flags |= R_DOTS;                                                          \
         return Py_BuildValue("(nnnni)", start, end, digits, last, flags);                        \
     }                                                                                            \
-    static int NAME(const T *s, Py_ssize_t n, int want_runs, int shaped, PyObject *runs, long *keys) { \
+    static Py_ssize_t NAME##_local(const T *s, Py_ssize_t at) {                                \
+        /* where [atom]+(?:\.[atom]+)* read backwards from "@" starts (at: none) */             \
+        Py_ssize_t lo = at > LOCAL_MAX ? at - LOCAL_MAX : 0, k = at;                             \
+        while (k > lo && IS_ATOM(s[k - 1])) k--;                                                 \
+        if (k == at) return at;                                                                  \
+        while (k - 1 > lo && s[k - 1] == '.' && IS_ATOM(s[k - 2])) {                             \
+            k--;                                                                                 \
+            while (k > lo && IS_ATOM(s[k - 1])) k--;                                             \
+        }                                                                                        \
+        return k;                                                                                \
+    }                                                                                            \
+    static Py_ssize_t NAME##_domain(const T *s, Py_ssize_t n, Py_ssize_t p) {                    \
+        /* where _DOMAIN matched at p ends, or -1: labels "x." as many as there are, then */    \
+        /* a TLD of 2-63 letters; failing that, the last label after the first that is one */   \
+        Py_ssize_t labels = 0, best = -1;                                                        \
+        for (;;) {                                                                               \
+            Py_ssize_t q = p;                                                                    \
+            while (q < n && IS_LDH(s[q])) q++;                                                   \
+            Py_ssize_t r = q - p;                                                                \
+            if (r < 1 || r > 63 || !IS_ALNUM(s[p]) || !IS_ALNUM(s[q - 1]) || q >= n || s[q] != '.') \
+                break;                                                                           \
+            if (labels >= 1 && r >= 2) {                                                         \
+                Py_ssize_t j = p;                                                                \
+                while (j < q && IS_LETTER(s[j])) j++;                                            \
+                if (j == q) best = q;                                                            \
+            }                                                                                    \
+            labels++;                                                                            \
+            p = q + 1;                                                                           \
+        }                                                                                        \
+        if (labels == 0) return -1;                                                              \
+        Py_ssize_t m = 0;                                                                        \
+        while (p + m < n && m < 64 && IS_LETTER(s[p + m])) m++;                                  \
+        if (m >= 2 && m <= 63 && !(p + m < n && IS_LDH(s[p + m]))) return p + m;                 \
+        return best;                                                                             \
+    }                                                                                            \
+    static int NAME(const T *s, Py_ssize_t n, int want_runs, int shaped, PyObject *runs, long *keys, \
+                    PyObject *emails) {                                                          \
         long k = 0;                                                                              \
         for (Py_ssize_t i = 0; i < n; i++) {                                                     \
             while (i < n && (s[i] >= 256 || !look[s[i]])) i++; /* the common case, kept tight */ \
@@ -191,6 +235,15 @@ static void init_classes(void) {
             case 'J':                                                                            \
                 if (i >= 2 && s[i - 2] == 'e' && s[i - 1] == 'y') k |= K_JWT;                    \
                 break;                                                                           \
+            case '@': {                                                                          \
+                Py_ssize_t start = NAME##_local(s, i), end;                                      \
+                if (start < i && (end = NAME##_domain(s, n, i + 1)) >= 0) {                      \
+                    PyObject *span = Py_BuildValue("(nn)", start, end);                          \
+                    if (span == NULL || PyList_Append(emails, span) < 0) { Py_XDECREF(span); return -1; } \
+                    Py_DECREF(span);                                                             \
+                }                                                                                \
+                break;                                                                           \
+            }                                                                                    \
             case ':':                                                                            \
                 if (i + 1 < n && (s[i + 1] == ':' || IS_DIGIT(s[i + 1])                          \
                                   || (s[i + 1] >= 'a' && s[i + 1] <= 'f')                        \
@@ -232,23 +285,28 @@ static PyObject *scan(PyObject *Py_UNUSED(module), PyObject *text) {
         }
         want_runs = digits >= 4;
     }
-    PyObject *runs = PyList_New(0);
-    if (runs == NULL) return NULL;
-    long keys = 0;
-    int rc;
-    if (kind == PyUnicode_1BYTE_KIND) rc = scan1((const Py_UCS1 *)data, n, want_runs, shaped, runs, &keys);
-    else if (kind == PyUnicode_2BYTE_KIND) rc = scan2((const Py_UCS2 *)data, n, want_runs, shaped, runs, &keys);
-    else rc = scan4((const Py_UCS4 *)data, n, want_runs, shaped, runs, &keys);
-    if (rc < 0) {
-        Py_DECREF(runs);
+    PyObject *runs = PyList_New(0), *emails = PyList_New(0);
+    if (runs == NULL || emails == NULL) {
+        Py_XDECREF(runs);
+        Py_XDECREF(emails);
         return NULL;
     }
-    PyObject *result = Py_BuildValue("(Nl)", runs, keys);
+    long keys = 0;
+    int rc;
+    if (kind == PyUnicode_1BYTE_KIND) rc = scan1((const Py_UCS1 *)data, n, want_runs, shaped, runs, &keys, emails);
+    else if (kind == PyUnicode_2BYTE_KIND) rc = scan2((const Py_UCS2 *)data, n, want_runs, shaped, runs, &keys, emails);
+    else rc = scan4((const Py_UCS4 *)data, n, want_runs, shaped, runs, &keys, emails);
+    if (rc < 0) {
+        Py_DECREF(runs);
+        Py_DECREF(emails);
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue("(NlN)", runs, keys, emails);
     return result;
 }
 
 static PyMethodDef methods[] = {
-    {"scan", scan, METH_O, "scan(text) -> (runs, keys): where the PII recognizers must look."},
+    {"scan", scan, METH_O, "scan(text) -> (runs, keys, emails): where the PII recognizers must look."},
     {NULL, NULL, 0, NULL},
 };
 

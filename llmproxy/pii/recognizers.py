@@ -123,17 +123,24 @@ _DOMAIN = re.compile(
 _AUTHORITY_END = re.compile(r"[\s/?#]")
 
 
-def _find_emails(text: str, out: list[Span]) -> None:
+def _email_candidates(text: str) -> list[tuple[int, int]]:
+    """`local@domain` around each "@" (scan_python's; _scan.c finds the same)."""
+    found = []
     at = text.find("@")
     while at != -1:
         lo = at - _LOCAL_MAX if at > _LOCAL_MAX else 0
         local = _LOCAL_REVERSED.match(text[lo:at][::-1])
         domain = _DOMAIN.match(text, at + 1) if local else None
         if domain:
-            start, end = at - local.end(), domain.end()
-            if not _in_url_authority(text, start) or text.startswith("@", end):
-                out.append(_span((start, end, EMAIL, 1.0)))
+            found.append((at - local.end(), domain.end()))
         at = text.find("@", at + 1)
+    return found
+
+
+def _find_emails(text: str, candidates: list[tuple[int, int]], out: list[Span]) -> None:
+    for start, end in candidates:
+        if not _in_url_authority(text, start) or text.startswith("@", end):
+            out.append(_span((start, end, EMAIL, 1.0)))
 
 
 def _in_url_authority(text: str, start: int) -> bool:
@@ -583,11 +590,12 @@ def _find_api_keys(text: str, keys: int, out: list[Span]) -> None:
 # -- the one pass --------------------------------------------------------------------
 
 
-def scan_python(text: str) -> tuple[list[Run], int]:
-    """`(runs, keys)`: the runs of digits and separators that can hold a number entity
-    (`_SHAPE_RUN` over an ASCII text's shape, `_NUMBER_RUN` over any other text holding
-    4+ digits), each as a `Run`, and the KEY_* bits of the key prefixes present (plus
-    HINT_IPV6). What `_scan.c` computes in one pass; used when it is not built."""
+def scan_python(text: str) -> tuple[list[Run], int, list[tuple[int, int]]]:
+    """`(runs, keys, emails)`: the runs of digits and separators that can hold a number
+    entity (`_SHAPE_RUN` over an ASCII text's shape, `_NUMBER_RUN` over any other text
+    holding 4+ digits), each as a `Run`; the KEY_* bits of the key prefixes present (plus
+    HINT_IPV6); the e-mail address candidates (before the URL rule). What `_scan.c`
+    computes in one pass; used when it is not built."""
     if text.isascii():
         found = _SHAPE_RUN.finditer(text.encode("ascii").translate(_SHAPE))
         runs = [_run_info(text, *m.span(), True) for m in found]
@@ -609,7 +617,7 @@ def scan_python(text: str) -> tuple[list[Run], int]:
         keys |= KEY_BEARER
     if ":" in text:
         keys |= HINT_IPV6
-    return runs, keys
+    return runs, keys, _email_candidates(text)
 
 
 # -- the recognizer set ------------------------------------------------------------
@@ -663,7 +671,7 @@ class Recognizers:
             raise ValueError(f"unknown PII entity {names} (known: {', '.join(sorted(ENTITIES))})")
         self.entities = wanted
         self.key = ",".join(sorted(wanted))  # the same for equal sets: results can be shared
-        self.scan: Callable[[str], tuple[list[Run], int]] = (
+        self.scan: Callable[[str], tuple[list[Run], int, list[tuple[int, int]]]] = (
             scan_compiled if compiled and scan_compiled is not None else scan_python)
         self._emails = EMAIL in wanted
         self._numbers = _Numbers(wanted) if wanted & {CARD, SSN, PHONE, IP, IBAN} else None
@@ -673,14 +681,13 @@ class Recognizers:
     def analyze(self, text: str) -> list[Span]:
         """The entities in `text`: sorted by start, non-overlapping, offsets into `text`."""
         spans: list[Span] = []
-        if self._emails:
-            _find_emails(text, spans)
-        if self._numbers is not None or self._keys or self._ipv6:
-            runs, hints = self.scan(text)
-            if runs and self._numbers is not None:
-                self._numbers(text, runs, spans)
-            if hints & _KEY_BITS and self._keys:
-                _find_api_keys(text, hints, spans)
-            if hints & HINT_IPV6 and self._ipv6:
-                _find_ipv6(text, spans)
+        runs, hints, emails = self.scan(text)
+        if emails and self._emails:
+            _find_emails(text, emails, spans)
+        if runs and self._numbers is not None:
+            self._numbers(text, runs, spans)
+        if hints & _KEY_BITS and self._keys:
+            _find_api_keys(text, hints, spans)
+        if hints & HINT_IPV6 and self._ipv6:
+            _find_ipv6(text, spans)
         return _resolve(spans) if len(spans) > 1 else spans

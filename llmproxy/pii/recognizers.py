@@ -15,10 +15,11 @@ it cannot match:
 - IPv6 only where ``::`` (after a whole hex group) or ``:h:h:h:`` occurs;
 - each API-key family only when its fixed prefix occurs (``sk-``, ``AKIA``, ``eyJ``...).
 
-The runs and the key prefixes are found by one pass over the text, `scan`: in C
-(``llmproxy/pii/_scan.c``, built at install when a compiler is there) or, without it, by
-`scan_python`, which finds the same runs with the regex engine (the C pass is tested
-against it). Everything after that, every entity pattern and check, is Python.
+The runs (with the gates each entity's pattern needs), the key prefixes and the
+``local@domain`` shapes around each ``@`` are found by one pass over the text, `scan`: in
+C (``llmproxy/pii/_scan.c``, built at install when a compiler is there) or, without it, by
+`scan_python`, which finds the same with the regex engine (the tests compare the two).
+Everything after that, every other entity pattern and check, is Python.
 
 Candidates are then validated in Python (Luhn, mod-97, ranges, context). The rules for
 the judgement calls:

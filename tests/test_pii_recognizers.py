@@ -488,13 +488,17 @@ EMAILS = ["a@b.co", "x.y@a-b.c-d.org", "@", "a@", "@b.com", "a@b", "a@b.c", "a.@
           "u@x." + "y" * 64, "http://u:p@h.com/", "\u00e9@b.com", "b@\u00e9.com", "a@b.c\u00e9m"]
 KEY_PREFIXES = ["sk-", "xoxb-", "xoxq-", "AKIA", "ASIA", "AIza", "AIz", "k_live_", "k_test_", "sk_tes",
                 "ghp_", "ghx_", "github_pat_", "github_", "eyJ", "Bearer ", "BEARER", "bearer", "eare", "nearer", "BEArer"]
-NUMBERS = ["::1", "fe80::", ":ab", "a:b", "+1 ", "+44 (0)20 ", "DE89", "GB", "4111 1111 1111 1111", "1.2.3.4", "203.0.113.42", "078-05-1120",
+NUMBERS = ["::1", "fe80::", ":ab", "a:b", "4111-1111-1111-1111", "4111 1111 1111 1", "4111 1111 1111 1111 12",
+           "3782 822463 10005", "3782-822463-1000", "5500 0000 0000 0004", "4111111111111111", "41111111111111111111",
+           "0.0.0.0", "255.255.255.255", "256.1.1.1", "1.2.3.4.5", "01.02.003.4", "1.2.3.4-rc1", "version 1.2.3.4",
+           "\u0661.2.3.4", "x1.2.3.4", "+1 ", "+44 (0)20 ", "DE89", "GB", "4111 1111 1111 1111", "1.2.3.4", "203.0.113.42", "078-05-1120",
            "(415) 555-2671", "12.34.56", "1..2", "9\u00a08"]
 scan_text = st.lists(
     st.one_of(
         st.sampled_from(EMAILS + KEY_PREFIXES + NUMBERS + CAUGHT + NOT_CAUGHT),
         st.text(alphabet="ab1.-_%+@ Z", max_size=24),  # e-mail shapes
         st.text(alphabet="0123456789 -./()+\t\u00a0AB", max_size=24),  # the numbers' shapes and gates
+        st.text(alphabet="0123456 -.,_a\u0661", min_size=12, max_size=32),  # cards, IPv4
         st.text(alphabet="0123456789 \t\u00a0().-/+_AZBDEGKIS azskxobpregyJRliv\u00e9\u20ac\U0001f600", max_size=16),
         st.text(max_size=4),
     ),
@@ -520,10 +524,12 @@ def prefix_bits(text: str) -> int:
 @given(st.one_of(scan_text, st.text()))
 def test_compiled_scan_finds_what_the_python_scan_finds(text: str) -> None:
     require_compiled()
-    runs, keys, emails = scan_compiled(text)
-    py_runs, py_keys, py_emails = scan_python(text)
+    runs, keys, emails, cards, ipv4s = scan_compiled(text)
+    py_runs, py_keys, py_emails, py_cards, py_ipv4s = scan_python(text)
     assert runs == py_runs
     assert emails == py_emails
+    assert cards == py_cards
+    assert ipv4s == py_ipv4s
     assert keys == prefix_bits(text)
     assert keys & ~py_keys == 0  # the Python bits may be set on weaker evidence, never the C ones
     assert Recognizers(compiled=True).analyze(text) == Recognizers(compiled=False).analyze(text)
@@ -533,8 +539,8 @@ def test_compiled_scan_finds_what_the_python_scan_finds(text: str) -> None:
                                   "\u20ac 1.2.3.4 AKIA", "AB12", "\u00e9AB12", "1" * 9 + "\u00e9"])
 def test_compiled_scan_on_every_string_width(text: str) -> None:
     require_compiled()
-    runs, _, emails = scan_python(text)
-    assert scan_compiled(text) == (runs, prefix_bits(text), emails)
+    runs, _, emails, cards, ipv4s = scan_python(text)
+    assert scan_compiled(text) == (runs, prefix_bits(text), emails, cards, ipv4s)
 
 
 def test_compiled_scan_takes_only_str() -> None:

@@ -1,6 +1,6 @@
 /* One pass over a prompt that finds where the built-in PII recognizers must look.
  *
- * scan(text) -> (runs, keys, emails)
+ * scan(text) -> (runs, keys, emails, cards, ipv4s)
  *   runs: [(start, end, digits, last, flags), ...] the runs of digits and separators that
  *         can hold a card, SSN, phone, IPv4 or IBAN: exactly what recognizers._SHAPE_RUN
  *         finds in an ASCII text's shape and recognizers._NUMBER_RUN in any other text
@@ -11,7 +11,11 @@
  *         whether an IPv6 address may be there (recognizers.HINT_IPV6);
  *   emails: [(start, end), ...] around each "@", what recognizers._LOCAL_REVERSED (read
  *         backwards, at most 64 characters) and recognizers._DOMAIN match (the URL rule
- *         is applied in Python).
+ *         is applied in Python);
+ *   cards: [(start, end), ...] the Luhn-valid matches of recognizers._CARD in each run
+ *         of 7+ characters with 13+ digits (2 characters around it, as _run_window);
+ *   ipv4s: [(start, end), ...] the matches of recognizers._IPV4 in each run of 7+
+ *         characters with 3+ dots (the version-string rule is applied in Python).
  *
  * It replaces several passes of the regex engine with one loop; the recognizers in
  * recognizers.py stay the judges (every entity pattern and check runs as before). Optional:
@@ -58,6 +62,8 @@ static void init_classes(void) {
 #define IS_LDH(c) (IS_ALNUM(c) || (c) == '-') /* a domain label's characters */
 #define IS_ATOM(c) (IS_ALNUM(c) || (c) == '_' || (c) == '%' || (c) == '+' || (c) == '-')
 #define LOCAL_MAX 64
+/* the regex engine's \w on str patterns */
+#define IS_WORD(c) (Py_UNICODE_ISALNUM(c) || (c) == '_')
 #define IS_SEP(c) (CLASS(c) >= C_S) /* a separator or "." */
 #define IS_RUN(c) (CLASS(c) != C_X)
 /* A separator of the shape's class "s" (not "."): space, tab, ( ) - / */
@@ -94,7 +100,102 @@ static void init_classes(void) {
         while (k < end && IS_DIGIT(s[k])) k++;                                                   \
         return k - j;                                                                            \
     }                                                                                            \
-    static PyObject *NAME##_run(const T *s, Py_ssize_t start, Py_ssize_t end, int shaped) {      \
+    static int NAME##_card_tail(const T *s, Py_ssize_t hi, Py_ssize_t r, Py_UCS4 sep) {          \
+        /* (?!\w)(?!sep[0-9])(?![.,][0-9]) at r, the text ending at hi */                       \
+        if (r >= hi) return 1;                                                                   \
+        if (IS_WORD(s[r])) return 0;                                                             \
+        return !(r + 1 < hi && (s[r] == sep || s[r] == '.' || s[r] == ',') && IS_DIGIT(s[r + 1])); \
+    }                                                                                            \
+    static int NAME##_digits_at(const T *s, Py_ssize_t hi, Py_ssize_t j, Py_ssize_t k) {         \
+        /* k digits from j, all before hi */                                                     \
+        if (j + k > hi) return 0;                                                                \
+        for (Py_ssize_t x = j; x < j + k; x++) if (!IS_DIGIT(s[x])) return 0;                    \
+        return 1;                                                                                \
+    }                                                                                            \
+    static Py_ssize_t NAME##_card_at(const T *s, Py_ssize_t p, Py_ssize_t hi) {                  \
+        /* where recognizers._CARD matches at p ends, or -1 */                                   \
+        if (s[p] < '2' || s[p] > '6') return -1;                                                 \
+        if (p > 0 && IS_WORD(s[p - 1])) return -1;                                               \
+        if (p >= 2 && IS_DIGIT(s[p - 2])                                                         \
+            && (s[p - 1] == ' ' || s[p - 1] == '.' || s[p - 1] == ',' || s[p - 1] == '-'))       \
+            return -1;                                                                           \
+        Py_ssize_t q = p + 1, c = 0;                                                             \
+        while (q < hi && c < 18 && IS_DIGIT(s[q])) { q++; c++; } /* [0-9]{12,18}+ */             \
+        if (c >= 12) return NAME##_card_tail(s, hi, q, '.') ? q : -1;                            \
+        if (!NAME##_digits_at(s, hi, p + 1, 3) || p + 4 >= hi) return -1;                        \
+        Py_UCS4 sep = s[p + 4];                                                                  \
+        if (sep != ' ' && sep != '-') return -1;                                                 \
+        if (NAME##_digits_at(s, hi, p + 5, 4) && p + 9 < hi && s[p + 9] == sep                   \
+            && NAME##_digits_at(s, hi, p + 10, 4) && p + 14 < hi && s[p + 14] == sep) {          \
+            /* 4-4-4 and a group of 1-4, maybe one of 1-3 after it */                           \
+            Py_ssize_t g = NAME##_group(s, hi, p + 15);                                          \
+            if (g < 1 || g > 4) return -1;                                                       \
+            q = p + 15 + g;                                                                      \
+            if (q < hi && s[q] == sep) {                                                         \
+                Py_ssize_t g5 = NAME##_group(s, hi, q + 1);                                      \
+                if (g5 == 0) return q;                                                           \
+                return g5 <= 3 && NAME##_card_tail(s, hi, q + 1 + g5, sep) ? q + 1 + g5 : -1;    \
+            }                                                                                    \
+            return NAME##_card_tail(s, hi, q, sep) ? q : -1;                                     \
+        }                                                                                        \
+        if (NAME##_digits_at(s, hi, p + 5, 6) && p + 11 < hi && s[p + 11] == sep) {              \
+            /* 4-6-4/5 */                                                                        \
+            Py_ssize_t g = NAME##_group(s, hi, p + 12);                                          \
+            if (g < 4 || g > 5) return -1;                                                       \
+            return NAME##_card_tail(s, hi, p + 12 + g, sep) ? p + 12 + g : -1;                   \
+        }                                                                                        \
+        return -1;                                                                               \
+    }                                                                                            \
+    static int NAME##_luhn(const T *s, Py_ssize_t start, Py_ssize_t end) {                       \
+        int sum = 0, odd = 0;                                                                    \
+        for (Py_ssize_t j = end - 1; j >= start; j--) {                                          \
+            if (!IS_DIGIT(s[j])) continue;                                                       \
+            int d = (int)(s[j] - '0');                                                           \
+            if (odd) { d *= 2; if (d > 9) d -= 9; }                                              \
+            sum += d;                                                                            \
+            odd = !odd;                                                                          \
+        }                                                                                        \
+        return sum % 10 == 0;                                                                    \
+    }                                                                                            \
+    static Py_ssize_t NAME##_ipv4_at(const T *s, Py_ssize_t p, Py_ssize_t hi) {                  \
+        /* where recognizers._IPV4 matches at p ends, or -1: four groups of 1-3 digits, */      \
+        /* each 0-255, whole (a shorter octet leaves a digit where "." or the end must be) */  \
+        if (!IS_DIGIT(s[p]) || (p > 0 && IS_WORD(s[p - 1]))) return -1;                          \
+        if (p >= 2 && s[p - 1] == '.' && IS_DIGIT(s[p - 2])) return -1;                          \
+        Py_ssize_t q = p;                                                                        \
+        for (int octet = 0; octet < 4; octet++) {                                                \
+            if (octet > 0) {                                                                     \
+                if (q >= hi || s[q] != '.') return -1;                                           \
+                q++;                                                                             \
+            }                                                                                    \
+            Py_ssize_t g = NAME##_group(s, hi, q);                                               \
+            if (g < 1 || g > 3) return -1;                                                       \
+            int v = 0;                                                                           \
+            for (Py_ssize_t x = q; x < q + g; x++) v = v * 10 + (int)(s[x] - '0');               \
+            if (v > 255) return -1;                                                              \
+            q += g;                                                                              \
+        }                                                                                        \
+        if (q < hi && IS_WORD(s[q])) return -1;                                                  \
+        if (q + 1 < hi && s[q] == '.' && IS_DIGIT(s[q + 1])) return -1;                          \
+        return q;                                                                                \
+    }                                                                                            \
+    static int NAME##_matches(const T *s, Py_ssize_t lo, Py_ssize_t hi, int cards, PyObject *out) { \
+        /* finditer over [lo, hi) of _CARD (Luhn-valid only) or _IPV4 */                         \
+        Py_ssize_t p = lo;                                                                       \
+        while (p < hi) {                                                                         \
+            Py_ssize_t e = cards ? NAME##_card_at(s, p, hi) : NAME##_ipv4_at(s, p, hi);          \
+            if (e < 0) { p++; continue; }                                                        \
+            if (!cards || NAME##_luhn(s, p, e)) {                                                \
+                PyObject *span = Py_BuildValue("(nn)", p, e);                                    \
+                if (span == NULL || PyList_Append(out, span) < 0) { Py_XDECREF(span); return -1; } \
+                Py_DECREF(span);                                                                 \
+            }                                                                                    \
+            p = e;                                                                               \
+        }                                                                                        \
+        return 0;                                                                                \
+    }                                                                                            \
+    static PyObject *NAME##_run(const T *s, Py_ssize_t n, Py_ssize_t start, Py_ssize_t end, int shaped, \
+                                PyObject *cards, PyObject *ipv4s) {                              \
         Py_ssize_t digits = 0, last = start, dots = 0;                                           \
         int zero = 0, ssn = 0, nanp = 0, trunk = 0;                                              \
         for (Py_ssize_t j = start; j < end; j++) {                                               \
@@ -143,6 +244,11 @@ static void init_classes(void) {
         if (start > 0 && s[start - 1] == '+') flags |= R_PLUS;                                   \
         if (start >= 2 && IS_UPPER(s[start - 2]) && IS_UPPER(s[start - 1])) flags |= R_IBAN;     \
         if (dots >= 3) flags |= R_DOTS;                                                          \
+        if (end - start >= 7) { /* as _Numbers: the patterns see 2 characters around the run */ \
+            Py_ssize_t lo = start > 2 ? start - 2 : 0, hi = end + 2 < n ? end + 2 : n;           \
+            if (digits >= 13 && NAME##_matches(s, lo, hi, 1, cards) < 0) return NULL;            \
+            if (dots >= 3 && NAME##_matches(s, lo, hi, 0, ipv4s) < 0) return NULL;              \
+        }                                                                                        \
         return Py_BuildValue("(nnnni)", start, end, digits, last, flags);                        \
     }                                                                                            \
     static Py_ssize_t NAME##_local(const T *s, Py_ssize_t at) {                                \
@@ -181,7 +287,7 @@ static void init_classes(void) {
         return best;                                                                             \
     }                                                                                            \
     static int NAME(const T *s, Py_ssize_t n, int want_runs, int shaped, PyObject *runs, long *keys, \
-                    PyObject *emails) {                                                          \
+                    PyObject *emails, PyObject *cards, PyObject *ipv4s) {                        \
         long k = 0;                                                                              \
         for (Py_ssize_t i = 0; i < n; i++) {                                                     \
             while (i < n && (s[i] >= 256 || !look[s[i]])) i++; /* the common case, kept tight */ \
@@ -197,7 +303,7 @@ static void init_classes(void) {
                 if (!ok) continue;                                                               \
                 Py_ssize_t e = i + 1;                                                            \
                 while (e < n && IS_RUN(s[e])) e++;                                               \
-                PyObject *span = NAME##_run(s, i, e, shaped);                                    \
+                PyObject *span = NAME##_run(s, n, i, e, shaped, cards, ipv4s);                   \
                 if (span == NULL || PyList_Append(runs, span) < 0) { Py_XDECREF(span); return -1; } \
                 Py_DECREF(span);                                                                 \
                 i = e - 1; /* s[e] is no digit: the loop goes on after it */                     \
@@ -285,28 +391,32 @@ static PyObject *scan(PyObject *Py_UNUSED(module), PyObject *text) {
         }
         want_runs = digits >= 4;
     }
-    PyObject *runs = PyList_New(0), *emails = PyList_New(0);
-    if (runs == NULL || emails == NULL) {
+    PyObject *runs = PyList_New(0), *emails = PyList_New(0), *cards = PyList_New(0), *ipv4s = PyList_New(0);
+    if (runs == NULL || emails == NULL || cards == NULL || ipv4s == NULL) {
         Py_XDECREF(runs);
         Py_XDECREF(emails);
+        Py_XDECREF(cards);
+        Py_XDECREF(ipv4s);
         return NULL;
     }
     long keys = 0;
     int rc;
-    if (kind == PyUnicode_1BYTE_KIND) rc = scan1((const Py_UCS1 *)data, n, want_runs, shaped, runs, &keys, emails);
-    else if (kind == PyUnicode_2BYTE_KIND) rc = scan2((const Py_UCS2 *)data, n, want_runs, shaped, runs, &keys, emails);
-    else rc = scan4((const Py_UCS4 *)data, n, want_runs, shaped, runs, &keys, emails);
+    if (kind == PyUnicode_1BYTE_KIND) rc = scan1((const Py_UCS1 *)data, n, want_runs, shaped, runs, &keys, emails, cards, ipv4s);
+    else if (kind == PyUnicode_2BYTE_KIND) rc = scan2((const Py_UCS2 *)data, n, want_runs, shaped, runs, &keys, emails, cards, ipv4s);
+    else rc = scan4((const Py_UCS4 *)data, n, want_runs, shaped, runs, &keys, emails, cards, ipv4s);
     if (rc < 0) {
         Py_DECREF(runs);
         Py_DECREF(emails);
+        Py_DECREF(cards);
+        Py_DECREF(ipv4s);
         return NULL;
     }
-    PyObject *result = Py_BuildValue("(NlN)", runs, keys, emails);
+    PyObject *result = Py_BuildValue("(NlNNN)", runs, keys, emails, cards, ipv4s);
     return result;
 }
 
 static PyMethodDef methods[] = {
-    {"scan", scan, METH_O, "scan(text) -> (runs, keys, emails): where the PII recognizers must look."},
+    {"scan", scan, METH_O, "scan(text) -> (runs, keys, emails, cards, ipv4s): where the PII recognizers must look."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -288,7 +288,22 @@ RUN_SSN = 16  # _SSN_SHAPE matches its shape (always set when not RUN_SHAPED)
 RUN_NANP = 32  # _NANP_SHAPE matches its shape (always set when not RUN_SHAPED)
 RUN_TRUNK = 64  # a "0" in it and (not RUN_SHAPED or a _TRUNK_SHAPES in its shape)
 Run = tuple[int, int, int, int, int]
+Pairs = list[tuple[int, int]]
+Scan = tuple[list[Run], int, Pairs, Pairs, Pairs]  # runs, keys, emails, cards, ipv4s
 _RUN_SEPARATORS = " \t\u00a0().-/"
+
+
+def _run_window(text: str, start: int, end: int) -> tuple[int, int]:
+    """Where the entity patterns look for a run: 2 characters of context on each side."""
+    return start - 2 if start > 2 else 0, min(end + 2, len(text))
+
+
+def _card_matches(text: str, lo: int, hi: int) -> Pairs:
+    found = []
+    for m in _CARD.finditer(text, lo, hi):
+        if _luhn_ok(m.group().replace(" ", "").replace("-", "")):
+            found.append(m.span())
+    return found
 
 
 def _run_info(text: str, start: int, end: int, shaped: bool) -> Run:
@@ -325,19 +340,23 @@ class _Numbers:
         self.card, self.ssn, self.phone = CARD in entities, SSN in entities, PHONE in entities
         self.ipv4, self.iban = IP in entities, IBAN in entities
 
-    def __call__(self, text: str, runs: list[Run], out: list[Span]) -> None:
-        """The entities inside `runs` (`scan`'s runs of digits and separators)."""
+    def __call__(self, text: str, runs: list[Run], cards: list[tuple[int, int]],
+                 ipv4s: list[tuple[int, int]], out: list[Span]) -> None:
+        """The entities inside `runs` (`scan`'s runs of digits and separators); `cards` and
+        `ipv4s` are the matches `scan` found in them already."""
+        if self.card:
+            for start, end in cards:
+                out.append(_span((start, end, CARD, 1.0)))
+        if self.ipv4 and ipv4s:
+            self._ipv4(text, ipv4s, out)
         n = len(text)
-        card, ssn, phone, ipv4, iban = self.card, self.ssn, self.phone, self.ipv4, self.iban
+        ssn, phone, iban = self.ssn, self.phone, self.iban
         for start, end, digits, last, flags in runs:
             if iban and flags & RUN_IBAN:
                 self._iban(text, start - 2, out)
             if end - start < 7:
                 continue
-            lo = start - 2 if start > 2 else 0
             hi = end + 2 if end + 2 < n else n
-            if ipv4 and flags & RUN_DOTS:
-                self._ipv4(text, lo, hi, out)
             if digits < 9:
                 if phone and digits == 8 and flags & RUN_PLUS:
                     self._phones(text, start, hi, digits, last, flags, out)
@@ -345,16 +364,7 @@ class _Numbers:
             if phone and flags & (RUN_PLUS | RUN_NANP | RUN_TRUNK):
                 self._phones(text, start, hi, digits, last, flags, out)
             if ssn and flags & RUN_SSN:
-                self._ssns(text, lo, hi, out)
-            if card and digits >= 13:
-                self._cards(text, lo, hi, out)
-
-    @staticmethod
-    def _cards(text: str, lo: int, hi: int, out: list[Span]) -> None:
-        for m in _CARD.finditer(text, lo, hi):
-            digits = m.group().replace(" ", "").replace("-", "")
-            if _luhn_ok(digits):
-                out.append(_span((m.start(), m.end(), CARD, 1.0)))
+                self._ssns(text, start - 2 if start > 2 else 0, hi, out)
 
     @staticmethod
     def _ssns(text: str, lo: int, hi: int, out: list[Span]) -> None:
@@ -400,9 +410,8 @@ class _Numbers:
                     out.append(_span((m.start(), m.start() + len(s), PHONE, _SCORE_PHONE)))
 
     @staticmethod
-    def _ipv4(text: str, lo: int, hi: int, out: list[Span]) -> None:
-        for m in _IPV4.finditer(text, lo, hi):  # octets 0-255 by the pattern
-            start, end = m.span()
+    def _ipv4(text: str, ipv4s: list[tuple[int, int]], out: list[Span]) -> None:
+        for start, end in ipv4s:  # _IPV4's matches: octets 0-255
             if text.startswith("-", end) and _VERSION_AFTER.match(text, end):
                 continue
             before = text[start - _VERSION_WINDOW if start > _VERSION_WINDOW else 0 : start]
@@ -591,12 +600,15 @@ def _find_api_keys(text: str, keys: int, out: list[Span]) -> None:
 # -- the one pass --------------------------------------------------------------------
 
 
-def scan_python(text: str) -> tuple[list[Run], int, list[tuple[int, int]]]:
-    """`(runs, keys, emails)`: the runs of digits and separators that can hold a number
-    entity (`_SHAPE_RUN` over an ASCII text's shape, `_NUMBER_RUN` over any other text
-    holding 4+ digits), each as a `Run`; the KEY_* bits of the key prefixes present (plus
-    HINT_IPV6); the e-mail address candidates (before the URL rule). What `_scan.c`
-    computes in one pass; used when it is not built."""
+def scan_python(text: str) -> Scan:
+    """`(runs, keys, emails, cards, ipv4s)`: the runs of digits and separators that can
+    hold a number entity (`_SHAPE_RUN` over an ASCII text's shape, `_NUMBER_RUN` over any
+    other text holding 4+ digits), each as a `Run`; the KEY_* bits of the key prefixes
+    present (plus HINT_IPV6); the e-mail address candidates (before the URL rule); the
+    Luhn-valid `_CARD` matches in runs of 7+ characters with 13+ digits; the `_IPV4`
+    matches in runs of 7+ characters with 3+ dots (before the version rule); both in the
+    run's window (`_run_window`). What `_scan.c` computes in one pass; used when it is
+    not built."""
     if text.isascii():
         found = _SHAPE_RUN.finditer(text.encode("ascii").translate(_SHAPE))
         runs = [_run_info(text, *m.span(), True) for m in found]
@@ -604,6 +616,15 @@ def scan_python(text: str) -> tuple[list[Run], int, list[tuple[int, int]]]:
         data = text.encode("utf-8", "surrogatepass")
         digits = len(data) - len(data.translate(None, _DIGITS))
         runs = [_run_info(text, *m.span(), False) for m in _NUMBER_RUN.finditer(text)] if digits >= 4 else []
+    cards: list[tuple[int, int]] = []
+    ipv4s: list[tuple[int, int]] = []
+    for start, end, digits, _, flags in runs:
+        if end - start >= 7:
+            lo, hi = _run_window(text, start, end)
+            if digits >= 13:
+                cards += _card_matches(text, lo, hi)
+            if flags & RUN_DOTS:
+                ipv4s += [m.span() for m in _IPV4.finditer(text, lo, hi)]
     keys = KEY_AWS  # the pattern's literal "A" is its own fast gate
     if "-" in text:
         for m in _DASH_KEY.finditer(text):
@@ -618,7 +639,7 @@ def scan_python(text: str) -> tuple[list[Run], int, list[tuple[int, int]]]:
         keys |= KEY_BEARER
     if ":" in text:
         keys |= HINT_IPV6
-    return runs, keys, _email_candidates(text)
+    return runs, keys, _email_candidates(text), cards, ipv4s
 
 
 # -- the recognizer set ------------------------------------------------------------
@@ -672,7 +693,7 @@ class Recognizers:
             raise ValueError(f"unknown PII entity {names} (known: {', '.join(sorted(ENTITIES))})")
         self.entities = wanted
         self.key = ",".join(sorted(wanted))  # the same for equal sets: results can be shared
-        self.scan: Callable[[str], tuple[list[Run], int, list[tuple[int, int]]]] = (
+        self.scan: Callable[[str], Scan] = (
             scan_compiled if compiled and scan_compiled is not None else scan_python)
         self._emails = EMAIL in wanted
         self._numbers = _Numbers(wanted) if wanted & {CARD, SSN, PHONE, IP, IBAN} else None
@@ -682,11 +703,11 @@ class Recognizers:
     def analyze(self, text: str) -> list[Span]:
         """The entities in `text`: sorted by start, non-overlapping, offsets into `text`."""
         spans: list[Span] = []
-        runs, hints, emails = self.scan(text)
+        runs, hints, emails, cards, ipv4s = self.scan(text)
         if emails and self._emails:
             _find_emails(text, emails, spans)
         if runs and self._numbers is not None:
-            self._numbers(text, runs, spans)
+            self._numbers(text, runs, cards, ipv4s, spans)
         if hints & _KEY_BITS and self._keys:
             _find_api_keys(text, hints, spans)
         if hints & HINT_IPV6 and self._ipv6:

@@ -486,7 +486,8 @@ def test_every_span_is_found_again_on_its_own(text: str) -> None:
 EMAILS = ["a@b.co", "x.y@a-b.c-d.org", "@", "a@", "@b.com", "a@b", "a@b.c", "a.@b.com", ".a@b.com", "a..b@c.de",
           "a@-b.com", "a@b-.com", "a@b.c1.com", "a@b.com1", "a@b.com-x", "a@1.2.3.4", "a@b.co.uk.", "u@" + "x" * 64 + ".com",
           "u@x." + "y" * 64, "http://u:p@h.com/", "\u00e9@b.com", "b@\u00e9.com", "a@b.c\u00e9m"]
-KEY_PREFIXES = ["sk-", "xoxb-", "xoxq-", "AKIA", "ASIA", "AIza", "AIz", "k_live_", "k_test_", "sk_tes",
+KEY_PREFIXES = ["sk-" + "a1" * 10, "sk-" + "a" * 16 + "1-_x", "sk-" + "a-" * 12 + "1", "-sk-" + "a1" * 10, "xsk-" + "1a" * 12,
+                "sk-sk-" + "b2" * 12, "sk-" + "\u00e9" + "a1" * 12, "\u00e9sk-" + "a1" * 12, "sk-proj-" + "Zz9" * 8, "sk-", "xoxb-", "xoxq-", "AKIA", "ASIA", "AIza", "AIz", "k_live_", "k_test_", "sk_tes",
                 "ghp_", "ghx_", "github_pat_", "github_", "eyJ", "Bearer ", "BEARER", "bearer", "eare", "nearer", "BEArer"]
 NUMBERS = ["::1", "fe80::", ":ab", "a:b", "4111-1111-1111-1111", "4111 1111 1111 1", "4111 1111 1111 1111 12",
            "3782 822463 10005", "3782-822463-1000", "5500 0000 0000 0004", "4111111111111111", "41111111111111111111",
@@ -524,12 +525,13 @@ def prefix_bits(text: str) -> int:
 @given(st.one_of(scan_text, st.text()))
 def test_compiled_scan_finds_what_the_python_scan_finds(text: str) -> None:
     require_compiled()
-    runs, keys, emails, cards, ipv4s = scan_compiled(text)
-    py_runs, py_keys, py_emails, py_cards, py_ipv4s = scan_python(text)
+    runs, keys, emails, cards, ipv4s, sks = scan_compiled(text)
+    py_runs, py_keys, py_emails, py_cards, py_ipv4s, py_sks = scan_python(text)
     assert runs == py_runs
     assert emails == py_emails
     assert cards == py_cards
     assert ipv4s == py_ipv4s
+    assert sks == py_sks
     assert keys == prefix_bits(text)
     assert keys & ~py_keys == 0  # the Python bits may be set on weaker evidence, never the C ones
     assert Recognizers(compiled=True).analyze(text) == Recognizers(compiled=False).analyze(text)
@@ -539,8 +541,8 @@ def test_compiled_scan_finds_what_the_python_scan_finds(text: str) -> None:
                                   "\u20ac 1.2.3.4 AKIA", "AB12", "\u00e9AB12", "1" * 9 + "\u00e9"])
 def test_compiled_scan_on_every_string_width(text: str) -> None:
     require_compiled()
-    runs, _, emails, cards, ipv4s = scan_python(text)
-    assert scan_compiled(text) == (runs, prefix_bits(text), emails, cards, ipv4s)
+    runs, _, emails, cards, ipv4s, sks = scan_python(text)
+    assert scan_compiled(text) == (runs, prefix_bits(text), emails, cards, ipv4s, sks)
 
 
 def test_compiled_scan_takes_only_str() -> None:

@@ -1,6 +1,6 @@
 /* One pass over a prompt that finds where the built-in PII recognizers must look.
  *
- * scan(text) -> (runs, keys, emails, cards, ipv4s)
+ * scan(text) -> (runs, keys, emails, cards, ipv4s, sks)
  *   runs: [(start, end, digits, last, flags), ...] the runs of digits and separators that
  *         can hold a card, SSN, phone, IPv4 or IBAN: exactly what recognizers._SHAPE_RUN
  *         finds in an ASCII text's shape and recognizers._NUMBER_RUN in any other text
@@ -15,10 +15,11 @@
  *   cards: [(start, end), ...] the Luhn-valid matches of recognizers._CARD in each run
  *         of 7+ characters with 13+ digits (2 characters around it, as _run_window);
  *   ipv4s: [(start, end), ...] the matches of recognizers._IPV4 in each run of 7+
- *         characters with 3+ dots (the version-string rule is applied in Python).
+ *         characters with 3+ dots (the version-string rule is applied in Python);
+ *   sks: [(start, end), ...] the matches of recognizers._SK_KEY ("sk-" keys).
  *
  * It replaces several passes of the regex engine with one loop. The rest stays in
- * recognizers.py: phones, SSNs, IBANs, keys and IPv6 (their patterns run where this pass
+ * recognizers.py: phones, SSNs, IBANs, other keys and IPv6 (their patterns run where this pass
  * points), the URL rule for e-mail addresses and the version rule for IPv4. Optional:
  * when this module is not built, recognizers.scan_python computes the same, and the tests
  * compare the two.
@@ -253,6 +254,20 @@ static void init_classes(void) {
         }                                                                                        \
         return Py_BuildValue("(nnnni)", start, end, digits, last, flags);                        \
     }                                                                                            \
+    static Py_ssize_t NAME##_sk_at(const T *s, Py_ssize_t n, Py_ssize_t p) {                   \
+        /* where recognizers._SK_KEY matches at p ("sk-" there) ends, or -1: not after a */     \
+        /* word character or "-"; 20+ of [A-Za-z0-9_-] after "sk-" (all of them), holding */     \
+        /* a digit and 16 letters or digits in a row */                                          \
+        if (p > 0 && (IS_WORD(s[p - 1]) || s[p - 1] == '-')) return -1;                          \
+        Py_ssize_t q = p + 3, row = 0;                                                           \
+        int digit = 0, sixteen = 0;                                                              \
+        while (q < n && (IS_ALNUM(s[q]) || s[q] == '_' || s[q] == '-')) {                        \
+            if (IS_ALNUM(s[q])) { if (++row >= 16) sixteen = 1; } else row = 0;                  \
+            digit |= IS_DIGIT(s[q]);                                                             \
+            q++;                                                                                 \
+        }                                                                                        \
+        return q - (p + 3) >= 20 && digit && sixteen ? q : -1;                                   \
+    }                                                                                            \
     static Py_ssize_t NAME##_local(const T *s, Py_ssize_t at) {                                \
         /* where [atom]+(?:\.[atom]+)* read backwards from "@" starts (at: none) */             \
         Py_ssize_t lo = at > LOCAL_MAX ? at - LOCAL_MAX : 0, k = at;                             \
@@ -289,8 +304,9 @@ static void init_classes(void) {
         return best;                                                                             \
     }                                                                                            \
     static int NAME(const T *s, Py_ssize_t n, int want_runs, int shaped, PyObject *runs, long *keys, \
-                    PyObject *emails, PyObject *cards, PyObject *ipv4s) {                        \
+                    PyObject *emails, PyObject *cards, PyObject *ipv4s, PyObject *sks) {         \
         long k = 0;                                                                              \
+        Py_ssize_t sk_end = 0; /* a match's characters are not searched again (finditer) */     \
         for (Py_ssize_t i = 0; i < n; i++) {                                                     \
             while (i < n && (s[i] >= 256 || !look[s[i]])) i++; /* the common case, kept tight */ \
             if (i >= n) break;                                                                   \
@@ -313,7 +329,16 @@ static void init_classes(void) {
             }                                                                                    \
             switch (c) {                                                                         \
             case '-':                                                                            \
-                if (i >= 2 && s[i - 2] == 's' && s[i - 1] == 'k') k |= K_SK;                     \
+                if (i >= 2 && s[i - 2] == 's' && s[i - 1] == 'k') {                              \
+                    k |= K_SK;                                                                   \
+                    Py_ssize_t e;                                                                \
+                    if (i - 2 >= sk_end && (e = NAME##_sk_at(s, n, i - 2)) >= 0) {               \
+                        PyObject *span = Py_BuildValue("(nn)", i - 2, e);                        \
+                        if (span == NULL || PyList_Append(sks, span) < 0) { Py_XDECREF(span); return -1; } \
+                        Py_DECREF(span);                                                         \
+                        sk_end = e;                                                              \
+                    }                                                                            \
+                }                                                                                \
                 if (i >= 4 && s[i - 4] == 'x' && s[i - 3] == 'o' && s[i - 2] == 'x') {           \
                     Py_UCS4 v = s[i - 1];                                                        \
                     if (v == 'a' || v == 'b' || v == 'p' || v == 'r' || v == 's' || v == 'e')    \
@@ -393,32 +418,35 @@ static PyObject *scan(PyObject *Py_UNUSED(module), PyObject *text) {
         }
         want_runs = digits >= 4;
     }
-    PyObject *runs = PyList_New(0), *emails = PyList_New(0), *cards = PyList_New(0), *ipv4s = PyList_New(0);
-    if (runs == NULL || emails == NULL || cards == NULL || ipv4s == NULL) {
+    PyObject *runs = PyList_New(0), *emails = PyList_New(0), *cards = PyList_New(0), *ipv4s = PyList_New(0),
+             *sks = PyList_New(0);
+    if (runs == NULL || emails == NULL || cards == NULL || ipv4s == NULL || sks == NULL) {
         Py_XDECREF(runs);
         Py_XDECREF(emails);
         Py_XDECREF(cards);
         Py_XDECREF(ipv4s);
+        Py_XDECREF(sks);
         return NULL;
     }
     long keys = 0;
     int rc;
-    if (kind == PyUnicode_1BYTE_KIND) rc = scan1((const Py_UCS1 *)data, n, want_runs, shaped, runs, &keys, emails, cards, ipv4s);
-    else if (kind == PyUnicode_2BYTE_KIND) rc = scan2((const Py_UCS2 *)data, n, want_runs, shaped, runs, &keys, emails, cards, ipv4s);
-    else rc = scan4((const Py_UCS4 *)data, n, want_runs, shaped, runs, &keys, emails, cards, ipv4s);
+    if (kind == PyUnicode_1BYTE_KIND) rc = scan1((const Py_UCS1 *)data, n, want_runs, shaped, runs, &keys, emails, cards, ipv4s, sks);
+    else if (kind == PyUnicode_2BYTE_KIND) rc = scan2((const Py_UCS2 *)data, n, want_runs, shaped, runs, &keys, emails, cards, ipv4s, sks);
+    else rc = scan4((const Py_UCS4 *)data, n, want_runs, shaped, runs, &keys, emails, cards, ipv4s, sks);
     if (rc < 0) {
         Py_DECREF(runs);
         Py_DECREF(emails);
         Py_DECREF(cards);
         Py_DECREF(ipv4s);
+        Py_DECREF(sks);
         return NULL;
     }
-    PyObject *result = Py_BuildValue("(NlNNN)", runs, keys, emails, cards, ipv4s);
+    PyObject *result = Py_BuildValue("(NlNNNN)", runs, keys, emails, cards, ipv4s, sks);
     return result;
 }
 
 static PyMethodDef methods[] = {
-    {"scan", scan, METH_O, "scan(text) -> (runs, keys, emails, cards, ipv4s): where the PII recognizers must look."},
+    {"scan", scan, METH_O, "scan(text) -> (runs, keys, emails, cards, ipv4s, sks): where the PII recognizers must look."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -289,7 +289,7 @@ RUN_NANP = 32  # _NANP_SHAPE matches its shape (always set when not RUN_SHAPED)
 RUN_TRUNK = 64  # a "0" in it and (not RUN_SHAPED or a _TRUNK_SHAPES in its shape)
 Run = tuple[int, int, int, int, int]
 Pairs = list[tuple[int, int]]
-Scan = tuple[list[Run], int, Pairs, Pairs, Pairs]  # runs, keys, emails, cards, ipv4s
+Scan = tuple[list[Run], int, Pairs, Pairs, Pairs, Pairs]  # runs, keys, emails, cards, ipv4s, sks
 _RUN_SEPARATORS = " \t\u00a0().-/"
 
 
@@ -535,15 +535,12 @@ HINT_IPV6 = 128  # not a key: ":" before ":" or a hex digit (scan_python: any ":
 # only after it.
 _KeyFamily = tuple[int, re.Pattern[str], Callable[[str], bool] | None]
 _DASH_KEY = re.compile(r"-(?:(?<=(?P<sk>sk)-)|(?<=(?P<xox>xox[abprse])-))")
+# "sk-" keys (OpenAI, Anthropic): `scan` finds them. The body after "sk-" (the whole
+# token: the lookaheads cannot leave it) needs a digit and a 16+ character stretch without
+# "-"/"_" (module docstring).
+_SK_KEY = re.compile(r"sk-(?<![\w\-]...)(?=[A-Za-z0-9_\-]*?[0-9])(?=[A-Za-z0-9_\-]*?[A-Za-z0-9]{16})"
+                     r"[A-Za-z0-9_\-]{20,}")
 _KEY_FAMILIES: tuple[_KeyFamily, ...] = (
-    (
-        KEY_SK,
-        # The body after "sk-" (the whole token: the lookaheads cannot leave it) needs a
-        # digit and a 16+ character stretch without "-"/"_" (module docstring).
-        re.compile(r"sk-(?<![\w\-]...)(?=[A-Za-z0-9_\-]*?[0-9])(?=[A-Za-z0-9_\-]*?[A-Za-z0-9]{16})"
-                   r"[A-Za-z0-9_\-]{20,}"),
-        None,
-    ),
     (
         KEY_AWS,
         re.compile(
@@ -583,8 +580,11 @@ _BEARER = re.compile(r"(?<!\w)(?:Bearer|bearer|BEARER)[ \t]+([A-Za-z0-9\-._~+/]{
 _FAMILIES_BY_BITS = tuple(tuple(f for f in _KEY_FAMILIES if bits & f[0]) for bits in range(64))
 
 
-def _find_api_keys(text: str, keys: int, out: list[Span]) -> None:
-    """The API keys of the families whose prefix bit is set in `keys` (from `scan`)."""
+def _find_api_keys(text: str, keys: int, sks: Pairs, out: list[Span]) -> None:
+    """The "sk-" keys `scan` found, and the API keys of the families whose prefix bit is
+    set in `keys`."""
+    for start, end in sks:
+        out.append(_span((start, end, API_KEY, 1.0)))
     for _, pattern, check in _FAMILIES_BY_BITS[keys & 63]:
         for m in pattern.finditer(text):
             if check is None or check(m.group()):
@@ -601,14 +601,14 @@ def _find_api_keys(text: str, keys: int, out: list[Span]) -> None:
 
 
 def scan_python(text: str) -> Scan:
-    """`(runs, keys, emails, cards, ipv4s)`: the runs of digits and separators that can
-    hold a number entity (`_SHAPE_RUN` over an ASCII text's shape, `_NUMBER_RUN` over any
-    other text holding 4+ digits), each as a `Run`; the KEY_* bits of the key prefixes
-    present (plus HINT_IPV6); the e-mail address candidates (before the URL rule); the
-    Luhn-valid `_CARD` matches in runs of 7+ characters with 13+ digits; the `_IPV4`
-    matches in runs of 7+ characters with 3+ dots (before the version rule); both in the
-    run's window (`_run_window`). What `_scan.c` computes in one pass; used when it is
-    not built."""
+    """`(runs, keys, emails, cards, ipv4s, sks)`: the runs of digits and separators that
+    can hold a number entity (`_SHAPE_RUN` over an ASCII text's shape, `_NUMBER_RUN` over
+    any other text holding 4+ digits), each as a `Run`; the KEY_* bits of the key
+    prefixes present (plus HINT_IPV6); the e-mail address candidates (before the URL
+    rule); the Luhn-valid `_CARD` matches in runs of 7+ characters with 13+ digits; the
+    `_IPV4` matches in runs of 7+ characters with 3+ dots (before the version rule), both
+    in the run's window (`_run_window`); the `_SK_KEY` matches. What `_scan.c` computes
+    in one pass; used when it is not built."""
     if text.isascii():
         found = _SHAPE_RUN.finditer(text.encode("ascii").translate(_SHAPE))
         runs = [_run_info(text, *m.span(), True) for m in found]
@@ -639,7 +639,8 @@ def scan_python(text: str) -> Scan:
         keys |= KEY_BEARER
     if ":" in text:
         keys |= HINT_IPV6
-    return runs, keys, _email_candidates(text), cards, ipv4s
+    sks = [m.span() for m in _SK_KEY.finditer(text)] if keys & KEY_SK else []
+    return runs, keys, _email_candidates(text), cards, ipv4s, sks
 
 
 # -- the recognizer set ------------------------------------------------------------
@@ -703,13 +704,13 @@ class Recognizers:
     def analyze(self, text: str) -> list[Span]:
         """The entities in `text`: sorted by start, non-overlapping, offsets into `text`."""
         spans: list[Span] = []
-        runs, hints, emails, cards, ipv4s = self.scan(text)
+        runs, hints, emails, cards, ipv4s, sks = self.scan(text)
         if emails and self._emails:
             _find_emails(text, emails, spans)
         if runs and self._numbers is not None:
             self._numbers(text, runs, cards, ipv4s, spans)
-        if hints & _KEY_BITS and self._keys:
-            _find_api_keys(text, hints, spans)
+        if (sks or hints & _KEY_BITS & ~KEY_SK) and self._keys:
+            _find_api_keys(text, hints, sks, spans)
         if hints & HINT_IPV6 and self._ipv6:
             _find_ipv6(text, spans)
         return _resolve(spans) if len(spans) > 1 else spans

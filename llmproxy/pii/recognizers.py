@@ -89,6 +89,7 @@ class Span(NamedTuple):  # a tuple: cheap to make, sorts by position
 # Span((start, end, entity, score)) without the Python-level __new__ of a NamedTuple: the
 # recognizers make one per entity found.
 _span = partial(tuple.__new__, Span)
+Pairs = list[tuple[int, int]]  # (start, end) of each candidate `scan` found
 
 
 EMAIL = "EMAIL_ADDRESS"
@@ -124,7 +125,7 @@ _DOMAIN = re.compile(
 _AUTHORITY_END = re.compile(r"[\s/?#]")
 
 
-def _email_candidates(text: str) -> list[tuple[int, int]]:
+def _email_candidates(text: str) -> Pairs:
     """`local@domain` around each "@" (scan_python's; _scan.c finds the same)."""
     found = []
     at = text.find("@")
@@ -138,7 +139,7 @@ def _email_candidates(text: str) -> list[tuple[int, int]]:
     return found
 
 
-def _find_emails(text: str, candidates: list[tuple[int, int]], out: list[Span]) -> None:
+def _find_emails(text: str, candidates: Pairs, out: list[Span]) -> None:
     for start, end in candidates:
         if not _in_url_authority(text, start) or text.startswith("@", end):
             out.append(_span((start, end, EMAIL, 1.0)))
@@ -288,7 +289,6 @@ RUN_SSN = 16  # _SSN_SHAPE matches its shape (always set when not RUN_SHAPED)
 RUN_NANP = 32  # _NANP_SHAPE matches its shape (always set when not RUN_SHAPED)
 RUN_TRUNK = 64  # a "0" in it and (not RUN_SHAPED or a _TRUNK_SHAPES in its shape)
 Run = tuple[int, int, int, int, int]
-Pairs = list[tuple[int, int]]
 Scan = tuple[list[Run], int, Pairs, Pairs, Pairs, Pairs]  # runs, keys, emails, cards, ipv4s, sks
 _RUN_SEPARATORS = " \t\u00a0().-/"
 
@@ -340,8 +340,7 @@ class _Numbers:
         self.card, self.ssn, self.phone = CARD in entities, SSN in entities, PHONE in entities
         self.ipv4, self.iban = IP in entities, IBAN in entities
 
-    def __call__(self, text: str, runs: list[Run], cards: list[tuple[int, int]],
-                 ipv4s: list[tuple[int, int]], out: list[Span]) -> None:
+    def __call__(self, text: str, runs: list[Run], cards: Pairs, ipv4s: Pairs, out: list[Span]) -> None:
         """The entities inside `runs` (`scan`'s runs of digits and separators); `cards` and
         `ipv4s` are the matches `scan` found in them already."""
         if self.card:
@@ -410,7 +409,7 @@ class _Numbers:
                     out.append(_span((m.start(), m.start() + len(s), PHONE, _SCORE_PHONE)))
 
     @staticmethod
-    def _ipv4(text: str, ipv4s: list[tuple[int, int]], out: list[Span]) -> None:
+    def _ipv4(text: str, ipv4s: Pairs, out: list[Span]) -> None:
         for start, end in ipv4s:  # _IPV4's matches: octets 0-255
             if text.startswith("-", end) and _VERSION_AFTER.match(text, end):
                 continue
@@ -576,7 +575,7 @@ _KEY_FAMILIES: tuple[_KeyFamily, ...] = (
 _BEARER = re.compile(r"(?<!\w)(?:Bearer|bearer|BEARER)[ \t]+([A-Za-z0-9\-._~+/]{20,}=*)")
 
 
-# The families to look for, by the bits `scan` set (its KEY_* bits are below 64).
+# The families to look for, by the bits `scan` set (the families' bits are all below 64).
 _FAMILIES_BY_BITS = tuple(tuple(f for f in _KEY_FAMILIES if bits & f[0]) for bits in range(64))
 
 
@@ -616,8 +615,8 @@ def scan_python(text: str) -> Scan:
         data = text.encode("utf-8", "surrogatepass")
         digits = len(data) - len(data.translate(None, _DIGITS))
         runs = [_run_info(text, *m.span(), False) for m in _NUMBER_RUN.finditer(text)] if digits >= 4 else []
-    cards: list[tuple[int, int]] = []
-    ipv4s: list[tuple[int, int]] = []
+    cards: Pairs = []
+    ipv4s: Pairs = []
     for start, end, digits, _, flags in runs:
         if end - start >= 7:
             lo, hi = _run_window(text, start, end)

@@ -526,7 +526,8 @@ KEY_STRIPE = 8  # "k_live_", "k_test_"
 KEY_GITHUB = 16  # "gh" + one of pousr + "_", "github_pat_"
 KEY_JWT = 32  # "eyJ"
 KEY_BEARER = 64  # "Bearer", "bearer", "BEARER" (scan_python: "earer", "EARER")
-_KEY_BITS = KEY_SK | KEY_XOX | KEY_AWS | KEY_STRIPE | KEY_GITHUB | KEY_JWT | KEY_BEARER
+# The prefixes whose patterns run in Python (`scan` itself finds the "sk-" keys).
+_FAMILY_BITS = KEY_XOX | KEY_AWS | KEY_STRIPE | KEY_GITHUB | KEY_JWT | KEY_BEARER
 HINT_IPV6 = 128  # not a key: ":" before ":" or a hex digit (scan_python: any ":")
 
 # (bit, pattern, check of the match or None): a pattern runs only when its prefix's bit is
@@ -708,7 +709,7 @@ class Recognizers:
             _find_emails(text, emails, spans)
         if runs and self._numbers is not None:
             self._numbers(text, runs, cards, ipv4s, spans)
-        if (sks or hints & _KEY_BITS & ~KEY_SK) and self._keys:
+        if (sks or hints & _FAMILY_BITS) and self._keys:
             _find_api_keys(text, hints, sks, spans)
         if hints & HINT_IPV6 and self._ipv6:
             _find_ipv6(text, spans)

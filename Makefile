@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test bench clean
 
-$(STAMP): setup.cfg setup.py pyproject.toml llmproxy/pii/_scan.c
+$(STAMP): setup.cfg setup.py pyproject.toml $(wildcard middlewares/*/*.c)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -e '.[test]'

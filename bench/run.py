@@ -687,10 +687,10 @@ _SCRIPT_NAMES: dict[str, str] | None = None
 
 def script_names(python: str) -> dict[str, str]:
     """SHA1 -> name of the scheduler's Lua scripts (take, settle, heartbeat), from the
-    checkout's llmproxy.ratelimit.redis; {} if it cannot be imported."""
+    checkout's llmproxy.middlewares.scheduler.redis; {} if it cannot be imported."""
     global _SCRIPT_NAMES
     if _SCRIPT_NAMES is None:
-        code = ("import hashlib, json, llmproxy.ratelimit.redis as m; print(json.dumps({"
+        code = ("import hashlib, json, llmproxy.middlewares.scheduler.redis as m; print(json.dumps({"
                 "hashlib.sha1(getattr(m, n).encode()).hexdigest(): n.lower() "
                 "for n in ('TAKE', 'SETTLE', 'HEARTBEAT') if hasattr(m, n)}))")
         try:

@@ -13,11 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmproxy.config import Deployment
-from llmproxy.ratelimit import (
+from llmproxy.middlewares.scheduler import (
     BucketTable, Demand, TokenBucket, deployment_limits, estimate_tokens, format_duration, parse_duration,
     provider_limits, tenant_limits, tenant_of,
 )
-from llmproxy.ratelimit.admission import reconcile
+from llmproxy.middlewares.scheduler.admission import reconcile
 from llmproxy.testing import make_context
 from llmproxy.usage import Usage
 

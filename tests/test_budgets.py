@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from llmproxy import keys
-from llmproxy.budgets import (Budget, BudgetExceeded, Ledger, estimate, estimate_request, nanos,
+from llmproxy.middlewares.auth.budgets import (Budget, BudgetExceeded, Ledger, estimate, estimate_request, nanos,
                               usd)
 from llmproxy.config import Pricing
 from llmproxy.store import SpendRow, StoreUnavailable, TeamInfo, open_store

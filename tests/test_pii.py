@@ -625,7 +625,7 @@ async def test_presidio_spans_masked_by_us(upstream, make_proxy, analyzer):
 
 
 async def test_presidio_texts_batched_and_mapped_back(upstream, make_proxy, analyzer, monkeypatch):
-    from llmproxy.pii import presidio
+    from llmproxy.middlewares.pii import presidio
 
     monkeypatch.setattr(presidio, "_BATCH_CHARS", 60)  # at most 60 characters per call
     proxy = await pii_proxy(make_proxy, upstream, presidio={"analyzer_url": analyzer.url})
@@ -773,7 +773,7 @@ HISTORY = (PROMPT + " ") * 6  # 400+ characters: long enough to be remembered
 
 
 async def test_history_is_analysed_once_and_still_masked(upstream, make_proxy, monkeypatch):
-    from llmproxy.pii.recognizers import Recognizers
+    from llmproxy.middlewares.pii.recognizers import Recognizers
 
     analysed: list[str] = []
     real = Recognizers.analyze
@@ -825,8 +825,8 @@ async def test_cache_is_per_entity_set_and_can_be_off(upstream, make_proxy):
 
 
 def test_span_cache_holds_no_text_and_stays_bounded():
-    from llmproxy.pii.cache import SpanCache
-    from llmproxy.pii.recognizers import Recognizers
+    from llmproxy.middlewares.pii.cache import SpanCache
+    from llmproxy.middlewares.pii.recognizers import Recognizers
 
     rec = Recognizers()
     cache = SpanCache(size=2, min_chars=10)

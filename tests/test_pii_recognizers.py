@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmproxy.pii import recognizers as rec
-from llmproxy.pii.recognizers import ENTITIES, Recognizers, Span, resolve_overlaps, scan_compiled, scan_python
+from llmproxy.middlewares.pii import recognizers as rec
+from llmproxy.middlewares.pii.recognizers import ENTITIES, Recognizers, Span, resolve_overlaps, scan_compiled, scan_python
 
-# Every test here runs twice: with the compiled one-pass scan (llmproxy/pii/_scan.c) and
+# Every test here runs twice: with the compiled one-pass scan (middlewares/pii/_scan.c) and
 # with its Python equivalent. ALL and ONLY are rebound per run by the fixture below.
 ALL = Recognizers()
 ONLY = {entity: Recognizers([entity]) for entity in ENTITIES}
@@ -25,8 +25,8 @@ def require_compiled() -> None:
     """Skip without the C scan, except under CI=true: there it must have been built."""
     if scan_compiled is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("llmproxy.pii._scan is not built (the install found no C compiler?)")
-        pytest.skip("llmproxy.pii._scan is not built: the Python scan is tested alone")
+            pytest.fail("llmproxy.middlewares.pii._scan is not built (the install found no C compiler?)")
+        pytest.skip("llmproxy.middlewares.pii._scan is not built: the Python scan is tested alone")
 
 
 @pytest.fixture(scope="module", params=["compiled", "python"], autouse=True)

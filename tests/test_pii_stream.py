@@ -1,4 +1,4 @@
-"""`llmproxy.pii.masking` at unit level: mask-then-restore gives back the original text for
+"""`llmproxy.middlewares.pii.masking` at unit level: mask-then-restore gives back the original text for
 any text (placeholder look-alikes included) and any chunking, in plain text, in JSON text,
 and through SSE events split at any byte; the hold-back is no longer than needed; events
 without a change pass byte for byte. And the middleware called directly."""
@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmproxy.pii.masking import TextRestorer, Vault, redact, restore_answer
-from llmproxy.pii.streams import RestoredStream
-from llmproxy.pii.texts import request_texts
+from llmproxy.middlewares.pii.masking import TextRestorer, Vault, redact, restore_answer
+from llmproxy.middlewares.pii.streams import RestoredStream
+from llmproxy.middlewares.pii.texts import request_texts
 from llmproxy.sse import SSEParser
 from llmproxy.testing import collect, make_context
 
@@ -107,7 +107,7 @@ def test_restore_inside_json_text_escapes_the_original(case, data):
 
 
 def test_recognizers_mask_then_restore():
-    from llmproxy.pii.recognizers import Recognizers
+    from llmproxy.middlewares.pii.recognizers import Recognizers
 
     rec = Recognizers()
     vault = Vault()

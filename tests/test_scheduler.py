@@ -18,7 +18,7 @@ from llmproxy.errors import ProxyError
 from llmproxy.metrics import Metrics
 from llmproxy.middlewares.scheduler import Scheduler
 from llmproxy.plugins import Registry
-from llmproxy.ratelimit import NO_LEASE, RateScheduler
+from llmproxy.middlewares.scheduler import NO_LEASE, RateScheduler
 from llmproxy.server import Gateway
 from llmproxy.services import Services
 from llmproxy.testing import FakeUpstream, hang, make_context, reply_json

@@ -229,8 +229,8 @@ async def test_provider_429_pauses_the_deployment_on_every_replica(private_redis
 
     from llmproxy.config import Deployment, Model
     from llmproxy.metrics import Metrics
-    from llmproxy.ratelimit import RateScheduler
-    from llmproxy.ratelimit.redis import RedisBuckets
+    from llmproxy.middlewares.scheduler import RateScheduler
+    from llmproxy.middlewares.scheduler.redis import RedisBuckets
     from llmproxy.testing import make_context
 
     dep = Deployment(provider="openai", id="openai:d", rpm=600, max_queue_wait=0.5)

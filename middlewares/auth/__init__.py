@@ -17,7 +17,7 @@ Per request, in this order:
    the key's or the team's list: 403 (`/v1/models` lists only the allowed ones).
 5. `ctx.principal` and the record's key/team/user fields are set. The key itself is never
    logged nor kept: the cache is keyed by its hash.
-6. Budgets (`llmproxy.budgets`): a key or team with `max_budget` reserves the request's
+6. Budgets (`llmproxy.middlewares.auth.budgets`): a key or team with `max_budget` reserves the request's
    estimated cost, or answers 429 `budget_exceeded`; the reservation is reconciled with
    the real cost in a cleanup, after the forwarder has priced the request.
 """
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from llmproxy import errors
-from llmproxy.budgets import Budget, BudgetExceeded, Ledger, Reservation, estimate_request, nanos, usd
+from llmproxy.middlewares.auth.budgets import Budget, BudgetExceeded, Ledger, Reservation, estimate_request, nanos, usd
 from llmproxy.errors import ProxyError
 from llmproxy.keys import key_hash, same_secret
 from llmproxy.store import KeyInfo, StoreUnavailable, TeamInfo

@@ -451,7 +451,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "llmproxy.pii._scan",
+    PyModuleDef_HEAD_INIT, "llmproxy.middlewares.pii._scan",
     "One pass over a text finding the runs of digits and the API-key prefixes the PII "
     "recognizers look at.", -1, methods, NULL, NULL, NULL, NULL,
 };

@@ -11,7 +11,7 @@ Restoring works on decoded string values, never on raw JSON bytes, so an escape 
 `\\u003c` cannot hide a placeholder. Where the value is itself JSON text (tool-call
 `arguments`, Anthropic `partial_json`), the original is written JSON-string-escaped.
 
-Streams (`llmproxy.pii.streams.RestoredStream`): each text value is tracked on its own
+Streams (`llmproxy.middlewares.pii.streams.RestoredStream`): each text value is tracked on its own
 (an OpenAI choice's content, each of its tool calls' arguments, a completions choice's
 text, an Anthropic content block). The hold-back rule: after a chunk of text, only a
 trailing `<...` that is a proper prefix of one of this request's placeholders is held

@@ -26,14 +26,14 @@ import aiohttp
 import orjson
 import structlog
 
-from ..errors import ProxyError
+from llmproxy.errors import ProxyError
 from .recognizers import Span
 
 if TYPE_CHECKING:
     from .cache import SpanCache
     from .recognizers import Recognizers
 
-log = structlog.get_logger("llmproxy.pii")
+log = structlog.get_logger("llmproxy.middlewares.pii")
 
 _CONCURRENCY = 8
 _BATCH_CHARS = 50_000  # characters of text per call (a longer text goes alone)

@@ -1,5 +1,5 @@
 """Restoring a streamed answer (OpenAI chat and completions, Anthropic messages) as it
-passes; the hold-back rule is in `llmproxy.pii.masking`'s docstring."""
+passes; the hold-back rule is in `llmproxy.middlewares.pii.masking`'s docstring."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, AsyncIterator
 
 import orjson
 
-from ..sse import Event, SSEParser
+from llmproxy.sse import Event, SSEParser
 from .masking import TextRestorer, Vault, may_hold_lt
 
 __all__ = ["RestoredStream"]
@@ -20,7 +20,7 @@ _ANTHROPIC_FLUSH_ALL = frozenset({"message_delta", "message_stop", "error"})
 
 class RestoredStream:
     """An SSE body (OpenAI chat or completions, Anthropic messages) with the originals
-    restored as it streams; `llmproxy.pii.masking` has the hold-back rule."""
+    restored as it streams; `llmproxy.middlewares.pii.masking` has the hold-back rule."""
 
     __slots__ = ("body", "vault", "api", "parser", "slots", "held", "envelope", "done")
 

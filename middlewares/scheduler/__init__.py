@@ -2,7 +2,7 @@
 
 It installs the admission step on `ctx.admission`; the forwarder calls it for the
 deployment the router picked, before each upstream attempt (see
-`llmproxy.ratelimit.admission`). Per deployment, `rpm` and `tpm` buckets refill
+`llmproxy.middlewares.scheduler.admission`). Per deployment, `rpm` and `tpm` buckets refill
 continuously up to `burst`; per key and team, `rpm_limit`, `tpm_limit` and
 `max_parallel_requests` apply too. A request that cannot start waits in its deployment's
 queue (round-robin across tenants, FIFO within one) for at most `max_queue_wait` seconds,
@@ -15,7 +15,12 @@ Token estimate: prompt characters / 4 (rounded up) plus `max_tokens` /
 With `redis_url` set, every replica draws from the same buckets in Redis (one script per
 admission, one per completion); when Redis stops answering, each replica falls back to
 local buckets holding its share (1/N of every limit, N replicas by heartbeat) and returns
-to Redis when it answers again (`llmproxy.ratelimit.redis`).
+to Redis when it answers again (`llmproxy.middlewares.scheduler.redis`).
+
+The package: bucket arithmetic (`bucket`), which limits a request takes from (`limits`),
+this process's buckets (`table`), per-deployment fair queues (`lane`), the admission step
+and its leases (`admission`), provider and 429 headers (`headers`) and the shared Redis
+buckets with their local fallback (`redis`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from llmproxy.ratelimit import RateScheduler
+from .admission import NO_LEASE, Lease, RateScheduler, define_metrics
+from .bucket import TokenBucket
+from .headers import ProviderLimits, Window, format_duration, parse_duration, provider_limits
+from .limits import Demand, Limit, Parallel, demand_of, deployment_limits, estimate_tokens, tenant_limits, tenant_of
+from .table import BucketTable
+
 
 if TYPE_CHECKING:
     from llmproxy.context import Context, Next, Reply
@@ -57,7 +67,7 @@ class Scheduler:
         s = self.services
         if s.redis is None:
             return
-        from llmproxy.ratelimit.redis import RedisBuckets
+        from llmproxy.middlewares.scheduler.redis import RedisBuckets
 
         o = self.options
         self.remote = RedisBuckets(s.redis, self.admission, readiness=s.readiness, prefix=o.redis_prefix,

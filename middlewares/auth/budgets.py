@@ -66,16 +66,16 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import structlog
 
-from .keys import parse_duration, period_start
-from .store import StoreError
-from .usage import prompt_text
+from llmproxy.keys import parse_duration, period_start
+from llmproxy.store import StoreError
+from llmproxy.usage import prompt_text
 
 if TYPE_CHECKING:
-    from .config import Pricing
-    from .context import Context
-    from .store import KeyInfo, TeamInfo
+    from llmproxy.config import Pricing
+    from llmproxy.context import Context
+    from llmproxy.store import KeyInfo, TeamInfo
 
-log = structlog.get_logger("llmproxy.budgets")
+log = structlog.get_logger("llmproxy.middlewares.auth.budgets")
 
 UTC = timezone.utc
 NANOS_PER_USD = 10**9

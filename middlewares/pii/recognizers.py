@@ -17,7 +17,7 @@ it cannot match:
 
 The runs (with the gates each entity's pattern needs), the key prefixes and the
 ``local@domain`` shapes around each ``@`` are found by one pass over the text, `scan`: in
-C (``llmproxy/pii/_scan.c``, built at install when a compiler is there) or, without it, by
+C (``middlewares/pii/_scan.c``, built at install when a compiler is there) or, without it, by
 `scan_python`, which finds the same with the regex engine (the tests compare the two).
 Everything after that, every other entity pattern and check, is Python.
 
@@ -72,7 +72,7 @@ from functools import partial
 from typing import Callable, Iterable, NamedTuple
 
 try:
-    from llmproxy.pii._scan import scan as scan_compiled
+    from llmproxy.middlewares.pii._scan import scan as scan_compiled
 except ImportError:  # not built (no compiler at install): scan_python does the same
     scan_compiled = None
 

@@ -5,17 +5,17 @@ Per request (not `GET /v1/models`), in this order:
    keys override the configured ones; `presidio` is replaced whole). A team's policy is
    built once per distinct metadata value and cached; an invalid one is logged and the
    configured policy applies. `entities: []` turns the middleware off for that team.
-2. The texts a provider would read (`llmproxy.pii.texts.request_texts`): chat messages
+2. The texts a provider would read (`llmproxy.middlewares.pii.texts.request_texts`): chat messages
    (strings, text parts, tool-call arguments as JSON, tool results), Anthropic `system`
    and content blocks (text, tool_use input, tool_result content, text documents),
    the legacy `prompt`, embeddings `input`. Only strings are scanned.
-3. The spans: built-in recognizers, or a Presidio analyzer (`llmproxy.pii.presidio`).
-   The spans of long texts are remembered (`llmproxy.pii.cache`, `cache_size`), so the
+3. The spans: built-in recognizers, or a Presidio analyzer (`llmproxy.middlewares.pii.presidio`).
+   The spans of long texts are remembered (`llmproxy.middlewares.pii.cache`, `cache_size`), so the
    history a chat sends with every turn is analysed (or sent to Presidio) once.
    Every entity found counts once in `llmproxy_pii_redactions_total{entity}`.
 4. The mode: `block` answers 400 `pii_blocked` naming the entity types (never a value)
    and nothing goes upstream; `redact` writes `<ENTITY>` in place of each; `mask` writes
-   placeholders (`<EMAIL_ADDRESS_1>`, see `llmproxy.pii.masking`) and puts the originals
+   placeholders (`<EMAIL_ADDRESS_1>`, see `llmproxy.middlewares.pii.masking`) and puts the originals
    back into a successful answer: a stream is wrapped and restored as it passes; a JSON
    answer is read whole here (it cannot be restored before its end anyway) and sent as
    bytes, so the writer frames it with Content-Length in one write.
@@ -38,18 +38,18 @@ from llmproxy import errors
 from llmproxy.config import ConfigError, build
 from llmproxy.context import Reply
 from llmproxy.errors import ProxyError
-from llmproxy.pii.cache import SpanCache
-from llmproxy.pii.masking import Vault, redact, restore_answer
-from llmproxy.pii.streams import RestoredStream
-from llmproxy.pii.texts import request_texts
-from llmproxy.pii.presidio import PresidioAnalyzer, PresidioOptions
-from llmproxy.pii.recognizers import ENTITIES, Recognizers
+from llmproxy.middlewares.pii.cache import SpanCache
+from llmproxy.middlewares.pii.masking import Vault, redact, restore_answer
+from llmproxy.middlewares.pii.streams import RestoredStream
+from llmproxy.middlewares.pii.texts import request_texts
+from llmproxy.middlewares.pii.presidio import PresidioAnalyzer, PresidioOptions
+from llmproxy.middlewares.pii.recognizers import ENTITIES, Recognizers
 
 if TYPE_CHECKING:
     from llmproxy.context import Context, Next
     from llmproxy.services import Services
 
-log = structlog.get_logger("llmproxy.pii")
+log = structlog.get_logger("llmproxy.middlewares.pii")
 
 METRIC = "llmproxy_pii_redactions_total"
 CACHE_METRIC = "llmproxy_pii_cache_lookups_total"

@@ -1,1 +1,0 @@
-"""PII detection and masking."""

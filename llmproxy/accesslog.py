@@ -1,4 +1,5 @@
-"""The access log: one structlog JSON line per request, from its record.
+"""The access log: one structlog JSON line per request (`event: request`) or admin call
+(`event: admin`: action, actor, target, status, duration), from its record.
 
 Never a key (only its alias and id), never a provider key, never a prompt or answer.
 """
@@ -137,7 +138,41 @@ class AccessLog:
         flush_logs()
 
     def _write(self, r: "Record") -> None:
+        fields = self._admin_fields(r) if r.api == "admin" else self._request_fields(r)
+        if self.writer is None:
+            event = fields.pop("event")
+            self.log.info(event, **fields)
+            return
+        now = r.started_at + r.duration_s  # when the request ended
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        fields["level"] = "info"
+        fields["timestamp"] = f"{self._stamp}.{int((now - second) * 1e6):06d}Z"
+        self.writer.msg(orjson.dumps(fields, default=str))
+
+    @staticmethod
+    def _admin_fields(r: "Record") -> dict[str, Any]:
         fields: dict[str, Any] = {
+            "event": "admin",
+            "request_id": r.request_id,
+            "client_request_id": r.client_request_id,
+            "trace_id": r.trace_id,
+            "action": r.action,
+            "actor": r.actor,
+            "target_id": r.target_id,
+            "status": r.status,
+            "duration_ms": round(r.duration_s * 1000, 2),
+        }
+        if r.error_code or r.error_type:
+            fields["error"] = r.error_code or r.error_type
+        return fields
+
+    @staticmethod
+    def _request_fields(r: "Record") -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "event": "request",
             "request_id": r.request_id,
             "client_request_id": r.client_request_id,
             "trace_id": r.trace_id,
@@ -162,17 +197,10 @@ class AccessLog:
             fields["attempts"] = [f"{a.deployment}:{a.outcome}" for a in r.attempts]
         if r.client_disconnected:
             fields["client_disconnected"] = True
+        if r.requested_model is not None:  # an unknown model's name, as sent (cut short)
+            fields["requested_model"] = r.requested_model
+        if r.served_model is not None and r.served_model != r.model:
+            fields["served_model"] = r.served_model
         if r.extra:
             fields.update(r.extra)
-        if self.writer is None:
-            self.log.info("request", **fields)
-            return
-        now = r.started_at + r.duration_s  # when the request ended
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        fields["event"] = "request"
-        fields["level"] = "info"
-        fields["timestamp"] = f"{self._stamp}.{int((now - second) * 1e6):06d}Z"
-        self.writer.msg(orjson.dumps(fields, default=str))
+        return fields

@@ -1,11 +1,22 @@
-"""The admin API (SPEC §4): virtual keys, teams and the spend log, behind the master key.
+"""The admin API (SPEC §4): virtual keys, teams, the spend log and the audit log, behind
+the master key.
 
 Shapes follow LiteLLM's key-management endpoints, so code written for them works
 unchanged. Each endpoint is one row of `Admin.routes`: method, path, the field spec its
-JSON body (POST) or query string (GET) is checked against, and a handler that receives
-the checked arguments. Checking is table-driven (`Field`, `check`): an unknown field, a
-wrong type or a bad value is a 400 naming the field. Store errors map to 404 (NotFound),
-400 (AlreadyExists) and 503 (StoreUnavailable); nothing a client sends produces a 500.
+JSON body (POST) or query string (GET) is checked against, a handler that receives
+the checked arguments, and which of those name its target. Checking is table-driven
+(`Field`, `check`): an unknown field, a wrong type or a bad value is a 400 naming the
+field. Store errors map to 404 (NotFound), 400 (AlreadyExists) and 503
+(StoreUnavailable); nothing a client sends produces a 500.
+
+Admin calls take the data plane's record path: the server makes the context and the
+record, the chain of the "admin" API (the outer middlewares, such as tracing) runs, and
+`Admin.__call__` is its terminal. Each call's record names the action (`key.generate`),
+the actor (`master`; never a secret) and the target id; the event sinks make of it one
+access-log line (`event: admin`) and `llmproxy_admin_requests_total{action,status}`.
+Every write that got past authorization (whatever its outcome) also gets one row per
+target in the audit log (`GET /audit/logs`), with the names of the fields it set, never
+their values.
 
 Who may call: the master key only (`Authorization: Bearer`, `x-api-key` or `api-key`,
 compared in constant time). No key or an unknown one: 401; a valid virtual key: 403; no
@@ -30,24 +41,26 @@ Semantics worth knowing:
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Mapping
 
 import orjson
 import structlog
 from aiohttp import web
 
 from . import errors, keys
+from .context import Reply
 from .errors import ProxyError
-from .store import AlreadyExists, KeyInfo, NotFound, SpendRow, Store, StoreUnavailable, TeamInfo
+from .store import AlreadyExists, AuditRow, KeyInfo, NotFound, SpendRow, Store, StoreUnavailable, TeamInfo
 from .store.base import money
-from .validate import client_key
 
 if TYPE_CHECKING:
+    from .context import Context
     from .server import Gateway
 
 log = structlog.get_logger("llmproxy.admin")
@@ -244,6 +257,9 @@ TEAM_DELETE = {"team_ids": Field(text_list(100), nullable=False), "team_id": Fie
 SPEND_LOGS = {"api_key": Field(text(512)), "team_id": _NAME, "user_id": _NAME,
               "start_date": Field(query_time(end=False)), "end_date": Field(query_time(end=True)),
               "page": _PAGE, "page_size": Field(query_int(1, 1000))}
+AUDIT_LOGS = {"action": Field(text(64)), "target_id": Field(text(512)), "actor": Field(text(128)),
+              "start_date": Field(query_time(end=False)), "end_date": Field(query_time(end=True)),
+              "page": _PAGE, "page_size": Field(query_int(1, 1000))}
 
 
 # ----------------------------------------------------------------- shared with the CLI
@@ -352,6 +368,7 @@ def spend_view(row: SpendRow) -> dict[str, Any]:
         "team_id": row.team_id,
         "user_id": row.user_id,
         "model": row.model,
+        "served_model": row.served_model,
         "deployment": row.deployment,
         "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
@@ -368,32 +385,91 @@ def spend_view(row: SpendRow) -> dict[str, Any]:
     }
 
 
+def audit_view(row: AuditRow) -> dict[str, Any]:
+    return {"id": row.id, "at": _iso(row.at), "actor": row.actor, "action": row.action,
+            "target_id": row.target_id, "status": row.status, "changes": list(row.changes),
+            "request_id": row.request_id}
+
+
 # ------------------------------------------------------------------------ the endpoints
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+# (the checked arguments, the handler's result or None when it failed) -> the target ids
+Targets = Callable[[dict[str, Any], Any], list[str]]
+ACTOR_MASTER = "master"
+
+
+def _arg(name: str, convert: Callable[[str], str] = str) -> Targets:
+    return lambda args, result: [convert(args[name])] if args.get(name) else []
+
+
+def _result(name: str, fallback: Targets | None = None) -> Targets:
+    """The id(s) under `name` in the result; before one exists (a failed call), `fallback`."""
+    def targets(args: dict[str, Any], result: Any) -> list[str]:
+        if isinstance(result, dict) and result.get(name) is not None:
+            found = result[name]
+            return [str(t) for t in found] if isinstance(found, list) else [str(found)]
+        return fallback(args, result) if fallback is not None else []
+    return targets
+
+
+def _none(args: dict[str, Any], result: Any) -> list[str]:
+    return []
+
+
+def _team_ids(args: dict[str, Any], result: Any) -> list[str]:
+    return list(dict.fromkeys([*args.get("team_ids", ()), *([args["team_id"]] if args.get("team_id") else [])]))
+
+
+def _key_refs(args: dict[str, Any], result: Any) -> list[str]:
+    return [key_id(ref) for ref in args.get("keys", ())]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    spec: Mapping[str, Field]
+    handler: Handler
+    targets: Targets
+    idents: tuple[str, ...] = ()  # the fields that name the target, not changes to it
+
+    @property
+    def action(self) -> str:
+        return self.path.strip("/").replace("/", ".")  # /key/generate -> key.generate
+
+    @property
+    def writes(self) -> bool:
+        return self.method == "POST"
 
 
 class Admin:
-    """The admin endpoints of one gateway. `register(app)` adds them to the data-plane app,
-    unless `server.admin_port` is set: then `app()` is served on that port alone."""
+    """The admin endpoints of one gateway, the terminal of the "admin" chain.
+    `register(app)` adds their routes to the data-plane app, unless `server.admin_port` is
+    set: then `app()` is served on that port alone."""
 
     def __init__(self, gateway: "Gateway") -> None:
+        self.gateway = gateway
         self.config = gateway.config
         self.services = gateway.services
-        self.routes: list[tuple[str, str, Mapping[str, Field], Handler]] = [
-            ("POST", "/key/generate", KEY_FIELDS, self.key_generate),
-            ("POST", "/key/update", KEY_UPDATE, self.key_update),
-            ("POST", "/key/delete", KEY_DELETE, self.key_delete),
-            ("GET", "/key/info", KEY_REF, self.key_info),
-            ("GET", "/key/list", KEY_LIST, self.key_list),
-            ("POST", "/key/block", KEY_REF, self.key_block),
-            ("POST", "/key/unblock", KEY_REF, self.key_unblock),
-            ("POST", "/team/new", TEAM_NEW, self.team_new),
-            ("GET", "/team/info", TEAM_REF, self.team_info),
-            ("POST", "/team/update", TEAM_UPDATE, self.team_update),
-            ("POST", "/team/delete", TEAM_DELETE, self.team_delete),
-            ("GET", "/spend/logs", SPEND_LOGS, self.spend_logs),
+        key, team = _arg("key", key_id), _arg("team_id")
+        self.routes: list[Route] = [
+            Route("POST", "/key/generate", KEY_FIELDS, self.key_generate, _result("token")),
+            Route("POST", "/key/update", KEY_UPDATE, self.key_update, key, ("key",)),
+            Route("POST", "/key/delete", KEY_DELETE, self.key_delete, _result("deleted_keys", _key_refs), ("keys",)),
+            Route("GET", "/key/info", KEY_REF, self.key_info, key, ("key",)),
+            Route("GET", "/key/list", KEY_LIST, self.key_list, _none),
+            Route("POST", "/key/block", KEY_REF, self.key_block, key, ("key",)),
+            Route("POST", "/key/unblock", KEY_REF, self.key_unblock, key, ("key",)),
+            Route("POST", "/team/new", TEAM_NEW, self.team_new, _result("team_id", team)),
+            Route("GET", "/team/info", TEAM_REF, self.team_info, team, ("team_id",)),
+            Route("POST", "/team/update", TEAM_UPDATE, self.team_update, team, ("team_id",)),
+            Route("POST", "/team/delete", TEAM_DELETE, self.team_delete, _team_ids, ("team_id", "team_ids")),
+            Route("GET", "/spend/logs", SPEND_LOGS, self.spend_logs, _none),
+            Route("GET", "/audit/logs", AUDIT_LOGS, self.audit_logs, _none),
         ]
+        self._by_path = {(r.method, r.path): r for r in self.routes}
+        self.actions = tuple(r.action for r in self.routes)
 
     def register(self, app: web.Application) -> None:
         if self.config.server.admin_port is None:
@@ -404,15 +480,13 @@ class Admin:
         data-plane app's startup, which must run first)."""
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         self._add(app)
-        app.router.add_route("*", "/{tail:.*}", self._unknown)
+        app.router.add_route("*", "/{tail:.*}", functools.partial(self.gateway.serve, api="unknown"))
         return app
 
     def _add(self, app: web.Application) -> None:
-        for method, path, spec, handler in self.routes:
-            app.router.add_route(method, path, self._endpoint(method, spec, handler))
-
-    async def _unknown(self, request: web.Request) -> web.Response:
-        return _error(errors.not_found_path(request.path))
+        serve = functools.partial(self.gateway.serve, api="admin")
+        for route in self.routes:
+            app.router.add_route(route.method, route.path, serve)
 
     @property
     def store(self) -> Store:
@@ -425,36 +499,67 @@ class Admin:
         if self.services.invalidator is not None:
             await self.services.invalidator.publish(kind, ident)
 
-    # -- the wrapper every endpoint shares
+    # -- the terminal every endpoint shares
 
-    def _endpoint(self, method: str, spec: Mapping[str, Field], handler: Handler):
-        async def serve(request: web.Request) -> web.Response:
+    async def __call__(self, ctx: "Context") -> Reply:
+        """Authorize, check the fields, act, keep the audit row of a write, answer."""
+        request = ctx.request
+        assert request is not None
+        route = self._by_path[(request.method, request.path)]  # only these routes lead here
+        record = ctx.record
+        record.action = route.action
+        record.actor = await self._authorize(ctx.api_key)
+        args: dict[str, Any] = {}
+        data: Any = {}
+        result: Any = None
+        status = 500
+        try:
+            data = _query(request) if route.method == "GET" else await _body(request)
+            args = check(route.spec, data)
+            result = await route.handler(dict(args))
+            status = 200
+        except ProxyError as exc:
+            status = exc.status
+            raise
+        except StoreUnavailable:
+            status = 503
+            raise ProxyError(503, "The database is unavailable; retry later.", "api_error",
+                             "database_unavailable") from None
+        except NotFound as exc:
+            status = 404
+            raise ProxyError(404, f"{str(exc).capitalize()}.", "invalid_request_error", "not_found") from None
+        except AlreadyExists as exc:
+            status = 400
+            raise errors.invalid_request(f"{str(exc).capitalize()}.") from None
+        finally:
+            targets = route.targets(args, result)
+            if targets:
+                record.target_id = targets[0] if len(targets) == 1 else f"{targets[0]} (+{len(targets) - 1} more)"
+            if route.writes:  # a refused write keeps the (known) fields it tried to set
+                sent = args if args or not isinstance(data, dict) else [n for n in data if n in route.spec]
+                await self._audit(route, record, sent, targets, status)
+        return Reply(200, [("Content-Type", _JSON)], orjson.dumps(result))
+
+    async def _audit(self, route: Route, record: Any, args: Iterable[str], targets: list[str],
+                     status: int) -> None:
+        """One audit row per target of a write (one with no target when it has none)."""
+        changes = tuple(sorted(name for name in args if name not in route.idents))
+        at = self._now()
+        for target in targets or [None]:
+            row = AuditRow(at=at, actor=record.actor, action=route.action, target_id=target, status=status,
+                           changes=changes, request_id=record.request_id)
             try:
-                await self._authorize(request)
-                data = _query(request) if method == "GET" else await _body(request)
-                result = await handler(check(spec, data))
-            except ProxyError as exc:
-                return _error(exc)
-            except StoreUnavailable:
-                return _error(ProxyError(503, "The database is unavailable; retry later.", "api_error",
-                                         "database_unavailable"))
-            except NotFound as exc:
-                return _error(ProxyError(404, f"{str(exc).capitalize()}.", "invalid_request_error", "not_found"))
-            except AlreadyExists as exc:
-                return _error(errors.invalid_request(f"{str(exc).capitalize()}."))
-            except Exception:
-                log.exception("admin_request_failed", path=request.path)
-                return _error(ProxyError(500, "The proxy failed to handle this request.", "api_error",
-                                         "internal_error"))
-            return web.Response(body=orjson.dumps(result), content_type=_JSON)
-        return serve
+                await self.store.write_audit(row)
+            except Exception as exc:  # the action happened: say so loudly, but answer the caller
+                log.error("audit_write_failed", action=route.action, actor=record.actor, target_id=target,
+                          status=status, request_id=record.request_id, error=f"{type(exc).__name__}: {exc}")
 
-    async def _authorize(self, request: web.Request) -> None:
+    async def _authorize(self, key: str | None) -> str:
+        """The actor of a call that may use the admin API, else a 401 or 403."""
         master = self.config.master_key
         if not master:
             raise ProxyError(403, "The admin API is disabled: set master_key in the config to use it.",
                              "permission_error")
-        key = client_key(request.headers)
         if key is None:
             raise errors.unauthorized("Missing master key: send it as 'Authorization: Bearer <master_key>'.")
         try:
@@ -462,7 +567,7 @@ class Admin:
         except UnicodeEncodeError:
             raise errors.unauthorized("Invalid master key.") from None
         if keys.same_secret(key, master):
-            return
+            return ACTOR_MASTER
         try:
             virtual = len(key) <= 512 and await self.store.key_by_hash(keys.key_hash(key)) is not None
         except StoreUnavailable:
@@ -605,11 +710,20 @@ class Admin:
             page=args.get("page") or 1, page_size=args.get("page_size") or 100)
         return [spend_view(row) for row in rows]
 
+    # -- audit
+
+    async def audit_logs(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        rows = await self.store.audit_logs(
+            action=args.get("action"), target_id=args.get("target_id"), actor=args.get("actor"),
+            start=args.get("start_date"), end=args.get("end_date"), page=args.get("page") or 1,
+            page_size=args.get("page_size") or 100)
+        return [audit_view(row) for row in rows]
+
 
 # ---------------------------------------------------------------------------- plumbing
 
 
-def _query(request: web.Request) -> dict[str, str]:
+def _query(request: web.BaseRequest) -> dict[str, str]:
     query = request.query
     data: dict[str, str] = {}
     for name in query:
@@ -620,11 +734,15 @@ def _query(request: web.Request) -> dict[str, str]:
     return data
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+async def _body(request: web.BaseRequest) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise errors.too_large(MAX_BODY_BYTES)
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise errors.too_large(request.client_max_size) from None
+        raise errors.too_large(MAX_BODY_BYTES) from None
+    if len(raw) > MAX_BODY_BYTES:
+        raise errors.too_large(MAX_BODY_BYTES)
     if not raw.strip():
         return {}
     try:
@@ -635,6 +753,3 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise errors.invalid_request("The request body must be a JSON object.")
     return body
 
-
-def _error(exc: ProxyError) -> web.Response:
-    return web.Response(status=exc.status, body=exc.body("chat"), content_type=_JSON)

@@ -279,7 +279,7 @@ async def _run(config: Config, host: str, port: int, reuse_port: bool = False) -
     if config.server.admin_port is not None:  # the admin API on its own port, and only there
         from .admin import Admin
 
-        admin_runner = web.AppRunner(Admin(gateway).app(), access_log=None)
+        admin_runner = web.AppRunner(gateway.admin.app(), access_log=None)
         await admin_runner.setup()
         await web.TCPSite(admin_runner, host, config.server.admin_port, reuse_port=reuse_port or None).start()
     stop = asyncio.Event()

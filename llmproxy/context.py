@@ -1,11 +1,25 @@
 """The request pipeline's types: one `Context` per request, a `Reply` back, a `Record` out.
 
-A middleware is any callable `async (ctx, call_next) -> Reply`. It may
+Every request, rejections included, passes one chain composed at start for its API
+(`llmproxy.pipeline`): the configured middlewares in config order with the built-in
+stages among them (the unknown-path check, the body read, the model route) and a
+terminal (the forwarder, or the model list). A middleware is any callable
+`async (ctx, call_next) -> Reply`. It may
 - reject early: raise `ProxyError` (or return its own `Reply`) without calling `call_next`;
 - read and change `ctx.body` (the parsed JSON request) before calling `call_next`;
 - observe or transform the answer: wrap `reply.body` (an async iterator of bytes,
   each item one chunk as it arrived) and return `reply.with_body(...)`;
 - add fields to the request's record: `ctx.record.extra["name"] = value`.
+
+Class attributes tell the chain where a middleware acts (read once, at start):
+- `apis`: the APIs it acts on (default `BODY_APIS`); for any other the chain skips it;
+- `stage`: `"request"` (default) needs the parsed body and the resolved model, so it runs
+  after the read and route stages; `"identity"` decides who is asking (auth) and runs
+  before the body is read; `"outer"` works on any request, before anything is read
+  (tracing), and may stand anywhere in the list. A `"request"` middleware listed before an
+  `"identity"` one is a config error.
+- an identity middleware may define `async routed(ctx)`: called by the route stage once
+  the model is known and allowed; raising there rejects (a budget).
 
 Nothing reaches the client until every middleware has returned; exactly one place, the
 writer in `server.py`, touches aiohttp's response, and it always closes the body and runs
@@ -24,10 +38,17 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol
 
 if TYPE_CHECKING:
+    from aiohttp import web
     from multidict import CIMultiDictProxy
 
     from .config import Deployment, Model
+    from .store import TeamInfo
     from .usage import Usage
+
+# The APIs of the data plane. `BODY_APIS` take a JSON body naming a model; "models" is
+# `GET /v1/models`; "unknown" any path the gateway does not serve; "admin" the admin API.
+BODY_APIS: frozenset[str] = frozenset({"chat", "completions", "embeddings", "messages"})
+ALL_APIS: frozenset[str] = BODY_APIS | {"models", "unknown", "admin"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +76,26 @@ Next = Callable[["Context"], Awaitable[Reply]]
 
 class Middleware(Protocol):
     async def __call__(self, ctx: "Context", call_next: Next) -> Reply: ...
+
+
+class Principal(Protocol):
+    """Who is asking: `ctx.principal`, set by the identity middleware (`auth`). What a
+    middleware may read of it; `auth.Principal` implements it."""
+
+    key_id: str | None  # the key's public id (its SHA-256); None for the master key
+    key_alias: str | None
+    team_id: str | None
+    user_id: str | None
+    is_master: bool
+    # The key's own limits (None: none); the team's are on `team`.
+    rpm_limit: int | None
+    tpm_limit: int | None
+    max_parallel_requests: int | None
+    team: "TeamInfo | None"
+
+    def allows_model(self, name: str) -> bool:
+        """May this caller use the configured model `name`? Asked by the route stage (403)
+        and by the forwarder before each fallback model."""
 
 
 class Lease(Protocol):
@@ -94,7 +135,9 @@ class Record:
     api: str
     path: str
     started_at: float  # wall clock, seconds since the epoch
-    model: str | None = None
+    model: str | None = None  # the configured model the client asked for (never other client text)
+    requested_model: str | None = None  # the client's name as sent, cut by `errors.shown`
+    served_model: str | None = None  # the model whose deployment answered (a fallback's name)
     deployment: str | None = None
     provider: str | None = None
     stream: bool = False
@@ -118,24 +161,32 @@ class Record:
     team_id: str | None = None
     user_id: str | None = None
     trace_id: str | None = None
+    # Admin API calls (api "admin"): what was done, by whom (`master` or an admin key's
+    # id, never a secret), to what.
+    action: str | None = None
+    actor: str | None = None
+    target_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class Context:
     """One request on its way through the chain. A field is None until whoever owns it
-    sets it: the server sets everything down to `record`; `principal` is the auth
-    middleware's; `admission` the scheduler's; `deployment` the router's."""
+    sets it: the server sets everything down to `record` (and `request`, which only the
+    built-in stages read); `principal` is the identity middleware's (auth); `body` and
+    `stream` the read stage's; `model` the route stage's; `admission` the scheduler's;
+    `deployment` the forwarder's."""
 
-    api: str  # chat | completions | embeddings | messages | models
+    api: str  # one of ALL_APIS
     path: str
     headers: "CIMultiDictProxy[str]"
-    body: dict[str, Any]
+    body: dict[str, Any] | None  # the parsed JSON request; None before the read stage
     record: Record
     model: "Model | None" = None
     stream: bool = False
     api_key: str | None = None  # the key the client presented; never logged, never sent upstream
-    principal: Any = None
+    principal: Principal | None = None
+    request: "web.BaseRequest | None" = None
     admission: Admission | None = None
     deployment: "Deployment | None" = None
     started: float = field(default_factory=time.perf_counter)
@@ -143,5 +194,10 @@ class Context:
 
     @property
     def client_wants_usage(self) -> bool:
-        opts = self.body.get("stream_options")
+        opts = self.body.get("stream_options") if self.body is not None else None
         return isinstance(opts, dict) and opts.get("include_usage") is True
+
+    def permits(self, model: str) -> bool:
+        """May the caller use the configured model `model` (no principal: anyone may)?"""
+        principal = self.principal
+        return principal is None or principal.allows_model(model)

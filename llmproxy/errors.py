@@ -67,6 +67,15 @@ class ProxyError(Exception):
         return f"ProxyError({self.status}, {self.type}/{self.code}: {self.message!r})"
 
 
+MAX_ECHO = 128  # characters of a client-supplied name quoted back in a message or a record
+
+
+def shown(text: str) -> str:
+    """A client-supplied name as it may be quoted back: at most MAX_ECHO characters (an
+    ellipsis says it was cut), so an answer or a log line never grows with client input."""
+    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO - 1] + "…"
+
+
 def invalid_request(message: str, param: str | None = None) -> ProxyError:
     return ProxyError(400, message, "invalid_request_error", None, param)
 
@@ -74,7 +83,7 @@ def invalid_request(message: str, param: str | None = None) -> ProxyError:
 def model_not_found(model: str) -> ProxyError:
     return ProxyError(
         404,
-        f"The model '{model}' does not exist or you do not have access to it.",
+        f"The model '{shown(model)}' does not exist or you do not have access to it.",
         "invalid_request_error",
         "model_not_found",
         "model",
@@ -97,7 +106,7 @@ def unauthorized(message: str = "Invalid or missing API key.", code: str = "inva
 
 
 def not_found_path(path: str) -> ProxyError:
-    return ProxyError(404, f"Unknown path {path}.", "invalid_request_error", "not_found", anthropic_type="not_found_error")
+    return ProxyError(404, f"Unknown path {shown(path)}.", "invalid_request_error", "not_found", anthropic_type="not_found_error")
 
 
 _FINAL = {"x-should-retry": "false"}

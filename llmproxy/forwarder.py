@@ -2,6 +2,9 @@
 first byte, then relays the answer chunk by chunk while counting tokens.
 
 Protocol mechanics, always on, in this order:
+0. the models to try: the requested one, then its `fallbacks` that the caller may use
+   (`ctx.permits`, the same allow-check as the route stage's 403); a fallback the caller
+   may not use is skipped, so the client gets the error of the last allowed attempt;
 1. pick a deployment (router), take its admission lease (if a middleware installed one);
 2. open the upstream request; connect plus first byte are bounded by `timeout`;
 3. classify the answer: 2xx relays; 401/403, 429, 5xx, connect errors and timeouts cool the
@@ -89,7 +92,7 @@ class Forwarder:
         names = [ctx.model.name] + [n for n in cfg.fallbacks.get(ctx.model.name, ()) if n != ctx.model.name]
         failures: list[_Failure] = []
         for name in names:
-            if not self.router.serves(name, ctx.api):
+            if not self.router.serves(name, ctx.api) or not ctx.permits(name):
                 continue
             for _ in range(1 + cfg.num_retries):
                 if failures and cfg.retry_after:
@@ -161,6 +164,7 @@ class Forwarder:
                     "stream_error", self.config.cooldown_seconds)
             record.attempts.append(Attempt(dep.id, "ok", time.perf_counter() - t0))
             record.deployment = dep.id
+            record.served_model = state.model.name
             record.provider = dep.provider
             if parser is None:
                 reply = Reply(upstream.status, response_headers(upstream.headers),
@@ -219,6 +223,7 @@ class Forwarder:
         # Any other status (a 4xx about the request itself) reaches the client unchanged.
         ctx.record.attempts.append(Attempt(dep.id, f"http_{status}"))
         ctx.record.deployment = dep.id
+        ctx.record.served_model = state.model.name
         ctx.record.provider = dep.provider
         return Reply(status, response_headers(upstream.headers), body)
 

@@ -54,6 +54,8 @@ class Metrics:
         self.define("llmproxy_tokens_total", "counter", "Tokens counted.", ("type", "model", "deployment") + team)
         self.define("llmproxy_spend_usd_total", "counter", "Spend in USD.", ("model", "deployment") + team)
         self.define("llmproxy_inflight_requests", "gauge", "Requests being served.", ())
+        self.define("llmproxy_admin_requests_total", "counter", "Admin API calls by action and status.",
+                    ("action", "status"))
         self.define("llmproxy_upstream_errors_total", "counter", "Failed upstream attempts.",
                     ("deployment", "outcome"))
         self.registry.register(_Collector(self))
@@ -218,7 +220,12 @@ class MetricsSink:
 
     def count(self, record: "Record") -> None:
         m = self.m
-        short = (record.model or "", record.deployment or "")
+        if record.api == "admin":  # the action is one of the admin API's own route names
+            m.inc("llmproxy_admin_requests_total", (record.action or "", str(record.status)))
+            return
+        # Only configured names are labels: a name the client made up counts as "unknown".
+        model = record.model or ("unknown" if record.requested_model else "")
+        short = (model, record.deployment or "")
         if m.team_label:
             short += (record.team_id or "",)
         m.inc("llmproxy_requests_total", short[:2] + (str(record.status),) + short[2:])

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import structlog
 
 from .config import Config, ConfigError, Deployment, MiddlewareSpec, build, known_keys, unknown_key
+from .pipeline import check_order
 
 log = structlog.get_logger("llmproxy.plugins")
 
@@ -192,7 +193,8 @@ def _deployment_options(dep: Deployment, cls: type, path: str, config: Config, e
 def check_config(config: Config, registry: Registry) -> Checked:
     """The registry-aware checks; raise ConfigError listing every problem.
 
-    Every middleware and provider must be installed and its options valid; a provider
+    Every middleware and provider must be installed and its options valid, and no
+    middleware that acts on the parsed request listed before an identity one; a provider
     with `requires_api_key` needs `api_key`; and (SPEC §5) a real provider (`offline`
     false or absent) needs `master_key`, the `auth` middleware or
     `server.allow_anonymous: true`.
@@ -211,6 +213,7 @@ def check_config(config: Config, registry: Registry) -> Checked:
         return out
 
     middlewares = resolved(config.middlewares, registry.middleware)
+    errors.extend(check_order([(spec.path, cls) for spec, cls, _ in middlewares]))
     sinks = resolved(config.event_sinks, registry.event_sink)
 
     deployment_options: dict[str, object | None] = {}

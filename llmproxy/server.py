@@ -1,7 +1,9 @@
-"""The aiohttp application: routes, the per-request context, the chain, and the writer.
+"""The aiohttp application: routes, the per-request context, the chains, and the writer.
 
-The chain is composed once at start (middlewares in config order, the forwarder last).
-The writer (`Gateway._write`) is the only code that touches aiohttp's response; its
+One chain per API is composed once at start (`llmproxy.pipeline`: the middlewares in
+config order with the built-in stages among them, a terminal last). Every request gets
+its context and record here and goes through its API's chain, whatever it sends; the
+writer (`Gateway._write`) is the only code that touches aiohttp's response; its
 `finally` closes the reply body, runs `ctx.cleanups` and emits the record exactly once.
 """
 
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import os
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
@@ -19,18 +20,19 @@ import orjson
 import structlog
 from aiohttp import web
 
-from . import errors, tokenizer
+from . import tokenizer
 from .admin import Admin
-from .context import Context, Next, Record, Reply
+from .context import ALL_APIS, Context, Next, Record, Reply
 from .errors import ProxyError
 from .forwarder import Forwarder
+from .invalidation import Invalidator
 from .metrics import CONTENT_TYPE, Metrics
+from .pipeline import MasterGate, ModelList, ReadBody, Route, chain_for
 from .plugins import Registry, check_config
 from .router import DeploymentState, Router
 from .services import Services, open_redis
-from .invalidation import Invalidator
 from .store import open_store
-from .validate import client_key, validate_body
+from .validate import client_key
 
 if TYPE_CHECKING:
     from .config import Config
@@ -44,10 +46,6 @@ API_PATHS = {
     "messages": ("/v1/messages", "/messages"),
 }
 _JSON = "application/json"
-_API_NAMES = {"chat": "OpenAI Chat Completions", "completions": "OpenAI Completions",
-              "embeddings": "OpenAI Embeddings", "messages": "Anthropic Messages"}
-_ENDPOINT = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
-             "embeddings": "/v1/embeddings", "messages": "/v1/messages"}
 
 
 class Gateway:
@@ -73,13 +71,12 @@ class Gateway:
         self.middlewares: list[Any] = []
         for spec, cls, options in checked.middleware_options:
             self.middlewares.append(_start(spec.path, cls, options, s))
-        self.master_gate = bool(config.master_key) and not any(
-            spec.name == "auth" for spec, _, _ in checked.middleware_options)
-        self.chain: Next = self._compose()
+        self.max_body = config.server.max_body_bytes
+        self.admin = Admin(self)
+        self.chains: dict[str, Next] = self._compose()
         self.sinks: list[Any] = [cls(opts, s) for cls, opts in self._sink_classes()]
         self.sinks += [_start(spec.path, cls, opts, s) for spec, cls, opts in checked.sink_options]
         self.draining = False
-        self.max_body = config.server.max_body_bytes
         # Request ids: a random per-process prefix and a counter, unique across replicas and
         # restarts without a random draw (a system call) per request.
         self._rid_prefix = os.urandom(8).hex()
@@ -101,16 +98,16 @@ class Gateway:
         return [(self.registry.event_sink(n, "event_sinks") if n in self.registry.event_sinks else builtin[n], None)
                 for n in names]
 
-    def _compose(self) -> Next:
-        handler: Next = self._terminal
-        for mw in reversed(self.middlewares):
-            handler = _bind(mw, handler)
-        return handler
-
-    async def _terminal(self, ctx: Context) -> Reply:
-        if ctx.api == "models":
-            return self._models_reply(ctx)
-        return await self.forwarder(ctx)
+    def _compose(self) -> dict[str, Next]:
+        """One chain per API (see `llmproxy.pipeline`)."""
+        mws = self.middlewares
+        gate = MasterGate(self.config.master_key) if self.config.master_key else None
+        hooks = [mw.routed for mw in mws if getattr(mw, "stage", None) == "identity" and hasattr(mw, "routed")]
+        read, route = ReadBody(self.max_body), Route(self.models, self.router, hooks)
+        terminals = {"models": ModelList(self.config), "admin": self.admin}
+        return {api: chain_for(api, mws, terminal=terminals.get(api, self.forwarder), gate=gate, read=read,
+                               route=route)
+                for api in ALL_APIS}
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -126,7 +123,7 @@ class Gateway:
         app.router.add_get("/health/liveness", self.liveliness)
         app.router.add_get("/health/readiness", self.readiness)
         app.router.add_get("/metrics", self.metrics)
-        Admin(self).register(app)  # the admin API here, unless server.admin_port serves it alone
+        self.admin.register(app)  # the admin API here, unless server.admin_port serves it alone
         app.router.add_route("*", "/{tail:.*}", self.unknown)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
@@ -204,14 +201,14 @@ class Gateway:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def unknown(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, "unknown")
+        return await self.serve(request, "unknown")
 
     # --- the data plane -------------------------------------------------------------------
 
     def _handler(self, api: str):
-        return functools.partial(self._serve, api=api)
+        return functools.partial(self.serve, api=api)
 
-    async def _serve(self, request: web.Request, api: str) -> web.StreamResponse:
+    async def serve(self, request: web.Request, api: str) -> web.StreamResponse:
         started = time.perf_counter()
         headers = request.headers
         client_rid = _client_request_id(headers.get("x-request-id"))
@@ -221,15 +218,15 @@ class Gateway:
         tp = headers.get("traceparent")
         if tp and len(tp) >= 55:
             record.trace_id = tp[3:35]
-        ctx: Context | None = None
+        ctx = Context(api, request.path, headers, None, record, api_key=client_key(headers), started=started,
+                      request=request)
         self.inflight += 1
         reply: Reply | None = None
         err_api = "messages" if api == "messages" or (api in ("models", "unknown") and "anthropic-version" in headers) \
             else "chat"
         try:
             try:
-                ctx = await self._context(request, api, record, started)
-                reply = await self.chain(ctx)
+                reply = await self.chains[api](ctx)
             except ProxyError as exc:
                 reply = _error_reply(exc, err_api)
                 record.error_type, record.error_code = exc.type, exc.code
@@ -246,12 +243,11 @@ class Gateway:
             raise
         finally:
             self.inflight -= 1
-            if ctx is not None:
-                for cleanup in reversed(ctx.cleanups):  # innermost first, like a stack of finally blocks
-                    try:
-                        cleanup()
-                    except Exception:
-                        log.exception("cleanup_failed", request_id=rid)
+            for cleanup in reversed(ctx.cleanups):  # innermost first, like a stack of finally blocks
+                try:
+                    cleanup()
+                except Exception:
+                    log.exception("cleanup_failed", request_id=rid)
             if record.client_disconnected:
                 record.status = 499
             elif record.status == 0:
@@ -262,49 +258,6 @@ class Gateway:
                     sink.emit(record)
                 except Exception:
                     log.exception("event_sink_failed", sink=type(sink).__name__, request_id=rid)
-
-    async def _context(self, request: web.Request, api: str, record: Record, started: float) -> Context:
-        headers = request.headers
-        if api == "unknown":
-            raise errors.not_found_path(request.path)
-        key = client_key(headers)
-        if self.master_gate and (key is None or not hmac.compare_digest(
-                key.encode(), self.config.master_key.encode())):
-            raise errors.unauthorized()
-        if api == "models":
-            return Context(api, request.path, headers, {}, record, api_key=key, started=started)
-        if request.content_length is not None and request.content_length > self.max_body:
-            raise errors.too_large(self.max_body)
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise errors.too_large(self.max_body) from None
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise errors.invalid_request(f"The request body is not valid JSON ({exc}).") from None
-        if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
-            raise errors.invalid_request(f"The request body is nested more than {MAX_DEPTH} levels deep.")
-        validate_body(api, body)
-        name = body["model"]
-        record.model = name
-        model = self.models.get(name)
-        if model is None:
-            raise errors.model_not_found(name)
-        if not self.router.serves(name, api):
-            raise errors.invalid_request(
-                f"The model '{name}' is not served through the {_API_NAMES[api]} API; its deployments speak "
-                f"another API (use {self._endpoint_for(name)}).", "model")
-        stream = body.get("stream") is True and api != "embeddings"
-        record.stream = stream
-        return Context(api, request.path, headers, body, record, model=model, stream=stream, api_key=key,
-                       started=started)
-
-    def _endpoint_for(self, model: str) -> str:
-        for api, path in _ENDPOINT.items():
-            if self.router.serves(model, api):
-                return path
-        return "another endpoint"
 
     async def _write(self, request: web.Request, reply: Reply, record: Record) -> web.StreamResponse:
         headers = reply.headers
@@ -337,42 +290,6 @@ class Gateway:
                     log.exception("body_close_failed", request_id=record.request_id)
         return resp
 
-    # --- /v1/models --------------------------------------------------------------------
-
-    def _models_reply(self, ctx: Context) -> Reply:
-        allowed = getattr(ctx.principal, "allows_model", None)
-        names = [m.name for m in self.config.models if allowed is None or allowed(m.name)]
-        created = 1700000000
-        if "anthropic-version" in ctx.headers:
-            data = [{"type": "model", "id": n, "display_name": n, "created_at": "2023-11-14T22:13:20Z"}
-                    for n in names]
-            body = {"data": data, "has_more": False, "first_id": names[0] if names else None,
-                    "last_id": names[-1] if names else None}
-        else:
-            body = {"object": "list",
-                    "data": [{"id": n, "object": "model", "created": created, "owned_by": "llmproxy"}
-                             for n in names]}
-        return Reply(200, [("Content-Type", _JSON)], orjson.dumps(body))
-
-
-MAX_DEPTH = 200  # orjson writes at most 255 levels; deeper bodies could not be forwarded
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of a parsed JSON value, iteratively (no recursion limit to hit)."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            item = item.values()
-        elif not isinstance(item, list):
-            continue
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
-    return deepest
-
-
 def _start(path: str, cls: type, options: Any, services: Services) -> Any:
     """Construct a plugin; a failure is a config error naming it, not a traceback at start."""
     from .config import ConfigError
@@ -381,12 +298,6 @@ def _start(path: str, cls: type, options: Any, services: Services) -> Any:
         return cls(options, services)
     except Exception as exc:
         raise ConfigError(f"{path}: failed to start: {type(exc).__name__}: {exc}") from exc
-
-
-def _bind(mw: Any, nxt: Next) -> Next:
-    async def call(ctx: Context) -> Reply:
-        return await mw(ctx, nxt)
-    return call
 
 
 def _error_reply(exc: ProxyError, api: str) -> Reply:

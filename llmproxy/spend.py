@@ -53,6 +53,7 @@ def row_of(r: "Record") -> SpendRow:
         duration_ms=round(r.duration_s * 1000, 3),
         ttfb_ms=None if r.ttfb_s is None else round(r.ttfb_s * 1000, 3),
         cache_hit=r.cache == "hit",
+        served_model=r.served_model,
     )
 
 
@@ -92,6 +93,8 @@ class SpendWriter:
     # --- the request path --------------------------------------------------------------
 
     def emit(self, record: "Record") -> None:
+        if record.api == "admin":  # admin calls cost nothing; writes are in the audit log
+            return
         self.queue.append(record)  # converted to a row off the request path
         if len(self.queue) >= self.batch_size:
             self._wake.set()

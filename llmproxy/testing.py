@@ -1,6 +1,7 @@
 """Helpers for testing llmproxy and its plugins.
 
 - `make_context(body, api=...)`: a fabricated `Context` for calling a middleware directly;
+- `TestPrincipal(...)`: a `ctx.principal` as an identity middleware would set it;
 - `collect(reply)`: a reply's whole body as bytes;
 - `FakeUpstream`: a local HTTP server speaking the OpenAI and Anthropic wire formats that
   records every request it receives; push behaviours (`reply_json`, `reply_sse`, `hang`)
@@ -26,16 +27,61 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .context import Context, Record, Reply
+from .validate import client_key
 
 
 def make_context(body: dict[str, Any], api: str = "chat", headers: dict[str, str] | None = None,
                  stream: bool | None = None, model: Any = None) -> Context:
-    """A context as the server builds it; `model` is a `config.Model` when the code under
-    test needs one (the forwarder does)."""
+    """A context as the chain's stages leave it for a middleware: the body read and parsed;
+    `model` is a `config.Model` when the code under test needs one (the forwarder does).
+    It also carries a stand-in for the HTTP request with `body` as its bytes, so that a
+    whole chain (`Gateway.chains[api]`, built-in stages included) can run on it."""
     record = Record("test-request", None, api, f"/v1/{api}", time.time(), model=body.get("model"))
     hdrs = CIMultiDictProxy(CIMultiDict(headers or {}))
+    key = client_key(hdrs)
     return Context(api, record.path, hdrs, body, record, model=model,
-                   stream=body.get("stream") is True if stream is None else stream)
+                   stream=body.get("stream") is True if stream is None else stream, api_key=key,
+                   request=FakeRequest("POST", record.path, hdrs, orjson.dumps(body)))  # type: ignore[arg-type]
+
+
+@dataclass
+class FakeRequest:
+    """What the built-in stages read of aiohttp's request."""
+
+    method: str
+    path: str
+    headers: Any
+    body: bytes = b""
+    query: Any = field(default_factory=dict)
+
+    @property
+    def content_length(self) -> int:
+        return len(self.body)
+
+    async def read(self) -> bytes:
+        return self.body
+
+
+@dataclass(frozen=True)
+class TestPrincipal:
+    """A `context.Principal` for tests: who is asking, as an identity middleware would set
+    `ctx.principal`; `models` None allows every model."""
+
+    key_id: str | None = "test-key"
+    key_alias: str | None = None
+    team_id: str | None = None
+    user_id: str | None = None
+    is_master: bool = False
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    team: Any = None
+    models: frozenset[str] | None = None
+
+    __test__ = False  # not a test class, whatever pytest makes of the name
+
+    def allows_model(self, name: str) -> bool:
+        return self.models is None or name in self.models
 
 
 def ok_reply(body: bytes = b'{"ok": true}') -> Reply:

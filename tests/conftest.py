@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import os
 from typing import Any, AsyncIterator, Callable
 
@@ -100,6 +102,13 @@ def openai_config(upstream: FakeUpstream, **extra: Any) -> dict[str, Any]:
     return config
 
 
+def needs(*middlewares: str) -> pytest.MarkDecorator:
+    """Skip unless these built-in middlewares' packages are installed: each is a package of
+    its own, and the rest of the suite runs without it (tests/test_layout.py)."""
+    missing = [n for n in middlewares if importlib.util.find_spec(f"llmproxy.middlewares.{n}") is None]
+    return pytest.mark.skipif(bool(missing), reason=f"middleware not installed: {', '.join(missing)}")
+
+
 PG_URL = os.environ.get("LLMPROXY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("LLMPROXY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -112,9 +121,9 @@ def service_missing(what: str, error: BaseException) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
+@contextlib.asynccontextmanager
+async def fresh_database() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database on PG_URL's server, dropped afterwards."""
     import uuid
 
     import asyncpg
@@ -129,12 +138,21 @@ async def pg_url() -> AsyncIterator[str]:
     finally:
         await admin.close()
     base, _, _ = PG_URL.rpartition("/")
-    yield f"{base}/{name}"
-    admin = await asyncpg.connect(PG_URL, timeout=5)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield f"{base}/{name}"
     finally:
-        await admin.close()
+        admin = await asyncpg.connect(PG_URL, timeout=5)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    async with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture

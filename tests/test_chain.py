@@ -229,7 +229,7 @@ async def test_request_runs_in_config_order_and_answer_in_reverse() -> None:
     reg = registry(a=tracer("a", log), b=tracer("b", log), c=tracer("c", log))
     gw = gateway(mock_config("b", "c", "a"), reg)  # config order, not registry order
     ctx = fabricate(gw, CHAT)
-    reply = await gw.chain(ctx)
+    reply = await gw.chains[ctx.api](ctx)
     assert log == ["b>", "c>", "a>", "<a", "<c", "<b"]
     assert orjson.loads(await finish(ctx, reply))["object"] == "chat.completion"
 
@@ -238,7 +238,7 @@ async def test_body_wrappers_apply_inside_out() -> None:
     reg = registry(upper=Upper, a=suffix(b"a"), b=suffix(b"b"))
     gw = gateway(mock_config("upper", "a", "b"), reg)
     ctx = fabricate(gw, {**CHAT, "stream": True})
-    reply = await gw.chain(ctx)
+    reply = await gw.chains[ctx.api](ctx)
     chunks = [chunk async for chunk in reply.body]
     await finish(ctx, reply)
     assert len(chunks) == 5  # 3 pieces, the final chunk, [DONE]
@@ -254,7 +254,7 @@ async def test_raising_before_call_next_short_circuits_the_chain() -> None:
     gw = gateway(mock_config("a", "deny", "b"), registry(a=tracer("a", log), deny=Deny, b=tracer("b", log)))
     ctx = fabricate(gw, CHAT)
     with pytest.raises(ProxyError) as info:
-        await gw.chain(ctx)
+        await gw.chains[ctx.api](ctx)
     assert info.value.status == 429
     assert log == ["a>"]  # b never ran; nor did the forwarder
     assert ctx.deployment is None and ctx.record.attempts == [] and ctx.cleanups == []
@@ -320,7 +320,7 @@ async def test_options_are_built_from_the_dataclass(section: Any, expect: Greete
     assert greeter.options == expect
     assert plain.options is None  # no Options class: None
     ctx = fabricate(gw, CHAT)
-    reply = await gw.chain(ctx)
+    reply = await gw.chains[ctx.api](ctx)
     await finish(ctx, reply)
     assert ("x-greeting", " ".join([expect.greeting] * expect.times)) in reply.headers
 

@@ -20,8 +20,9 @@ from llmproxy.accesslog import flush_logs
 from llmproxy.config import ConfigError, parse_config
 from llmproxy.plugins import Registry
 from llmproxy.server import Gateway
+pytest.importorskip("llmproxy.middlewares.pii", reason="the pii middleware is not installed")
 from llmproxy.middlewares.pii import PII
-from llmproxy.testing import Received, anthropic_events, openai_events
+from llmproxy.testing import Received, TestPrincipal, anthropic_events, openai_events
 
 from .conftest import MASTER, openai_config
 
@@ -468,7 +469,7 @@ class FakeTeam:
         pass
 
     async def __call__(self, ctx, call_next):
-        ctx.principal = SimpleNamespace(team=SimpleNamespace(team_id="t1", metadata=FakeTeam.metadata))
+        ctx.principal = TestPrincipal(team=SimpleNamespace(team_id="t1", metadata=FakeTeam.metadata))
         return await call_next(ctx)
 
 

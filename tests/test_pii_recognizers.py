@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+pytest.importorskip("llmproxy.middlewares.pii", reason="the pii middleware is not installed")
 from llmproxy.middlewares.pii import recognizers as rec
 from llmproxy.middlewares.pii.recognizers import ENTITIES, Recognizers, Span, resolve_overlaps, scan_compiled, scan_python
 

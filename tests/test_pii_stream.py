@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+pytest.importorskip("llmproxy.middlewares.pii", reason="the pii middleware is not installed")
 from llmproxy.middlewares.pii.masking import TextRestorer, Vault, redact, restore_answer
 from llmproxy.middlewares.pii.streams import RestoredStream
 from llmproxy.middlewares.pii.texts import request_texts

@@ -99,7 +99,7 @@ async def test_metrics_endpoint_counts_requests_tokens_and_latency(upstream, mak
 
     ok = 'deployment="openai:gpt-upstream",model="gpt-test"'
     assert value(r'llmproxy_requests_total\{' + ok + r',status="200"\}') == 3
-    assert value(r'llmproxy_requests_total\{deployment="",model="nope",status="404"\}') == 1
+    assert value(r'llmproxy_requests_total\{deployment="",model="unknown",status="404"\}') == 1
     assert value(r'llmproxy_tokens_total\{' + ok + r',type="prompt"\}') == 33
     assert value(r'llmproxy_tokens_total\{' + ok + r',type="completion"\}') == 21
     assert value(r'llmproxy_request_duration_seconds_count\{' + ok + r'\}') == 3

@@ -16,12 +16,13 @@ from aiohttp.test_utils import TestServer
 from llmproxy.config import Deployment, Model, parse_config
 from llmproxy.errors import ProxyError
 from llmproxy.metrics import Metrics
+pytest.importorskip("llmproxy.middlewares.scheduler", reason="the scheduler middleware is not installed")
 from llmproxy.middlewares.scheduler import Scheduler
 from llmproxy.plugins import Registry
 from llmproxy.middlewares.scheduler import NO_LEASE, RateScheduler
 from llmproxy.server import Gateway
 from llmproxy.services import Services
-from llmproxy.testing import FakeUpstream, hang, make_context, reply_json
+from llmproxy.testing import FakeUpstream, TestPrincipal, hang, make_context, reply_json
 from llmproxy.usage import Usage
 
 from .conftest import MASTER
@@ -63,8 +64,8 @@ class Harness:
                             "max_tokens": max_tokens}, model=self.model)
         if tenant is not None or limits:
             team = limits.pop("team", None)
-            ctx.principal = SimpleNamespace(key_id=f"key-{tenant}", team_id=team and team.team_id, team=team,
-                                            **limits)
+            ctx.principal = TestPrincipal(key_id=f"key-{tenant}", team_id=team and team.team_id, team=team,
+                                          **limits)
         return ctx
 
     def start(self, ctx=None, **kw: Any) -> asyncio.Task:
@@ -415,7 +416,7 @@ class FakePrincipal:
             if "x-test-team" in h:
                 team = SimpleNamespace(team_id=h["x-test-team"], rpm_limit=None, tpm_limit=None,
                                        max_parallel_requests=None)
-            ctx.principal = SimpleNamespace(
+            ctx.principal = TestPrincipal(
                 key_id=h["x-test-key"], team_id=team and team.team_id, team=team,
                 rpm_limit=int(h.get("x-test-rpm", 0)) or None, tpm_limit=None,
                 max_parallel_requests=int(h.get("x-test-parallel", 0)) or None)

@@ -18,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from llmproxy.config import parse_config
+pytest.importorskip("llmproxy.middlewares.scheduler", reason="the scheduler middleware is not installed")
 from llmproxy.middlewares.scheduler import Scheduler
 from llmproxy.plugins import Registry
 from llmproxy.server import Gateway
@@ -206,8 +207,11 @@ async def test_parallel_cap_holds_across_replicas(private_redis, proxies, upstre
     upstream.push(hang(3))
     async with aiohttp.ClientSession() as s:
         slow = asyncio.create_task(s.post(a.url + "/v1/chat/completions", json=CHAT, headers=par))
-        while not upstream.requests:
+        for _ in range(500):  # bounded: the slow request reaches the upstream within 5 s
+            if upstream.requests or slow.done():
+                break
             await asyncio.sleep(0.01)
+        assert upstream.requests, "the first request never reached the upstream"
         t0 = time.monotonic()
         async with s.post(b.url + "/v1/chat/completions", json=CHAT, headers=par) as r:
             assert r.status == 429

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from llmproxy.store import (
     AlreadyExists,
+    AuditRow,
     KeyInfo,
     NotFound,
     SpendRow,
@@ -160,7 +161,7 @@ def spend_row(n: int, **fields) -> SpendRow:
 
 
 def test_every_dialect_has_the_same_versions() -> None:
-    assert VERSIONS == ["0001_init"]
+    assert VERSIONS == ["0001_init", "0002_audit_served_model"]
     for dialect in DIALECTS:
         assert [m.version for m in migrations(dialect)] == VERSIONS
 
@@ -396,13 +397,49 @@ async def test_spend_rows_round_trip_every_field(store) -> None:
             model="gpt-4o-mini", deployment="openai-eu", prompt_tokens=1234, completion_tokens=56,
             tokens_estimated=True, spend=Decimal("0.000123456"), status=200,
             started_at=datetime(2025, 3, 1, 13, 0, 0, 654321, tzinfo=timezone(timedelta(hours=1))),
-            duration_ms=1234.5678, ttfb_ms=0.1 + 0.2, cache_hit=True,
+            duration_ms=1234.5678, ttfb_ms=0.1 + 0.2, cache_hit=True, served_model="gpt-4o",
         ),
         SpendRow(request_id="req-bare", started_at=T0, status=401),
     ]  # fmt: skip
     assert await store.write_spend(rows) == 2
     assert await store.spend_logs() == rows  # both started at 12:00 UTC: ties by request_id, descending
     assert (await store.spend_logs())[0].started_at.utcoffset() == timedelta(0)
+
+
+async def test_audit_rows_round_trip_and_get_increasing_ids(store) -> None:
+    full = AuditRow(
+        at=datetime(2025, 3, 1, 13, 0, 0, 654321, tzinfo=timezone(timedelta(hours=1))), actor="master",
+        action="key.update", target_id="key-1", status=200, changes=["max_budget", "models"], request_id="req-1",
+    )  # fmt: skip
+    bare = AuditRow(at=T0 + timedelta(seconds=1), actor="admin-key", action="team.delete", status=404)
+    first, second = await store.write_audit(full), await store.write_audit(bare)
+    assert second > first
+    assert await store.audit_logs() == [replace(bare, id=second), replace(full, id=first)]
+    assert (await store.audit_logs())[1].changes == ("max_budget", "models")
+    assert (await store.audit_logs())[1].at.utcoffset() == timedelta(0)
+
+
+async def test_audit_logs_filter_and_page_newest_first(store) -> None:
+    rows = [
+        AuditRow(at=T0 + timedelta(seconds=n), actor="master" if n % 2 else "k9", action=f"team.{'new' if n < 6 else 'update'}",
+                 target_id=f"team-{n % 3}", status=200, request_id=f"req-{n}")
+        for n in range(10)
+    ]  # fmt: skip
+    ids = [await store.write_audit(row) for row in rows]
+    stored = [replace(row, id=id) for row, id in zip(rows, ids)][::-1]
+    assert await store.audit_logs() == stored
+    assert await store.audit_logs(page=2, page_size=4) == stored[4:8]
+    assert await store.audit_logs(action="team.update") == stored[:4]
+    assert await store.audit_logs(target_id="team-0") == [r for r in stored if r.target_id == "team-0"]
+    assert await store.audit_logs(actor="k9", action="team.new") == [r for r in stored[4:] if r.actor == "k9"]
+    start, end = T0 + timedelta(seconds=2), T0 + timedelta(seconds=5)
+    assert [r.request_id for r in await store.audit_logs(start=start, end=end)] == ["req-4", "req-3", "req-2"]
+    same_time = [await store.write_audit(replace(rows[0], at=T0 + timedelta(days=1))) for _ in range(3)]
+    assert [r.id for r in await store.audit_logs(page_size=3)] == same_time[::-1]  # ties: newest id first
+    with pytest.raises(ValueError):
+        await store.audit_logs(page=0)
+    with pytest.raises(ValueError, match="naive"):
+        await store.audit_logs(end=datetime(2025, 1, 1))
 
 
 async def test_money_is_exact(store) -> None:

@@ -11,9 +11,11 @@ import anthropic
 import openai
 import pytest
 
-from .conftest import MASTER, openai_config
+from .conftest import MASTER, needs, openai_config
 
 ADMIN = {"Authorization": f"Bearer {MASTER}"}
+
+pytestmark = needs("auth")
 
 
 async def admin(proxy, method: str, path: str, **kw) -> tuple[int, dict]:

@@ -1,4 +1,4 @@
-"""Keys, teams and the spend log: one `Store` interface (base.py), on PostgreSQL or SQLite.
+"""Keys, teams, the spend log and the audit log: one `Store` interface (base.py), on PostgreSQL or SQLite.
 
     store = await open_store(config.database_url)   # None: SQLite at ./llmproxy.db
     await store.migrate()
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import (
     AlreadyExists,
+    AuditRow,
     KeyInfo,
     NotFound,
     SpendRow,
@@ -21,6 +22,7 @@ from .base import (
 
 __all__ = [
     "AlreadyExists",
+    "AuditRow",
     "KeyInfo",
     "NotFound",
     "SpendRow",

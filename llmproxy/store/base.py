@@ -1,8 +1,9 @@
-"""The store's contract: keys, teams and the spend log, whatever database holds them.
+"""The store's contract: keys, teams, the spend log and the audit log, whatever database holds them.
 
-`Store` is implemented twice, by `PostgresStore` (asyncpg) and `SqliteStore` (aiosqlite),
-and one contract suite (`tests/test_store.py`) runs against both. Callers see only what
-is written here.
+`Store` is implemented once, in SQL, by `SqlStore` (sql.py) over a small dialect object:
+`PostgresStore` (asyncpg) and `SqliteStore` (aiosqlite) add only what really differs. One
+contract suite (`tests/test_store.py`) runs against both. Callers see only what is
+written here.
 
 Money. Every amount (`spend`, `max_budget`) is a `Decimal` in USD, exact to the
 nano-dollar: the data classes quantize it to 1e-9 with ROUND_HALF_EVEN when they are
@@ -197,8 +198,8 @@ class SpendRow:
     key_id: str | None = None
     team_id: str | None = None
     user_id: str | None = None
-    model: str | None = None
-    deployment: str | None = None
+    model: str | None = None  # the model the client asked for
+    deployment: str | None = None  # the deployment that served it
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tokens_estimated: bool = False
@@ -207,6 +208,7 @@ class SpendRow:
     duration_ms: float = 0.0
     ttfb_ms: float | None = None
     cache_hit: bool = False
+    served_model: str | None = None  # the model that served it, priced at its prices (a fallback's may differ)
 
     def __post_init__(self) -> None:
         _set(self, "started_at", utc(self.started_at, "started_at"))
@@ -214,6 +216,28 @@ class SpendRow:
         _set(self, "duration_ms", float(self.duration_ms))
         if self.ttfb_ms is not None:
             _set(self, "ttfb_ms", float(self.ttfb_ms))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuditRow:
+    """One admin write in the audit log: who (`actor`: "master" or an admin key's id, never
+    a secret) did `action` (`key.generate`, `team.update`...) to `target_id`, how it ended
+    (`status`, failures included), which fields it set (`changes`, names only: never the
+    values, which may hold a budget or metadata the log should not copy) and the request
+    it came in (`request_id`, as in the access log). `id` is given by the store."""
+
+    at: datetime
+    actor: str
+    action: str
+    status: int
+    target_id: str | None = None
+    changes: tuple[str, ...] = ()
+    request_id: str | None = None
+    id: int | None = None
+
+    def __post_init__(self) -> None:
+        _set(self, "at", utc(self.at, "at"))
+        _set(self, "changes", tuple(self.changes))
 
 
 KEY_UPDATABLE = frozenset(f.name for f in fields(KeyInfo)) - {"id", "created_at", "updated_at"}
@@ -312,7 +336,7 @@ class Store(abc.ABC):
             raise NotFound(f"team {team_id} not found")
         return found
 
-    # -- what each dialect provides for the shared methods above
+    # -- what the implementation (SqlStore) provides for the shared methods above
 
     @abc.abstractmethod
     async def _one_key(self, column: str, value: str) -> KeyInfo | None:
@@ -362,6 +386,26 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def prune_spend(self, before: datetime) -> int:
         """Delete rows with `started_at < before`, in chunks (no long lock); returns the count."""
+
+    # -- audit log
+
+    @abc.abstractmethod
+    async def write_audit(self, row: AuditRow) -> int:
+        """Append one row; returns its id."""
+
+    @abc.abstractmethod
+    async def audit_logs(
+        self,
+        *,
+        action: str | None = None,
+        target_id: str | None = None,
+        actor: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        page: int = 1,
+        page_size: int = 100,
+    ) -> list[AuditRow]:
+        """Audit rows matching every given filter, `start <= at < end`, newest first."""
 
     async def key_spend(self, id: str, since: datetime | None = None) -> Decimal:
         """The key's spend, all time or since `since` (for /key/info)."""

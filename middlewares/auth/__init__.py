@@ -1,5 +1,10 @@
 """The `auth` middleware: who is asking, may they use this model, can they still pay.
 
+An identity middleware (`stage = "identity"`): it runs before the body is read, so a
+request without a valid key gets 401 whatever it sends, and only an authenticated caller
+learns whether a model exists (404) or is not allowed (403; `llmproxy.pipeline.Route`
+asks `Principal.allows_model`, and the forwarder asks it again before each fallback).
+
 Per request, in this order:
 1. No key: 401 `invalid_api_key`. The master key (constant-time compare): a master
    principal, every model, no budget.
@@ -13,13 +18,14 @@ Per request, in this order:
    within `stale_ttl` keeps working; any other key gets 503. The outage is logged once and
    shown on `/health/readiness`; for a second after a failure the store is not asked
    again, so a hung database slows no request beyond one `store_timeout`.
-4. Blocked key or team: 401 `key_blocked`; expired: 401 `key_expired`; a model outside
-   the key's or the team's list: 403 (`/v1/models` lists only the allowed ones).
+4. Blocked key or team: 401 `key_blocked`; expired: 401 `key_expired`.
 5. `ctx.principal` and the record's key/team/user fields are set. The key itself is never
-   logged nor kept: the cache is keyed by its hash.
-6. Budgets (`llmproxy.middlewares.auth.budgets`): a key or team with `max_budget` reserves the request's
-   estimated cost, or answers 429 `budget_exceeded`; the reservation is reconciled with
-   the real cost in a cleanup, after the forwarder has priced the request.
+   logged nor kept: the cache is keyed by its hash. A model outside the key's or the
+   team's list is refused by the route stage (403); `/v1/models` lists only the allowed.
+6. Budgets (`routed`, once the model is known; `llmproxy.middlewares.auth.budgets`): a key
+   or team with `max_budget` reserves the request's estimated cost, or answers 429
+   `budget_exceeded`; the reservation is reconciled with the real cost in a cleanup,
+   after the forwarder has priced the request.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from llmproxy import errors
+from llmproxy.context import BODY_APIS
 from llmproxy.middlewares.auth.budgets import Budget, BudgetExceeded, Ledger, Reservation, estimate_request, nanos, usd
 from llmproxy.errors import ProxyError
 from llmproxy.keys import key_hash, same_secret
@@ -122,6 +129,8 @@ class Auth:
     """Middleware `auth` (see the module docstring)."""
 
     Options = Options
+    stage = "identity"
+    apis = BODY_APIS | {"models"}
 
     def __init__(self, options: Options | None, services: "Services") -> None:
         self.options = options = options or Options()
@@ -169,15 +178,15 @@ class Auth:
         record.team_id, record.user_id = principal.team_id, principal.user_id
         self._check(principal)
         ctx.principal = principal
-        if ctx.api == "models" or ctx.model is None:
-            return await call_next(ctx)
-        if not principal.allows_model(ctx.model.name):
-            raise ProxyError(403, f"This key is not allowed to use the model '{ctx.model.name}'.",
-                             "permission_error", None, "model")
-        if principal.budgets:
+        return await call_next(ctx)
+
+    async def routed(self, ctx: "Context") -> None:
+        """Called by the route stage once the model is known and allowed: reserve the
+        request's estimated cost on the key's and team's budgets (429 when one is spent)."""
+        principal = ctx.principal
+        if isinstance(principal, Principal) and principal.budgets:
             reservation = await self._reserve(ctx, principal)
             ctx.cleanups.append(lambda: self._settle(ctx, reservation))
-        return await call_next(ctx)
 
     def _check(self, p: Principal) -> None:
         key, team = p.key, p.team

@@ -1,6 +1,7 @@
 """The `pii` middleware: personal data never reaches the provider (SPEC §6).
 
-Per request (not `GET /v1/models`), in this order:
+Per request of the model APIs (`apis` is the default, so the chain never calls it for
+`GET /v1/models`), in this order:
 1. The policy: the configured options, or the team's `metadata.pii` laid over them (its
    keys override the configured ones; `presidio` is replaced whole). A team's policy is
    built once per distinct metadata value and cached; an invalid one is logged and the
@@ -127,8 +128,6 @@ class PII:
     async def __call__(self, ctx: "Context", call_next: "Next") -> Reply:
         """Runs before the middlewares listed after it (cache, scheduler) and the upstream;
         a `block` match or an analyzer outage (fail_closed) answers at once."""
-        if ctx.api == "models":
-            return await call_next(ctx)
         policy = self.policy_for(ctx)
         if not policy.entities:
             return await call_next(ctx)

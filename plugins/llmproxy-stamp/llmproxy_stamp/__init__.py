@@ -20,14 +20,22 @@ import re
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from llmproxy.context import Context, Next, Reply
+from llmproxy.context import BODY_APIS, Context, Next, Reply
 from llmproxy.errors import ProxyError
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP field name (RFC 9110 section 5.1)
 
 
 class Stamp:
-    """Built once at start as `Stamp(options, services)`; called once per request."""
+    """Built once at start as `Stamp(options, services)`; called once per request of the
+    APIs it acts on. Two class attributes say where it stands: `apis`, the APIs it acts on
+    (the default, `llmproxy.context.BODY_APIS`, is the model APIs, which have a parsed
+    `ctx.body`; this one adds "models" so that `GET /v1/models` is stamped too, and its
+    request steps look at `ctx.body`, None there), and `stage` (left at "request": it runs
+    after authentication, the body read and the model route, so `ctx.principal`, and for
+    a model API `ctx.body` and `ctx.model`, are set)."""
+
+    apis = BODY_APIS | {"models"}
 
     @dataclass(frozen=True)
     class Options:
@@ -56,7 +64,7 @@ class Stamp:
         """Runs in config order, before the middlewares listed after this one. Raising a
         ProxyError (or returning a Reply) without awaiting `call_next` answers at once:
         nothing below runs, the upstream included. The server shapes the error per API."""
-        if ctx.api != "models":  # GET /v1/models has no body
+        if ctx.body is not None:  # a model API: there is a request to check and change
             user = _user(ctx)
             if user in self.blocked:
                 raise ProxyError(403, f"The user '{user}' may not use this proxy.",

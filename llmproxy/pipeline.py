@@ -1,0 +1,251 @@
+"""One chain per API, composed at start: the configured middlewares with the built-in stages
+among them, so that every request passes the same steps and an outer middleware wraps
+every outcome, rejections included.
+
+For an API with a body (`BODY_APIS`), in this order:
+
+1. the middlewares listed before the first identity middleware (each `stage = "outer"`,
+   such as tracing): they see every request of the APIs they act on; `ctx.body` is None;
+2. `UnknownPath` (only in the chain of paths the gateway does not serve): 404 for
+   everyone, key or not;
+3. the identity middlewares (`stage = "identity"`: auth) and whatever is listed among
+   them; with none, `MasterGate` when `master_key` is set. A request without a valid key
+   stops here with 401, whatever its body says;
+4. `ReadBody`: size (413), JSON (400), nesting depth, the fields the proxy reads (400);
+   sets `ctx.body`, `ctx.stream`;
+5. `Route`: the model (404, the name quoted cut short; 400 when it is not served through
+   this API), the caller's allow-check (403), then each identity middleware's `routed`
+   hook (budgets, 429); sets `ctx.model` and `record.model` (configured names only);
+6. the other middlewares, in config order;
+7. the terminal: the forwarder.
+
+`GET /v1/models` takes steps 1, 3 and 6 (the middlewares acting on "models") and the
+model list as its terminal; an unknown path takes steps 1 and 2; the admin API takes
+step 1 and the admin terminal (which checks the master key itself). Which APIs a
+middleware acts on is its `apis` attribute (default `BODY_APIS`), read once here; a
+middleware is never called for another API, so none tests `ctx.api` to opt out.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+
+import orjson
+
+from . import errors
+from .context import BODY_APIS, Context, Next, Reply
+from .validate import validate_body
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .config import Config, Model
+    from .router import Router
+
+STAGES = ("outer", "identity", "request")
+MAX_DEPTH = 200  # orjson writes at most 255 levels; deeper bodies could not be forwarded
+_JSON = "application/json"
+_API_NAMES = {"chat": "OpenAI Chat Completions", "completions": "OpenAI Completions",
+              "embeddings": "OpenAI Embeddings", "messages": "Anthropic Messages"}
+_ENDPOINT = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
+             "embeddings": "/v1/embeddings", "messages": "/v1/messages"}
+
+
+def stage_of(mw: Any) -> str:
+    return getattr(mw, "stage", "request")
+
+
+def apis_of(mw: Any) -> frozenset[str]:
+    return frozenset(getattr(mw, "apis", BODY_APIS))
+
+
+def check_order(named: Sequence[tuple[str, Any]]) -> list[str]:
+    """Problems with the middlewares' `stage` and order, as config messages: an unknown
+    stage, or a middleware that needs the parsed request listed before an identity one
+    (it would run before the body is read and before anyone is authenticated)."""
+    problems = []
+    last_identity = max((i for i, (_, cls) in enumerate(named) if stage_of(cls) == "identity"), default=-1)
+    for i, (path, cls) in enumerate(named):
+        stage = stage_of(cls)
+        if stage not in STAGES:
+            problems.append(f"{path}: its class declares stage {stage!r}; expected one of {', '.join(STAGES)}")
+        elif stage == "request" and i < last_identity:
+            problems.append(f"{path}: acts on the parsed request, so it must be listed after "
+                            f"{named[last_identity][0]} (an identity middleware)")
+    return problems
+
+
+# ------------------------------------------------------------------------ the stages
+
+
+class UnknownPath:
+    """The terminal of paths the gateway does not serve."""
+
+    async def __call__(self, ctx: Context) -> Reply:
+        raise errors.not_found_path(ctx.path)
+
+
+class MasterGate:
+    """Without an identity middleware, `master_key` alone guards the data plane."""
+
+    def __init__(self, master_key: str) -> None:
+        self.master = master_key.encode()
+
+    async def __call__(self, ctx: Context, call_next: Next) -> Reply:
+        key = ctx.api_key
+        try:
+            ok = key is not None and hmac.compare_digest(key.encode(), self.master)
+        except UnicodeEncodeError:  # a lone surrogate cannot be the master key
+            ok = False
+        if not ok:
+            raise errors.unauthorized()
+        return await call_next(ctx)
+
+
+class ReadBody:
+    """Reads and checks the body of a model API request; sets `ctx.body` and `ctx.stream`."""
+
+    def __init__(self, max_body: int) -> None:
+        self.max_body = max_body
+
+    async def __call__(self, ctx: Context, call_next: Next) -> Reply:
+        request = ctx.request
+        assert request is not None, "ReadBody needs the aiohttp request on the context"
+        if request.content_length is not None and request.content_length > self.max_body:
+            raise errors.too_large(self.max_body)
+        from aiohttp import web
+
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise errors.too_large(self.max_body) from None
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise errors.invalid_request(f"The request body is not valid JSON ({exc}).") from None
+        if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
+            raise errors.invalid_request(f"The request body is nested more than {MAX_DEPTH} levels deep.")
+        api = ctx.api
+        validate_body(api, body)
+        ctx.body = body
+        stream = body.get("stream") is True and api != "embeddings"
+        ctx.stream = ctx.record.stream = stream
+        return await call_next(ctx)
+
+
+class Route:
+    """Resolves the model, asks the caller's allow-check, then the identity middlewares'
+    `routed` hooks; sets `ctx.model` and `record.model`."""
+
+    def __init__(self, models: dict[str, "Model"], router: "Router",
+                 hooks: Sequence[Callable[[Context], Awaitable[None]]]) -> None:
+        self.models = models
+        self.router = router
+        self.hooks = tuple(hooks)
+
+    async def __call__(self, ctx: Context, call_next: Next) -> Reply:
+        name = ctx.body["model"]
+        record = ctx.record
+        model = self.models.get(name)
+        if model is None:
+            record.requested_model = errors.shown(name)
+            raise errors.model_not_found(name)
+        record.model = name
+        api = ctx.api
+        if not self.router.serves(name, api):
+            raise errors.invalid_request(
+                f"The model '{name}' is not served through the {_API_NAMES[api]} API; its deployments speak "
+                f"another API (use {self._endpoint_for(name)}).", "model")
+        if not ctx.permits(name):
+            raise errors.ProxyError(403, f"This key is not allowed to use the model '{name}'.",
+                                    "permission_error", None, "model")
+        ctx.model = model
+        for hook in self.hooks:
+            await hook(ctx)
+        return await call_next(ctx)
+
+    def _endpoint_for(self, model: str) -> str:
+        for api, path in _ENDPOINT.items():
+            if self.router.serves(model, api):
+                return path
+        return "another endpoint"
+
+
+class ModelList:
+    """The terminal of `GET /v1/models`: the configured models this caller may use, in the
+    OpenAI shape, or Anthropic's when the request carries `anthropic-version`."""
+
+    def __init__(self, config: "Config") -> None:
+        self.names = [m.name for m in config.models]
+
+    async def __call__(self, ctx: Context) -> Reply:
+        names = [n for n in self.names if ctx.permits(n)]
+        if "anthropic-version" in ctx.headers:
+            data = [{"type": "model", "id": n, "display_name": n, "created_at": "2023-11-14T22:13:20Z"}
+                    for n in names]
+            body = {"data": data, "has_more": False, "first_id": names[0] if names else None,
+                    "last_id": names[-1] if names else None}
+        else:
+            body = {"object": "list",
+                    "data": [{"id": n, "object": "model", "created": 1700000000, "owned_by": "llmproxy"}
+                             for n in names]}
+        return Reply(200, [("Content-Type", _JSON)], orjson.dumps(body))
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, iteratively (no recursion limit to hit)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return deepest
+
+
+# ----------------------------------------------------------------------- composition
+
+Step = Callable[[Context, Next], Awaitable[Reply]]
+
+
+def chain_for(api: str, middlewares: Sequence[Any], *, terminal: Callable[[Context], Awaitable[Reply]],
+              gate: Step | None = None, read: Step | None = None, route: Step | None = None) -> Next:
+    """The chain of one API (see the module docstring): the steps in order, composed into
+    one callable once, at start."""
+    identity = [i for i, mw in enumerate(middlewares) if stage_of(mw) == "identity"]
+    if identity:
+        first, last = identity[0], identity[-1] + 1
+    else:  # no identity middleware: the built-in stages go before the first request middleware
+        first = last = next((i for i, mw in enumerate(middlewares) if stage_of(mw) == "request"),
+                            len(middlewares))
+    acts = [mw for mw in middlewares if api in apis_of(mw)]
+    outer = [mw for mw in middlewares[:first] if mw in acts]
+    if api == "unknown":
+        return _compose(outer, UnknownPath())
+    if api == "admin":
+        return _compose(outer, terminal)
+    steps: list[Any] = outer + [mw for mw in middlewares[first:last] if mw in acts]
+    if gate is not None and not identity:
+        steps.append(gate)
+    if api in BODY_APIS:
+        steps += [s for s in (read, route) if s is not None]
+    steps += [mw for mw in middlewares[last:] if mw in acts]
+    return _compose(steps, terminal)
+
+
+def _compose(steps: Sequence[Any], terminal: Callable[[Context], Awaitable[Reply]]) -> Next:
+    handler: Next = terminal
+    for step in reversed(steps):
+        handler = _bind(step, handler)
+    return handler
+
+
+def _bind(step: Any, nxt: Next) -> Next:
+    async def call(ctx: Context) -> Reply:
+        return await step(ctx, nxt)
+    return call

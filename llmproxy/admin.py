@@ -99,7 +99,7 @@ def check(spec: Mapping[str, Field], data: Mapping[str, Any]) -> dict[str, Any]:
     converted by its checker; a 400 naming the first field that is wrong."""
     for name in data:
         if name not in spec:
-            shown = str(name)[:100]
+            shown = errors.shown(str(name))
             raise errors.invalid_request(f"Unknown field '{shown}'; accepted: {', '.join(spec)}.", shown)
     out: dict[str, Any] = {}
     for name, field in spec.items():

@@ -6,7 +6,11 @@ stages among them (the unknown-path check, the body read, the model route) and a
 terminal (the forwarder, or the model list). A middleware is any callable
 `async (ctx, call_next) -> Reply`. It may
 - reject early: raise `ProxyError` (or return its own `Reply`) without calling `call_next`;
-- read and change `ctx.body` (the parsed JSON request) before calling `call_next`;
+- read and change `ctx.body` (the parsed JSON request) before calling `call_next`; a
+  middleware that changes it says so, either with `edits_body = False` on its class and
+  `ctx.body_changed()` after each change (the forwarder then sends the client's own bytes
+  whenever nothing changed), or by leaving `edits_body` at its default, True: the body is
+  then always serialised again;
 - observe or transform the answer: wrap `reply.body` (an async iterator of bytes,
   each item one chunk as it arrived) and return `reply.with_body(...)`;
 - add fields to the request's record: `ctx.record.extra["name"] = value`.
@@ -15,9 +19,10 @@ Class attributes tell the chain where a middleware acts (read once, at start):
 - `apis`: the APIs it acts on (default `BODY_APIS`); for any other the chain skips it;
 - `stage`: `"request"` (default) needs the parsed body and the resolved model, so it runs
   after the read and route stages; `"identity"` decides who is asking (auth) and runs
-  before the body is read; `"outer"` works on any request, before anything is read
-  (tracing), and may stand anywhere in the list. A `"request"` middleware listed before an
-  `"identity"` one is a config error.
+  before the body is read; `"outer"` works on any request: listed before the identity
+  middlewares it runs before anything is read and wraps every outcome (tracing); listed
+  after them it runs where it stands, on the requests that get that far. A `"request"`
+  middleware listed before an `"identity"` one is a config error.
 - an identity middleware may define `async routed(ctx)`: called by the route stage once
   the model is known and allowed; raising there rejects (a budget).
 
@@ -191,6 +196,27 @@ class Context:
     deployment: "Deployment | None" = None
     started: float = field(default_factory=time.perf_counter)
     cleanups: list[Callable[[], Any]] = field(default_factory=list)
+    # The client's bytes, as long as `body` is what they parse to (the read stage keeps
+    # them when no middleware of the chain may change the body unannounced); the
+    # provider then forwards them instead of serialising `body` again.
+    raw_body: bytes | None = None
+    _prompt: str | None = field(default=None, repr=False)
+
+    def prompt_text(self) -> str:
+        """The request's text as a tokenizer counts it (`usage.prompt_text`), derived once
+        per request: budgets, limits and the token estimate all read this."""
+        prompt = self._prompt
+        if prompt is None:
+            from .usage import prompt_text
+
+            prompt = self._prompt = prompt_text(self.body, self.api) if self.body is not None else ""
+        return prompt
+
+    def body_changed(self) -> None:
+        """Say that `body` was changed in place (pii's masking does): the client's bytes no
+        longer stand for it, and its text is derived again."""
+        self.raw_body = None
+        self._prompt = None
 
     @property
     def client_wants_usage(self) -> bool:

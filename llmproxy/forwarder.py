@@ -36,7 +36,7 @@ from .errors import ProxyError
 from .pricing import cost
 from .providers.base import Upstream, UpstreamConnectError
 from .sse import SSEParser
-from .usage import AnthropicStreamMeter, OpenAIStreamMeter, Usage, anthropic_usage, openai_usage, prompt_text
+from .usage import AnthropicStreamMeter, OpenAIStreamMeter, Usage, anthropic_usage, openai_usage
 
 if TYPE_CHECKING:
     from .config import Router as RouterConfig
@@ -341,7 +341,7 @@ class _BodyMeter:
             if isinstance(found, dict):
                 usage = self.parse(found)
         if usage is None:
-            usage = Usage(prompt_tokens=tokenizer.count_tokens(prompt_text(ctx.body, ctx.api)), estimated=True)
+            usage = Usage(prompt_tokens=tokenizer.count_tokens(ctx.prompt_text()), estimated=True)
         return usage
 
 
@@ -396,7 +396,7 @@ class _Finish:
         if isinstance(meter, _BodyMeter):
             usage = meter.result(ctx)
         else:
-            usage = meter.result(prompt_text(ctx.body, ctx.api))
+            usage = meter.result(ctx.prompt_text)  # called only when upstream sent no usage
         record.prompt_tokens = usage.prompt_tokens
         record.completion_tokens = usage.completion_tokens
         record.cached_tokens = usage.cached_tokens

@@ -60,6 +60,11 @@ def apis_of(mw: Any) -> frozenset[str]:
     return frozenset(getattr(mw, "apis", BODY_APIS))
 
 
+def edits_body(mw: Any) -> bool:
+    """May `mw` change `ctx.body` without calling `ctx.body_changed()`? (default: yes)"""
+    return bool(getattr(mw, "edits_body", True))
+
+
 def check_order(named: Sequence[tuple[str, Any]]) -> list[str]:
     """Problems with the middlewares' `stage` and order, as config messages: an unknown
     stage, or a middleware that needs the parsed request listed before an identity one
@@ -104,10 +109,16 @@ class MasterGate:
 
 
 class ReadBody:
-    """Reads and checks the body of a model API request; sets `ctx.body` and `ctx.stream`."""
+    """Reads and checks the body of a model API request; sets `ctx.body` and `ctx.stream`,
+    and `ctx.raw_body` when `keep_raw` (no middleware of the chain changes the body
+    without saying so: see `edits_body` in context.py)."""
 
-    def __init__(self, max_body: int) -> None:
+    def __init__(self, max_body: int, keep_raw: bool = False) -> None:
         self.max_body = max_body
+        self.keep_raw = keep_raw
+
+    def for_chain(self, keep_raw: bool) -> "ReadBody":
+        return ReadBody(self.max_body, keep_raw)
 
     async def __call__(self, ctx: Context, call_next: Next) -> Reply:
         request = ctx.request
@@ -129,6 +140,8 @@ class ReadBody:
         api = ctx.api
         validate_body(api, body)
         ctx.body = body
+        if self.keep_raw:
+            ctx.raw_body = raw
         stream = body.get("stream") is True and api != "embeddings"
         ctx.stream = ctx.record.stream = stream
         return await call_next(ctx)
@@ -232,9 +245,12 @@ def chain_for(api: str, middlewares: Sequence[Any], *, terminal: Callable[[Conte
     steps: list[Any] = outer + [mw for mw in middlewares[first:last] if mw in acts]
     if gate is not None and not identity:
         steps.append(gate)
+    after = [mw for mw in middlewares[last:] if mw in acts]
     if api in BODY_APIS:
+        if isinstance(read, ReadBody):  # the client's bytes are worth keeping only if nobody edits silently
+            read = read.for_chain(keep_raw=not any(edits_body(mw) for mw in acts))
         steps += [s for s in (read, route) if s is not None]
-    steps += [mw for mw in middlewares[last:] if mw in acts]
+    steps += after
     return _compose(steps, terminal)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import orjson
 
@@ -222,8 +222,9 @@ class OpenAIStreamMeter:
         self._kept.clear()
         return self._drop and not obj.get("choices")
 
-    def result(self, prompt_text: str) -> Usage:
-        """The server's usage, else an estimate from the streamed text and ``prompt_text``."""
+    def result(self, prompt_text: "str | Callable[[], str]") -> Usage:
+        """The server's usage, else an estimate from the streamed text and ``prompt_text``
+        (or what it returns: it is called only when the server sent no usage)."""
         if self._usage is not None:
             return self._usage
         pieces: dict[Any, list[str]] = {}
@@ -238,7 +239,7 @@ class OpenAIStreamMeter:
                 if isinstance(choice, dict):
                     _collect_choice(choice, pieces)
         return Usage(
-            prompt_tokens=count_tokens(prompt_text),
+            prompt_tokens=count_tokens(_text(prompt_text)),
             completion_tokens=_count_pieces(pieces),
             estimated=True,
         )
@@ -391,8 +392,9 @@ class AnthropicStreamMeter:
                 self._has_output = True
                 self._deltas.clear()
 
-    def result(self, prompt_text: str) -> Usage:
-        """Usage from the stream; output (and prompt, if no message_start) estimated if missing."""
+    def result(self, prompt_text: "str | Callable[[], str]") -> Usage:
+        """Usage from the stream; output (and prompt, if no message_start) estimated if missing
+        (``prompt_text`` is called only then, when it is a callable)."""
         usage = Usage(
             prompt_tokens=self._input + self._cache_read + self._cache_write,
             completion_tokens=self._output,
@@ -404,7 +406,7 @@ class AnthropicStreamMeter:
             usage.estimated = True
         if not self._has_start:
             usage.prompt_tokens = max(
-                count_tokens(prompt_text), self._cache_read + self._cache_write
+                count_tokens(_text(prompt_text)), self._cache_read + self._cache_write
             )
             usage.estimated = True
         return usage
@@ -513,6 +515,10 @@ def _messages_text(body: dict, out: list[str]) -> None:
         if isinstance(tool, dict):
             keys = ("name", "description", "input_schema")
             out.append(_json_text({k: tool[k] for k in keys if k in tool}))
+
+
+def _text(text: "str | Callable[[], str]") -> str:
+    return text if isinstance(text, str) else text()
 
 
 def prompt_text(body: dict, api: str) -> str:

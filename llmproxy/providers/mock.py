@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar
 import orjson
 
 from .. import tokenizer
-from ..usage import prompt_text
 from .base import Provider, Upstream
 
 if TYPE_CHECKING:
@@ -53,7 +52,7 @@ class MockProvider(Provider):
         opts = self.options
         if opts.latency_ms:
             await asyncio.sleep(opts.latency_ms / 1000)
-        ptoks = tokenizer.count_tokens(prompt_text(ctx.body, ctx.api))
+        ptoks = tokenizer.count_tokens(ctx.prompt_text())
         model = self.deployment.model
         if ctx.api == "embeddings":
             return _fixed(self._embeddings(ctx, model, ptoks))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-import orjson
-
-from .base import HTTPProvider
+from .base import HTTPProvider, upstream_body
 
 if TYPE_CHECKING:
     from ..context import Context
@@ -21,12 +19,6 @@ class OpenAIProvider(HTTPProvider):
         return {"authorization": f"Bearer {self.deployment.api_key}"} if self.deployment.api_key else {}
 
     def request_body(self, ctx: "Context") -> bytes:
-        body = ctx.body
-        model = self.deployment.model
-        if body.get("model") != model:
-            body = {**body, "model": model}
-        if ctx.stream and self.deployment.stream_usage and not ctx.client_wants_usage:
-            # Ask upstream to count; the forwarder removes the usage-only chunk again.
-            opts = body.get("stream_options")
-            body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
-        return orjson.dumps(body)
+        # On a stream, ask upstream to count; the forwarder removes the usage-only chunk again.
+        include_usage = ctx.stream and self.deployment.stream_usage and not ctx.client_wants_usage
+        return upstream_body(ctx, self.deployment.model, include_usage=include_usage)

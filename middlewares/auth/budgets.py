@@ -68,7 +68,6 @@ import structlog
 
 from llmproxy.keys import parse_duration, period_start
 from llmproxy.store import StoreError
-from llmproxy.usage import prompt_text
 
 if TYPE_CHECKING:
     from llmproxy.config import Pricing
@@ -137,7 +136,7 @@ def estimate_request(ctx: "Context", default_max_tokens: int = DEFAULT_MAX_TOKEN
     if pricing is None:
         return 0
     body = ctx.body
-    prompt = -(-len(prompt_text(body, ctx.api)) // 4)
+    prompt = -(-len(ctx.prompt_text()) // 4)
     if ctx.api == "embeddings":
         output = 0
     else:

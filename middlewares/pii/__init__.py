@@ -98,6 +98,7 @@ class PII:
     """Built once at start as `PII(options, services)`; called once per request."""
 
     Options = Options
+    edits_body = False  # it changes the body only by masking, and says so (ctx.body_changed)
 
     def __init__(self, options: Options | None, services: "Services | None") -> None:
         opts = options or Options()
@@ -149,9 +150,11 @@ class PII:
                                   "policy does not allow to be sent.", "invalid_request_error", "pii_blocked")
         if policy.mode == "redact":
             texts.write({i: redact(values[i], spans) for i, spans in hits.items()})
+            ctx.body_changed()
             return await call_next(ctx)
         vault = Vault.for_request(ctx.body)  # before any placeholder is written
         texts.write({i: vault.mask(values[i], spans) for i, spans in hits.items()})
+        ctx.body_changed()
         reply = await call_next(ctx)
         if not 200 <= reply.status < 300 or ctx.api == "embeddings":
             return reply

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llmproxy.usage import prompt_text
 
 if TYPE_CHECKING:
     from llmproxy.config import Deployment
@@ -125,7 +124,7 @@ def estimate_tokens(ctx: "Context", default_max_tokens: int) -> int:
     English with OpenAI's and Anthropic's encodings), plus `max_tokens` /
     `max_completion_tokens`, else `default_max_tokens`; embeddings produce no output."""
     body = ctx.body
-    prompt = -(-len(prompt_text(body, ctx.api)) // 4)
+    prompt = -(-len(ctx.prompt_text()) // 4)
     if ctx.api == "embeddings":
         return prompt
     out = body.get("max_tokens")

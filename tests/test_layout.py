@@ -98,7 +98,7 @@ BLOCKED_START = textwrap.dedent("""
 
     async def main():
         registry = Registry.from_entry_points()
-        del registry.middlewares["{name}"]  # its entry point is gone with its package
+        registry.middlewares.pop("{name}", None)  # its entry point goes with its package (if not gone already)
         others = [n for n in {builtin!r} if n != "{name}" and n in registry.middlewares]
         config = parse_config({{"master_key": "sk-master-0123456789", "middlewares": others,
                                "models": [{{"name": "mock", "deployments": [{{"provider": "mock", "model": "m"}}]}}],

@@ -25,7 +25,6 @@ from llmproxy.testing import reply_json
 
 from .conftest import MASTER, needs
 
-pytestmark = needs("auth")  # most configs here name it: it is the identity middleware
 CHEAP = {"model": "cheap", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
 PROBE_PLUGIN = '''
@@ -93,6 +92,7 @@ async def new_key(proxy: Any, **fields: Any) -> str:
 # --- an outer middleware sees every outcome ---------------------------------------------
 
 
+@needs("auth")
 async def test_outermost_plugin_sees_every_outcome_once(probe_plugin, make_proxy) -> None:
     config = {"master_key": MASTER, "models": mock_models(), "server": {"max_body_bytes": 4096},
               "middlewares": ["probe", "auth"]}
@@ -123,6 +123,7 @@ async def test_outermost_plugin_sees_every_outcome_once(probe_plugin, make_proxy
     assert (ok.model, ok.served_model, ok.deployment) == ("cheap", "cheap", "mock:cheap")
 
 
+@needs("auth")
 async def test_unknown_path_is_404_for_everyone_and_outer_middlewares_see_it(probe_plugin, make_proxy) -> None:
     config = {"master_key": MASTER, "models": mock_models(), "middlewares": ["probe", "auth"]}
     proxy = await make_proxy(config, Registry.from_entry_points())
@@ -162,7 +163,7 @@ def expected_status(mode: str, key: str, model: str, body: str) -> int:
     return 200
 
 
-@pytest.mark.parametrize("mode", ["master_key", "auth"])
+@pytest.mark.parametrize("mode", ["master_key", pytest.param("auth", marks=needs("auth"))])
 async def test_without_a_valid_key_every_request_is_401(make_proxy, mode: str) -> None:
     config = {"master_key": MASTER, "models": mock_models()}
     if mode == "auth":
@@ -208,6 +209,7 @@ def sdk(proxy: Any, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(api_key=key, base_url=proxy.url + "/v1", max_retries=0)
 
 
+@needs("auth")
 async def test_a_fallback_the_caller_may_not_use_is_skipped(upstream, make_proxy) -> None:
     proxy = await make_proxy(fallback_config(upstream))
     key = await new_key(proxy, models=["cheap"])
@@ -223,6 +225,7 @@ async def test_a_fallback_the_caller_may_not_use_is_skipped(upstream, make_proxy
     assert (record.model, record.served_model, record.spend) == ("cheap", None, 0)
 
 
+@needs("auth")
 async def test_an_allowed_fallback_is_priced_at_the_served_model(upstream, make_proxy) -> None:
     proxy = await make_proxy(fallback_config(upstream))
     key = await new_key(proxy, models=["cheap", "premium"])
@@ -250,7 +253,7 @@ async def test_an_allowed_fallback_is_priced_at_the_served_model(upstream, make_
 
 
 async def test_a_huge_model_name_is_neither_a_label_nor_echoed(make_proxy) -> None:
-    proxy = await make_proxy({"master_key": MASTER, "models": mock_models(), "middlewares": ["auth"]})
+    proxy = await make_proxy({"master_key": MASTER, "models": mock_models()})
     name = "m" * 100_000
     status, raw = await post(proxy, "/v1/chat/completions", {**CHEAP, "model": name},
                              {"Authorization": f"Bearer {MASTER}"})

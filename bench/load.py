@@ -35,6 +35,10 @@ the request to the first bytes of the response body (for a stream: its first eve
 just the headers). The result then holds "ttfb_ms" (p50, p90, p99, max over the requests),
 else null.
 
+The result also holds "open_max": the most responses open at the same time (headers
+received, body not yet ended), and "open_max_at_s", when that was first reached: for
+long streams at concurrency C, whether all C were really open together.
+
 Checks: status 200 and
     openai-json     a JSON object with a non-empty "choices" list
     openai-sse      the body ends with "data: [DONE]"
@@ -141,6 +145,9 @@ async def run_load(cmd: dict) -> dict:
     latencies: list[float] = []
     ttfbs: list[float] = []
     bytes_in = 0
+    open_now = 0      # responses whose headers arrived and whose body has not ended yet
+    open_max = 0
+    open_max_at = None
 
     def note(reason: str) -> None:
         if len(error_samples) < MAX_ERROR_SAMPLES and reason not in error_samples:
@@ -152,7 +159,7 @@ async def run_load(cmd: dict) -> dict:
         note(reason)
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal next_index, ok, bytes_in
+        nonlocal next_index, ok, bytes_in, open_now, open_max, open_max_at
         while next_index < n:  # bounded: every pass takes one of the n indices
             hdrs = per_key[next_index % n_heads]
             if marker:
@@ -165,12 +172,18 @@ async def run_load(cmd: dict) -> dict:
             try:
                 async with session.post(url, data=payload, headers=hdrs) as resp:
                     status = resp.status
-                    if want_ttfb:
-                        first = await resp.content.readany()  # b"" only at the end of the body
-                        t_first = time.perf_counter()
-                        data = first + await resp.content.read()
-                    else:
-                        data = await resp.read()
+                    open_now += 1
+                    if open_now > open_max:
+                        open_max, open_max_at = open_now, time.perf_counter()
+                    try:
+                        if want_ttfb:
+                            first = await resp.content.readany()  # b"" only at the end of the body
+                            t_first = time.perf_counter()
+                            data = first + await resp.content.read()
+                        else:
+                            data = await resp.read()
+                    finally:
+                        open_now -= 1
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection refused/reset, timeout, ...
@@ -218,6 +231,9 @@ async def run_load(cmd: dict) -> dict:
         "wall_s": wall,
         "rps": ok / wall if wall > 0 else None,
         "bytes_in": bytes_in,
+        # most responses open at once (headers in, body not ended), and when (s after start)
+        "open_max": open_max,
+        "open_max_at_s": round(open_max_at - t_start, 3) if open_max_at is not None else None,
         "latency_ms": {
             "p50": _ms(_percentile(latencies, 0.50)),
             "p90": _ms(_percentile(latencies, 0.90)),

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """llmproxy benchmark: CPU per request of the proxy against a bare aiohttp floor.
 
-    .venv/bin/python bench/run.py                       # --suite all: core, scheduler, pii
+    .venv/bin/python bench/run.py                       # --suite all: core, scheduler, pii, pipeline
     .venv/bin/python bench/run.py --suite core          # floor, proxy, proxy-spend, proxy-auth
     .venv/bin/python bench/run.py --suite scheduler     # proxy, proxy-scheduler, proxy-scheduler-redis...
     .venv/bin/python bench/run.py --suite pii           # proxy, proxy-pii on 2 KB prompts; streamed TTFB
+    .venv/bin/python bench/run.py --suite pipeline      # floor, proxy, proxy-full (whole chain); 100 KB chats
+    .venv/bin/python bench/run.py --suite streams       # memory per open stream, 1000 at once (not in all)
     .venv/bin/python bench/run.py --targets floor,floor-b   # harness self-check, ratio ~1.0
     .venv/bin/python bench/run.py --target proxy-mine=my-extra.yaml
     .venv/bin/python bench/run.py --list                # targets, scenarios and suites known
@@ -23,6 +25,8 @@ Rows with `redis` get a private redis-server each, and their Redis calls per req
 (INFO commandstats, SLOWLOG); pii rows report the entities found per request
 (`llmproxy_pii_redactions_total`); stream scenarios report the time to first byte.
 A suite (--suite) is a group of rows and scenarios run as one section with its own table.
+The `streams` suite instead starts each row fresh and alone, opens --streams-c long streams
+at once and samples the row's RSS: KB per open stream (run_streams_section).
 Raw numbers go to bench/results/latest.json. See bench/README.md.
 """
 from __future__ import annotations
@@ -42,10 +46,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as dc_replace
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -68,6 +73,13 @@ class Scenario:
     api: str          # "openai" | "anthropic": which auth headers, which model
     stream: bool
     description: str
+    # requests per measured run = --n (--n-stream) times this: the 100 KB scenarios cost
+    # several times a small request, so a quarter of the requests is as precise
+    n_factor: float = 1.0
+
+
+def scenario_n(sc: Scenario, args) -> int:
+    return max(1, round((args.n_stream if sc.stream else args.n) * sc.n_factor))
 
 
 CHAT_MESSAGES = [{"role": "user", "content": "hello"}]
@@ -140,6 +152,62 @@ CHAT_HISTORY_PII = [{"role": "user", "content": prompt_2k(True).replace(VARY, "b
                     {"role": "assistant", "content": "Noted."},
                     {"role": "user", "content": f"Ref {VARY}: which of these is due first?"}]
 
+# The ~100 KB conversation of chat-100k (issue 11): CONV_TURNS alternating user/assistant
+# turns of CONV_TURN_SIZE characters of plain English (no digits, no entity, so pii finds
+# nothing), built deterministically from the sentences below (a fixed LCG picks them, so
+# the turns differ from each other), then a short new user question that begins with the
+# VARY word: the history is what a chat client resends, the question is new every request.
+CONV_TURNS = 250
+CONV_TURN_SIZE = 400
+_USER_SENTENCES = (
+    "Could you explain that part again in simpler words? ",
+    "I am still not sure how the caching layer decides what to keep. ",
+    "What would happen if the queue grew faster than the workers could drain it? ",
+    "My team wants to move the nightly reports to the new cluster next month. ",
+    "Is there a way to keep the old behaviour for the clients that depend on it? ",
+    "Please compare the two approaches and tell me which one is easier to operate. ",
+    "We noticed that the dashboards lag behind when the traffic peaks in the evening. ",
+    "How should we phrase the announcement so that nobody panics about the change? ",
+    "I would like a short checklist that a new engineer can follow on their first day. ",
+    "Which of these steps can safely run in parallel, and which must wait? ",
+)
+_ASSISTANT_SENTENCES = (
+    "Sure, here is a shorter way to look at it. ",
+    "The cache keeps the entries that were used most recently and drops the oldest ones first. ",
+    "When the queue grows faster than it drains, the wait time rises until requests are turned away. ",
+    "Moving the reports is mostly a matter of copying the schedules and checking the permissions. ",
+    "You can keep the old behaviour behind a flag and switch clients over one at a time. ",
+    "The first approach is simpler to run, while the second one scales further with less tuning. ",
+    "Dashboards usually lag because the collectors batch their writes when they are busy. ",
+    "A calm announcement explains what changes, when it happens, and whom to ask for help. ",
+    "A good checklist covers access, the local setup, the deploy process and the on-call rota. ",
+    "The read-only checks can run side by side, but the migration itself must run alone. ",
+)
+
+
+def _turn_text(sentences: tuple[str, ...], seed: int, size: int) -> str:
+    parts: list[str] = []
+    total = 0
+    x = seed
+    while total < size:  # bounded: every pass adds a non-empty sentence
+        x = (x * 1103515245 + 12345) % (1 << 31)
+        parts.append(sentences[(x >> 16) % len(sentences)])
+        total += len(parts[-1])
+    return "".join(parts)[:size].rstrip() + "."
+
+
+def conversation_100k(turns: int = CONV_TURNS, size: int = CONV_TURN_SIZE) -> list[dict]:
+    """turns alternating user/assistant messages (user first) of about size characters
+    each, then the new user question with the VARY word: about turns * size bytes."""
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant",
+             "content": _turn_text(_USER_SENTENCES if i % 2 == 0 else _ASSISTANT_SENTENCES, i + 1, size)}
+            for i in range(turns)]
+    msgs.append({"role": "user", "content": f"Ref {VARY}. Thanks. Can you sum up what we agreed on so far?"})
+    return msgs
+
+
+CHAT_100K = conversation_100k()
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("chat", "/v1/chat/completions",
              {"model": "bench-model", "messages": CHAT_MESSAGES},
@@ -170,6 +238,22 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "openai-json", "openai", False,
              "OpenAI chat, non-stream, the next turn of a conversation: the 2 KB history with 5 entities "
              "(the same every request) and a new question"),
+    Scenario("chat-100k", "/v1/chat/completions",
+             {"model": "bench-model", "messages": CHAT_100K},
+             "openai-json", "openai", False,
+             f"OpenAI chat, non-stream, a ~100 KB conversation ({CONV_TURNS} turns of ~{CONV_TURN_SIZE} "
+             "characters) and a new question every request; N/4 requests a run", n_factor=0.25),
+    Scenario("chat-100k-stream", "/v1/chat/completions",
+             {"model": "bench-model", "messages": CHAT_100K, "stream": True},
+             "openai-sse", "openai", True, "OpenAI chat, stream, the ~100 KB conversation; N/4 requests a run",
+             n_factor=0.25),
+    # the streams suite (memory per open stream): each stream lasts about 4.6 s (23 gaps of
+    # --streams-delay-ms, 200 by default, which replaces the value here); too slow for --rounds
+    Scenario("chat-stream-open", "/v1/chat/completions",
+             {"model": "bench-model", "messages": CHAT_MESSAGES, "stream": True,
+              "bench_chunk_delay_ms": 200},
+             "openai-sse", "openai", True,
+             "OpenAI chat, stream, 200 ms between events (~4.6 s a stream): the streams suite only"),
     Scenario("messages", "/v1/messages",
              {"model": "bench-claude", "max_tokens": 64, "messages": CHAT_MESSAGES},
              "anthropic-json", "anthropic", False, "Anthropic messages, non-stream"),
@@ -247,6 +331,16 @@ ROWS: list[TargetSpec] = [
                "second ratio against proxy",
                config={"spend": {"enabled": False}, "middlewares": [{"pii": {"mode": "mask"}}]},
                ratio_vs="proxy"),
+    # issue 11: the whole chain as production runs it, on top of `proxy`: auth with the seeded
+    # keys (round-robin, like proxy-auth), pii mask, the scheduler with limits that never bind
+    # (like proxy-scheduler), and the spend log on, in the row's own SQLite (bench.db, where the
+    # keys are). Its first ratio is against the floor; the second against proxy
+    TargetSpec("proxy-full", "proxy", "proxy + auth (seeded keys) + pii mask + scheduler (limits far above "
+               "the load) + spend log, all in the row's own SQLite; second ratio against proxy",
+               config={"spend": {"enabled": True},
+                       "middlewares": ["auth", {"pii": {"mode": "mask"}},
+                                       {"scheduler": {"default_max_tokens": 256}}]},
+               deployment=_NO_LIMIT_DEPLOYMENT, seed_keys=True, ratio_vs="proxy"),
     TargetSpec("proxy-tracing", "proxy", "llmproxy + tracing (no OTLP exporter)",
                config={"middlewares": ["tracing"]}),
 ]
@@ -259,6 +353,9 @@ class Suite:
     targets: tuple[str, ...]      # the first is the baseline of the ratios
     scenarios: tuple[str, ...]
     description: str
+    # "cpu": rounds of CPU per request (run_section); "streams": memory per open stream, each
+    # row started fresh, alone, for one run of --streams-c concurrent streams (run_streams_section)
+    kind: str = "cpu"
 
 
 # `--suite NAME` runs these sections one after the other (each its own processes and table);
@@ -273,8 +370,15 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
           ("chat-2k", "chat-2k-stream", "chat-2k-pii", "chat-2k-pii-stream", "chat-history-pii"),
           "pii mask on a 2 KB prompt without and with 5 entities, every prompt new; streamed TTFB; "
           "a conversation's next turn (issue 6)"),
+    Suite("pipeline", ("floor", "proxy", "proxy-full"),
+          ("chat", "chat-stream", "chat-100k", "chat-100k-stream"),
+          "the whole chain (auth, pii, scheduler, spend log) on small and ~100 KB conversations (issue 11)"),
+    # not in `all`: about 1 minute, and a memory measurement rather than CPU rounds
+    Suite("streams", ("floor", "proxy", "proxy-full"), ("chat-stream-open",),
+          "memory per open stream: --streams-c concurrent ~4.6 s streams per row, RSS sampled "
+          "every 50 ms, and their time to first byte (issue 11)", kind="streams"),
 ]}
-ALL_SUITES = ("core", "scheduler", "pii")
+ALL_SUITES = ("core", "scheduler", "pii", "pipeline")
 DEFAULT_SUITE = "all"   # `make bench`; see bench/README.md for its duration
 DEFAULT_TARGETS = ",".join(SUITES["core"].targets)
 
@@ -424,6 +528,76 @@ def tree_cpu(pid: int) -> dict:
         ticks += int(st[_UTIME]) + int(st[_STIME]) + int(st[_CUTIME]) + int(st[_CSTIME])
         ns += _schedstat_ns(p)
     return {"ticks": ticks, "ns": ns, "pids": len(pids)}
+
+
+def _vm_rss_kb(pid: int) -> int | None:
+    """VmRSS of pid in kB (/proc/<pid>/status); None if it is gone (a zombie has none)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError, IndexError):
+        pass
+    return None
+
+
+def tree_rss_kb(pid: int, pids: list[int] | None = None) -> int:
+    """VmRSS summed over pid and its live descendants (or over pids), in kB. Pages shared
+    between processes (forked workers) count once per process."""
+    if pids is None:
+        pids = [pid] + [p for p, _ in descendants(pid)]
+    return sum(v for v in map(_vm_rss_kb, pids) if v)
+
+
+class RssSampler(threading.Thread):
+    """Samples tree_rss_kb(pid) every `interval` seconds, from start() to stop(), in a thread
+    of the harness (the main thread waits for the load generator meanwhile). The process
+    tree is re-read once a second (walking /proc costs more than reading a status file)."""
+
+    def __init__(self, pid: int, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []   # (seconds since start, kB)
+        self._halt = threading.Event()
+        self.t0 = 0.0
+
+    def run(self) -> None:
+        self.t0 = time.monotonic()
+        pids: list[int] = []
+        tree_at = -1.0
+        k = 0
+        while not self._halt.is_set():  # bounded: stop() sets the event
+            now = time.monotonic()
+            if now - tree_at >= 1.0:
+                pids = [self.pid] + [p for p, _ in descendants(self.pid)]
+                tree_at = now
+            self.samples.append((round(now - self.t0, 4), tree_rss_kb(self.pid, pids)))
+            k += 1
+            self._halt.wait(max(0.0, self.t0 + k * self.interval - time.monotonic()))
+
+    def stop(self) -> list[tuple[float, int]]:
+        self._halt.set()
+        self.join(5.0)
+        return self.samples
+
+
+def raise_nofile_limit() -> dict:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; the processes the harness
+    starts inherit it (a stream holds two sockets in the target, one in the load generator
+    and one in the upstream)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+    new_soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return {"soft_before": soft, "soft": new_soft, "hard": hard}
 
 
 def schedstat_available() -> bool:
@@ -892,6 +1066,19 @@ def upstream_requests(upstream_port: int) -> int | None:
         return None
 
 
+def load_cmd(target: Target, sc: Scenario, n: int, c: int, args) -> dict:
+    """The bench/load.py command for n requests of sc at concurrency c against target."""
+    cmd = {"url": f"http://127.0.0.1:{target.port}{sc.path}", "n": n, "c": c,
+           "body": sc.body, "headers": scenario_headers(sc), "check": sc.check,
+           "timeout": args.request_timeout, "deadline": args.run_timeout}
+    if VARY in json.dumps(sc.body):
+        cmd["vary"] = VARY  # every request's prompt new (see VARY)
+    if target.keys_file is not None:  # round-robin over the row's keys, not the master key
+        cmd["keys_file"] = str(target.keys_file)
+        cmd["key_header"] = "x-api-key" if sc.api == "anthropic" else "authorization"
+    return cmd
+
+
 def measure(load: LoadClient, target: Target, sc: Scenario, n: int, args,
             upstream: Proc, upstream_port: int, warmup: bool = False) -> dict:
     """One load run against one target, with CPU deltas of target, upstream and load."""
@@ -901,14 +1088,7 @@ def measure(load: LoadClient, target: Target, sc: Scenario, n: int, args,
         run.update(ok=0, errors=n, error_samples=[f"{target.name} is not running"],
                    cpu_us_per_req=None)
         return run
-    cmd = {"url": f"http://127.0.0.1:{target.port}{sc.path}", "n": n, "c": args.c,
-           "body": sc.body, "headers": scenario_headers(sc), "check": sc.check,
-           "timeout": args.request_timeout, "deadline": args.run_timeout}
-    if VARY in json.dumps(sc.body):
-        cmd["vary"] = VARY  # every request's prompt new (see VARY)
-    if target.keys_file is not None:  # round-robin over the row's keys, not the master key
-        cmd["keys_file"] = str(target.keys_file)
-        cmd["key_header"] = "x-api-key" if sc.api == "anthropic" else "authorization"
+    cmd = load_cmd(target, sc, n, args.c, args)
     # /metrics and Redis are read outside the CPU window: reading them is not the request's cost
     text0 = scrape_metrics(target.port) if target.spec.kind == "proxy" else None
     look0 = _by_label(text0, _LOOKUP_LINE, "llmproxy_auth_lookups_total")
@@ -1152,7 +1332,10 @@ def print_table(summary: dict, targets: list[Target], args, title: str | None = 
 
     print()
     print(f"CPU per request, target process tree, median of {args.rounds} alternating rounds "
-          f"(clock: {args.clock}; N={args.n} non-stream / {args.n_stream} stream; C={args.c})"
+          f"(clock: {args.clock}; N={args.n} non-stream / {args.n_stream} stream"
+          + "".join(f", {sc}: {scenario_n(SCENARIOS[sc], args)}" for sc in summary
+                    if sc in SCENARIOS and SCENARIOS[sc].n_factor != 1.0)
+          + f"; C={args.c})"
           + (f" [suite {title}]" if title and title != "custom" else ""))
     print(render(head))
     for cells in lines:
@@ -1278,7 +1461,8 @@ def print_table(summary: dict, targets: list[Target], args, title: str | None = 
                                  "not scheduler state, not in calls/req)")
             want = len(PII_SNIPPETS) if sc_name.startswith(("chat-2k-pii", "chat-history-pii")) else 0
             got = r.get("pii_entities_per_req")
-            if got is not None and sc_name.startswith(("chat-2k", "chat-history-pii")) and abs(got - want) > 1e-9:
+            # every other scenario's prompt holds none (hello, the 100 KB conversation, ...)
+            if got is not None and abs(got - want) > 1e-9:
                 notes.append(f"{sc_name}/{t.name}: {got:.3f} PII entities found per request, "
                              f"the prompt holds {want}")
             a, b = r["cpu_us_per_req_stat_median"], r["cpu_us_per_req_schedstat_median"]
@@ -1409,6 +1593,14 @@ def parse_args(argv: list[str] | None = None):
                          "(outside the CPU window) for the unloaded time to first byte; 0: none")
     ap.add_argument("--redis-server", default="redis-server",
                     help="redis-server binary for the private Redis of redis rows")
+    ap.add_argument("--streams-c", type=int, default=1000,
+                    help="streams suite: concurrent streams opened at once against each row")
+    ap.add_argument("--streams-delay-ms", type=int, default=200,
+                    help="streams suite: ms between the upstream's 24 events (23 gaps: ~4.6 s a stream)")
+    ap.add_argument("--streams-rounds", type=int, default=3,
+                    help="streams suite: runs per row (each on a freshly started row); the median counts")
+    ap.add_argument("--streams-sample-ms", type=int, default=50,
+                    help="streams suite: RSS sampling interval")
     ap.add_argument("--clock", choices=["auto", "stat", "schedstat"], default="auto",
                     help="stat: /proc/PID/stat utime+stime (10 ms ticks); schedstat: "
                          "/proc/PID/task/*/schedstat (ns); auto: schedstat when readable")
@@ -1425,11 +1617,14 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--python", default=sys.executable, help="interpreter for child processes")
     ap.add_argument("--list", action="store_true", help="list targets, scenarios and suites, then exit")
     args = ap.parse_args(argv)
-    for name in ("n", "n_stream", "c", "rounds", "keys", "keys_used"):
+    for name in ("n", "n_stream", "c", "rounds", "keys", "keys_used", "streams_c", "streams_sample_ms",
+                 "streams_rounds"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or args.ttfb_n < 0:
         ap.error("--warmup and --ttfb-n must be >= 0")
+    if not 0 < args.streams_delay_ms <= 1000:
+        ap.error("--streams-delay-ms must be in 1..1000 (what bench/upstream.py accepts)")
     return args
 
 
@@ -1489,7 +1684,7 @@ def run_section(title: str, specs: list[TargetSpec], scenarios: list[Scenario], 
 
         runs: list[dict] = []
         for sc in scenarios:
-            n = args.n_stream if sc.stream else args.n
+            n = scenario_n(sc, args)
             skip: set[str] = set()
             if args.warmup:
                 for t in targets:
@@ -1560,6 +1755,275 @@ def run_section(title: str, specs: list[TargetSpec], scenarios: list[Scenario], 
             p.stop()
 
 
+# --------------------------------------------------------------------------- open streams
+#
+# The `streams` suite (issue 11): the memory a target holds per open stream. Each row is
+# started fresh and alone (the others are not running), warmed up (unpaced streams at --c,
+# each of its keys at least once, so that one-time allocations land in the idle figure),
+# left idle for a second; then --streams-c streams are opened at once, each lasting about
+# 4.6 s upstream (24 events --streams-delay-ms apart), while a thread samples the target's
+# RSS (VmRSS summed over its process tree) every --streams-sample-ms. KB per open stream =
+# (peak - idle) / C. The load generator reports how many streams were open at the same time
+# (headers received, body not finished) and their time to first byte.
+
+def run_streams_section(title: str, specs: list[TargetSpec], scenarios: list[Scenario], args,
+                        tmp: Path, load: "LoadClient", upstream: Proc,
+                        upstream_port: int) -> tuple[dict, bool]:
+    t_begin = time.monotonic()
+    tmp.mkdir(exist_ok=True)
+    c = args.streams_c
+    delay = args.streams_delay_ms
+    base_sc = scenarios[0]
+    sc = dc_replace(base_sc, body={**base_sc.body, "bench_chunk_delay_ms": delay})
+    warm_sc = dc_replace(base_sc, body={k: v for k, v in base_sc.body.items()
+                                        if k != "bench_chunk_delay_ms"})
+    nofile = raise_nofile_limit()
+    print(f"\n=== suite {title}: rows {', '.join(s.name for s in specs)}; {c} concurrent streams of "
+          f"{sc.name} (24 events {delay} ms apart, ~{23 * delay / 1000:.1f} s each); "
+          f"{args.streams_rounds} rounds, each row started fresh and alone every time; RSS every "
+          f"{args.streams_sample_ms} ms (RLIMIT_NOFILE soft {nofile['soft']})", flush=True)
+    if nofile["soft"] != -1 and nofile["soft"] < 2 * c + 256:
+        print(f"warning: RLIMIT_NOFILE soft limit {nofile['soft']} is low for {c} streams "
+              f"(a target holds 2 sockets per stream)", file=sys.stderr)
+    runs: list[dict] = []
+    targets_info: dict[str, dict] = {}
+    for rnd in range(args.streams_rounds):  # floor, proxy, proxy-full, floor, ...
+        for spec in specs:
+            run = streams_run(spec, sc, warm_sc, args, tmp / f"round-{rnd + 1}", load, upstream_port,
+                              targets_info)
+            run["round"] = rnd
+            runs.append(run)
+            tt = run.get("ttfb_ms") or {}
+            rss = run.get("rss_kb") or {}
+            mb = lambda v: fmt(v / 1024 if v is not None else None, 1)  # noqa: E731
+            print(f"round {rnd + 1}/{args.streams_rounds}  {sc.name:<18} {spec.name:<12} idle "
+                  f"{mb(rss.get('idle'))} MB  peak {mb(rss.get('peak'))} MB  "
+                  f"{fmt(run.get('kb_per_stream'), 1)} KB/stream  open max {fmt(run.get('streams_open_max'))}  "
+                  f"ttfb p50 {fmt(tt.get('p50'), 1)} p99 {fmt(tt.get('p99'), 1)} max {fmt(tt.get('max'), 1)} ms  "
+                  f"errors {run['errors']}  samples {rss.get('samples', 0)}  ready in {fmt(run.get('start_s'), 1)} s",
+                  flush=True)
+
+    summary = summarize_streams(runs, sc, [s.name for s in specs])
+    all_ok = print_streams_table(summary, runs, [s.name for s in specs], args, title)
+    section = {
+        "suite": title,
+        "kind": "streams",
+        "duration_s": round(time.monotonic() - t_begin, 1),
+        "scenarios": [sc.name],
+        "streams": {"c": c, "delay_ms": delay, "sample_ms": args.streams_sample_ms,
+                    "rounds": args.streams_rounds, "body": sc.body, "rlimit_nofile": nofile},
+        "targets": list(targets_info.values()),
+        "idle_cpu_us_per_s": {},
+        "summary": summary,
+        "runs": runs,
+    }
+    print(f"(suite {title}: {section['duration_s']:.0f} s)", flush=True)
+    return section, all_ok
+
+
+def streams_run(spec: TargetSpec, sc: Scenario, warm_sc: Scenario, args, tmp: Path,
+                load: "LoadClient", upstream_port: int, targets_info: dict[str, dict]) -> dict:
+    """Start spec fresh, warm it up, measure its idle RSS, open --streams-c streams of sc at
+    once while sampling its RSS, stop it. One run record."""
+    c = args.streams_c
+    interval = args.streams_sample_ms / 1000.0
+    tmp.mkdir(exist_ok=True)   # a fresh directory each round: a new store, newly seeded keys
+    procs: list[Proc] = []
+    run: dict = {"target": spec.name, "scenario": sc.name, "n": c, "c": c,
+                 "delay_ms": args.streams_delay_ms, "warmup": False,
+                 "started_s": round(time.monotonic() - T0, 2)}
+    try:
+        t_start = time.monotonic()
+        t = start_target(spec, args, tmp, upstream_port, [sc], procs)
+        wait_ready(t.proc, f"http://127.0.0.1:{t.port}/health/liveliness", args.start_timeout)
+        run["start_s"] = round(time.monotonic() - t_start, 2)   # seeding included
+        targets_info.setdefault(t.name, {
+            "name": t.name, "kind": t.spec.kind, "description": t.spec.description, "argv": t.proc.argv,
+            "config": t.config_path.read_text() if t.config_path else None, "seeded_keys": t.seed})
+        # warm-up: unpaced streams at --c, each key at least once, so that one-time allocations
+        # (lazy imports, caches, the keys' cache entries, pools) are in the idle figure
+        wn = max(args.warmup, t.n_keys)
+        if wn:
+            w = load.run(load_cmd(t, warm_sc, wn, args.c, args), timeout=args.run_timeout + 30)
+            run["warmup_run"] = {"n": wn, "ok": w["ok"], "errors": w["errors"],
+                                 "error_samples": w["error_samples"]}
+        time.sleep(1.0)  # deferred work of the warm-up (spend batch, log flush) settles
+        idle_sampler = RssSampler(t.proc.pid, interval)
+        idle_sampler.start()
+        time.sleep(0.5)
+        idle_samples = idle_sampler.stop()
+        idle_kb = median([kb for _, kb in idle_samples])
+        up0 = upstream_requests(upstream_port)
+        cpu0 = tree_cpu(t.proc.pid)
+        sampler = RssSampler(t.proc.pid, interval)
+        sampler.start()
+        try:
+            res = load.run(load_cmd(t, sc, c, c, args), timeout=args.run_timeout + 30)
+            time.sleep(0.5)  # a few samples after the last stream closed
+        finally:
+            samples = sampler.stop()
+        cpu1 = tree_cpu(t.proc.pid)
+        up1 = upstream_requests(upstream_port)
+        after_kb = tree_rss_kb(t.proc.pid)
+        kbs = [kb for _, kb in samples]
+        peak_kb = max(kbs) if kbs else None
+        gaps = [b[0] - a[0] for a, b in zip(samples, samples[1:])]
+        errors = res["errors"] + (run.get("warmup_run") or {}).get("errors", 0)
+        run.update(
+            ok=res["ok"], errors=errors,
+            error_samples=res["error_samples"] + ["(warm-up) " + e for e in
+                                                  (run.get("warmup_run") or {}).get("error_samples", [])],
+            wall_s=res["wall_s"], latency_ms=res["latency_ms"], ttfb_ms=res.get("ttfb_ms"),
+            streams_open_max=res.get("open_max"), streams_open_max_at_s=res.get("open_max_at_s"),
+            bytes_in=res["bytes_in"],
+            upstream_calls=(up1 - up0) if up0 is not None and up1 is not None else None,
+            cpu_us_per_stream=((cpu1["ns"] - cpu0["ns"]) / 1000.0 / c if args.clock_has_ns
+                               else (cpu1["ticks"] - cpu0["ticks"]) * 1e6 / CLK_TCK / c),
+            target_pids=cpu1["pids"],
+            rss_kb={
+                "idle": idle_kb, "peak": peak_kb, "after": after_kb,
+                "peak_at_s": samples[kbs.index(peak_kb)][0] if kbs else None,
+                "p50_during": median(kbs),
+                "samples": len(samples), "idle_samples": len(idle_samples),
+                "interval_ms_median": round(median(gaps) * 1000, 1) if gaps else None,
+                "interval_ms_max": round(max(gaps) * 1000, 1) if gaps else None,
+            },
+            # every sample, [seconds since the streams were started, kB]: the raw series
+            rss_samples=[list(x) for x in samples],
+            idle_rss_samples=[list(x) for x in idle_samples],
+            kb_per_stream=(peak_kb - idle_kb) / c if peak_kb is not None and idle_kb is not None else None,
+        )
+        if not t.proc.alive():
+            run["errors"] = max(run["errors"], 1)
+            run["error_samples"] = run["error_samples"] + [f"{t.name} died during the run"]
+            print(f"\n{t.name} is not running any more; log {t.proc.log_path}:\n" + t.proc.log_tail())
+    except StartError as e:
+        run.update(ok=0, errors=c, error_samples=[str(e)], kb_per_stream=None)
+        print(f"error: {e}\nlog {e.proc.log_path}, last lines:\n{e.proc.log_tail()}", file=sys.stderr)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    return run
+
+
+def summarize_streams(runs: list[dict], sc: Scenario, names: list[str]) -> dict:
+    """Per row: medians over the rounds; kb_per_stream_minus_base against names[0], also
+    per round (same round)."""
+    rows: dict = {}
+    base = names[0]
+    for name in names:
+        mine = [r for r in runs if r["target"] == name]
+
+        def med(get) -> float | None:
+            return median([get(r) for r in mine])
+
+        errors = sum(r.get("errors", 0) for r in mine)
+        kb = [r.get("kb_per_stream") for r in mine]
+        rows[name] = {
+            "kb_per_stream_median": median(kb),
+            "kb_per_stream_rounds": kb,
+            "idle_rss_kb_median": med(lambda r: (r.get("rss_kb") or {}).get("idle")),
+            "peak_rss_kb_median": med(lambda r: (r.get("rss_kb") or {}).get("peak")),
+            "after_rss_kb_median": med(lambda r: (r.get("rss_kb") or {}).get("after")),
+            "streams_open_max_min": min((r["streams_open_max"] for r in mine
+                                         if r.get("streams_open_max") is not None), default=None),
+            "ttfb_p50_ms_median": med(lambda r: (r.get("ttfb_ms") or {}).get("p50")),
+            "ttfb_p99_ms_median": med(lambda r: (r.get("ttfb_ms") or {}).get("p99")),
+            "ttfb_max_ms_median": med(lambda r: (r.get("ttfb_ms") or {}).get("max")),
+            "ttfb_max_ms_max": max(((r.get("ttfb_ms") or {}).get("max") or 0.0 for r in mine), default=None),
+            "cpu_us_per_stream_median": med(lambda r: r.get("cpu_us_per_stream")),
+            "start_s_max": max((r.get("start_s") or 0.0 for r in mine), default=None),
+            "rss_samples_min": min(((r.get("rss_kb") or {}).get("samples", 0) for r in mine), default=0),
+            "errors": errors,
+            "error_samples": sorted({s for r in mine for s in r.get("error_samples", [])})[:5],
+            "status": "FAILED" if errors or not mine or any(k is None for k in kb) else "ok",
+        }
+    b = rows[base]
+    for name, row in rows.items():
+        k, kb0 = row["kb_per_stream_median"], b["kb_per_stream_median"]
+        row["kb_per_stream_minus_base"] = (k - kb0) if (k is not None and kb0 is not None) else None
+        row["kb_per_stream_minus_base_rounds"] = [
+            (x - y) if (x is not None and y is not None) else None
+            for x, y in zip(row["kb_per_stream_rounds"], b["kb_per_stream_rounds"])]
+    return {sc.name: rows}
+
+
+def print_streams_table(summary: dict, runs: list[dict], names: list[str], args, title: str) -> bool:
+    (sc_name, rows), = summary.items()
+    base = names[0]
+    head = ["scenario"]
+    cells = [sc_name]
+    bad = []
+    for i, name in enumerate(names):
+        row = rows[name]
+        head.append(f"{name} KB/stream")
+        cells.append(fmt(row["kb_per_stream_median"], 1))
+        if i:
+            head.append(f"{name} − {base}")
+            cells.append(fmt(row["kb_per_stream_minus_base"], 1))
+        if row["status"] != "ok":
+            bad.append(f"{name}: {row['errors']} errors" if row["errors"] else f"{name}: no result")
+    head.append("status")
+    cells.append("FAILED (" + "; ".join(bad) + ")" if bad else "ok")
+    widths = [max(len(a), len(b)) for a, b in zip(head, cells)]
+
+    def render(cs: list[str]) -> str:
+        return "   ".join([cs[0].ljust(widths[0])] + [x.rjust(w) for x, w in zip(cs[1:-1], widths[1:-1])]
+                          + [cs[-1]])
+
+    print()
+    print(f"memory per open stream, KB = (peak RSS − idle RSS) / C; RSS = VmRSS summed over the target's "
+          f"process tree, every {args.streams_sample_ms} ms; C={args.streams_c} concurrent streams of "
+          f"~{23 * args.streams_delay_ms / 1000:.1f} s; median of {args.streams_rounds} rounds, each row "
+          f"fresh and alone [suite {title}]")
+    print(render(head))
+    print(render(cells))
+    tw = max(len("target"), *(len(n) for n in names))
+    mb = lambda v: fmt(v / 1024 if v is not None else None, 1)  # noqa: E731
+    print()
+    print("medians over the rounds (ttfb: from sending the request to its first event; with many streams "
+          "opened at once, mostly the time the 2 cores take to set all of them up):")
+    print(f"  {'target':<{tw}}  {'idle MB':>7}  {'peak MB':>7}  {'after MB':>8}  {'KB/stream':>9}  "
+          f"{'open max':>8}  {'ttfb p50':>8}  {'p99':>7}  {'max ms':>7}  {'CPU µs/stream':>13}  {'errors':>6}")
+    for name in names:
+        row = rows[name]
+        print(f"  {name:<{tw}}  {mb(row['idle_rss_kb_median']):>7}  {mb(row['peak_rss_kb_median']):>7}  "
+              f"{mb(row['after_rss_kb_median']):>8}  {fmt(row['kb_per_stream_median'], 1):>9}  "
+              f"{fmt(row['streams_open_max_min']):>8}  {fmt(row['ttfb_p50_ms_median'], 1):>8}  "
+              f"{fmt(row['ttfb_p99_ms_median'], 1):>7}  {fmt(row['ttfb_max_ms_median'], 1):>7}  "
+              f"{fmt(row['cpu_us_per_stream_median'], 0):>13}  {row['errors']:>6}")
+    print(f"per round, KB/stream (order of runs: {', '.join(names)}, ...), and − {base} (same round):")
+    for name in names:
+        row = rows[name]
+        vals = " ".join(fmt(v, 1) for v in row["kb_per_stream_rounds"])
+        diff = (" " * 4 + "− " + base + ": " + " ".join(fmt(v, 1) for v in row["kb_per_stream_minus_base_rounds"])
+                if name != base else "")
+        print(f"  {name:<{tw}}  {vals}{diff}")
+    notes = []
+    for name in names:
+        row = rows[name]
+        if row["error_samples"]:
+            notes.append(f"{name} errors, e.g.: " + " | ".join(row["error_samples"][:3]))
+    for r in runs:
+        where = f"{r['target']} round {r.get('round', 0) + 1}"
+        om = r.get("streams_open_max")
+        if om is not None and om < args.streams_c:
+            notes.append(f"{where}: only {om} of {args.streams_c} streams were open at the same time "
+                         "(the first ones ended before the last ones started): its KB/stream reads low")
+        uc = r.get("upstream_calls")
+        if uc is not None and uc != args.streams_c:
+            notes.append(f"{where}: the upstream saw {uc} calls for {args.streams_c} streams")
+        gaps_max = (r.get("rss_kb") or {}).get("interval_ms_max")
+        if gaps_max is not None and gaps_max > 4 * args.streams_sample_ms:
+            notes.append(f"{where}: the RSS sampler was late by up to {gaps_max:.0f} ms once "
+                         "(a busy machine); the peak may be missed by that much")
+    if notes:
+        print()
+        for n in notes:
+            print("note: " + n)
+    return not bad
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -1595,6 +2059,7 @@ def main(argv: list[str] | None = None) -> int:
                       "proxy rows elsewhere with --proxy-cmd", file=sys.stderr)
                 return 2
 
+        nofile = raise_nofile_limit()  # before any child starts: they inherit it
         upstream_port = free_port()
         upstream = Proc("upstream", [args.python, str(BENCH / "upstream.py"), "--port",
                                      str(upstream_port), "--api-key", UPSTREAM_KEY],
@@ -1610,8 +2075,10 @@ def main(argv: list[str] | None = None) -> int:
         sections: dict[str, dict] = {}
         all_ok = True
         for title, specs, scenarios in plan:
-            section, ok = run_section(title, specs, scenarios, args, tmp / title, load,
-                                      upstream, upstream_port)
+            runner = run_streams_section if title in SUITES and SUITES[title].kind == "streams" \
+                else run_section
+            section, ok = runner(title, specs, scenarios, args, tmp / title, load,
+                                 upstream, upstream_port)
             sections[title] = section
             all_ok = all_ok and ok
 
@@ -1627,6 +2094,7 @@ def main(argv: list[str] | None = None) -> int:
                 "clock": args.clock,
                 "args": {k: v for k, v in vars(args).items() if k not in ("list",)},
                 "suites": list(sections),
+                "rlimit_nofile": nofile,
             },
             "sections": sections,
         }

@@ -282,8 +282,9 @@ def main() -> None:
     args = ap.parse_args()
     import uvloop
 
+    # backlog as the proxy's (2048): the streams suite opens 1000 connections at once
     web.run_app(make_app(args.api_key), host=args.host, port=args.port, access_log=None,
-                print=None, shutdown_timeout=2.0, loop=uvloop.new_event_loop())
+                print=None, shutdown_timeout=2.0, backlog=2048, loop=uvloop.new_event_loop())
 
 
 if __name__ == "__main__":

@@ -6,11 +6,8 @@ stages among them (the unknown-path check, the body read, the model route) and a
 terminal (the forwarder, or the model list). A middleware is any callable
 `async (ctx, call_next) -> Reply`. It may
 - reject early: raise `ProxyError` (or return its own `Reply`) without calling `call_next`;
-- read and change `ctx.body` (the parsed JSON request) before calling `call_next`; a
-  middleware that changes it says so, either with `edits_body = False` on its class and
-  `ctx.body_changed()` after each change (the forwarder then sends the client's own bytes
-  whenever nothing changed), or by leaving `edits_body` at its default, True: the body is
-  then always serialised again;
+- read and change `ctx.body` (the parsed JSON request) before calling `call_next` (the
+  forwarder writes what it holds then); `ctx.prompt_text()` is its text, derived once;
 - observe or transform the answer: wrap `reply.body` (an async iterator of bytes,
   each item one chunk as it arrived) and return `reply.with_body(...)`;
 - add fields to the request's record: `ctx.record.extra["name"] = value`.
@@ -196,15 +193,13 @@ class Context:
     deployment: "Deployment | None" = None
     started: float = field(default_factory=time.perf_counter)
     cleanups: list[Callable[[], Any]] = field(default_factory=list)
-    # The client's bytes, as long as `body` is what they parse to (the read stage keeps
-    # them when no middleware of the chain may change the body unannounced); the
-    # provider then forwards them instead of serialising `body` again.
-    raw_body: bytes | None = None
     _prompt: str | None = field(default=None, repr=False)
 
     def prompt_text(self) -> str:
         """The request's text as a tokenizer counts it (`usage.prompt_text`), derived once
-        per request: budgets, limits and the token estimate all read this."""
+        per request, from the body as it is at the first call: budgets, limits and the
+        token estimate all read this. A middleware that changes the text of the body
+        after that (pii's masking) calls `body_changed()`."""
         prompt = self._prompt
         if prompt is None:
             from .usage import prompt_text
@@ -213,9 +208,7 @@ class Context:
         return prompt
 
     def body_changed(self) -> None:
-        """Say that `body` was changed in place (pii's masking does): the client's bytes no
-        longer stand for it, and its text is derived again."""
-        self.raw_body = None
+        """Say that the text of `body` changed: `prompt_text()` is derived again."""
         self._prompt = None
 
     @property

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .router import Router
 
 STAGES = ("outer", "identity", "request")
-MAX_DEPTH = 200  # orjson writes at most 255 levels; deeper bodies could not be forwarded
+MAX_DEPTH = 254  # orjson writes at most 254 levels; deeper bodies could not be forwarded
 _JSON = "application/json"
 _API_NAMES = {"chat": "OpenAI Chat Completions", "completions": "OpenAI Completions",
               "embeddings": "OpenAI Embeddings", "messages": "Anthropic Messages"}
@@ -58,11 +58,6 @@ def stage_of(mw: Any) -> str:
 
 def apis_of(mw: Any) -> frozenset[str]:
     return frozenset(getattr(mw, "apis", BODY_APIS))
-
-
-def edits_body(mw: Any) -> bool:
-    """May `mw` change `ctx.body` without calling `ctx.body_changed()`? (default: yes)"""
-    return bool(getattr(mw, "edits_body", True))
 
 
 def check_order(named: Sequence[tuple[str, Any]]) -> list[str]:
@@ -109,16 +104,10 @@ class MasterGate:
 
 
 class ReadBody:
-    """Reads and checks the body of a model API request; sets `ctx.body` and `ctx.stream`,
-    and `ctx.raw_body` when `keep_raw` (no middleware of the chain changes the body
-    without saying so: see `edits_body` in context.py)."""
+    """Reads and checks the body of a model API request; sets `ctx.body` and `ctx.stream`."""
 
-    def __init__(self, max_body: int, keep_raw: bool = False) -> None:
+    def __init__(self, max_body: int) -> None:
         self.max_body = max_body
-        self.keep_raw = keep_raw
-
-    def for_chain(self, keep_raw: bool) -> "ReadBody":
-        return ReadBody(self.max_body, keep_raw)
 
     async def __call__(self, ctx: Context, call_next: Next) -> Reply:
         request = ctx.request
@@ -135,13 +124,13 @@ class ReadBody:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise errors.invalid_request(f"The request body is not valid JSON ({exc}).") from None
-        if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
+        # Deeper than MAX_DEPTH takes more than 2 * MAX_DEPTH bytes of brackets. orjson's own
+        # writer is the check (linear, in C, and exactly the limit of what can be forwarded).
+        if len(raw) > 2 * MAX_DEPTH and not _writable(body):
             raise errors.invalid_request(f"The request body is nested more than {MAX_DEPTH} levels deep.")
         api = ctx.api
         validate_body(api, body)
         ctx.body = body
-        if self.keep_raw:
-            ctx.raw_body = raw
         stream = body.get("stream") is True and api != "embeddings"
         ctx.stream = ctx.record.stream = stream
         return await call_next(ctx)
@@ -206,19 +195,13 @@ class ModelList:
         return Reply(200, [("Content-Type", _JSON)], orjson.dumps(body))
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of a parsed JSON value, iteratively (no recursion limit to hit)."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            item = item.values()
-        elif not isinstance(item, list):
-            continue
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
-    return deepest
+def _writable(body: Any) -> bool:
+    """Can orjson write `body` (what it read)? Only nesting deeper than MAX_DEPTH stops it."""
+    try:
+        orjson.dumps(body)
+    except TypeError:  # orjson.JSONEncodeError: "Recursion limit reached"
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------- composition
@@ -245,12 +228,9 @@ def chain_for(api: str, middlewares: Sequence[Any], *, terminal: Callable[[Conte
     steps: list[Any] = outer + [mw for mw in middlewares[first:last] if mw in acts]
     if gate is not None and not identity:
         steps.append(gate)
-    after = [mw for mw in middlewares[last:] if mw in acts]
     if api in BODY_APIS:
-        if isinstance(read, ReadBody):  # the client's bytes are worth keeping only if nobody edits silently
-            read = read.for_chain(keep_raw=not any(edits_body(mw) for mw in acts))
         steps += [s for s in (read, route) if s is not None]
-    steps += after
+    steps += [mw for mw in middlewares[last:] if mw in acts]
     return _compose(steps, terminal)
 
 

@@ -31,6 +31,8 @@ def validate_body(api: str, body: Any) -> None:
         if not isinstance(value, list):
             raise invalid_request("'messages' must be an array of message objects.", "messages")
         for i, msg in enumerate(value):
+            if type(msg) is dict and type(msg.get("role")) is str and type(msg.get("content")) is str:
+                continue  # the common shape, checked at once (orjson makes exact types)
             if not isinstance(msg, dict):
                 raise invalid_request(f"'messages[{i}]' must be an object.", f"messages[{i}]")
             if not isinstance(msg.get("role"), str):

@@ -131,7 +131,6 @@ class Auth:
     Options = Options
     stage = "identity"
     apis = BODY_APIS | {"models"}
-    edits_body = False  # reads the body (budgets), never changes it
 
     def __init__(self, options: Options | None, services: "Services") -> None:
         self.options = options = options or Options()

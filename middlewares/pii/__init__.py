@@ -98,7 +98,6 @@ class PII:
     """Built once at start as `PII(options, services)`; called once per request."""
 
     Options = Options
-    edits_body = False  # it changes the body only by masking, and says so (ctx.body_changed)
 
     def __init__(self, options: Options | None, services: "Services | None") -> None:
         opts = options or Options()

@@ -53,7 +53,6 @@ class Scheduler:
     """Middleware `scheduler` (see the module docstring)."""
 
     Options = Options
-    edits_body = False  # reads the body (token estimates), never changes it
 
     def __init__(self, options: Options | None, services: "Services") -> None:
         self.options = options = options or Options()

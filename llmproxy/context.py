@@ -39,6 +39,8 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol
 
+from .usage import prompt_text as _prompt_text
+
 if TYPE_CHECKING:
     from aiohttp import web
     from multidict import CIMultiDictProxy
@@ -202,9 +204,7 @@ class Context:
         after that (pii's masking) calls `body_changed()`."""
         prompt = self._prompt
         if prompt is None:
-            from .usage import prompt_text
-
-            prompt = self._prompt = prompt_text(self.body, self.api) if self.body is not None else ""
+            prompt = self._prompt = _prompt_text(self.body, self.api) if self.body is not None else ""
         return prompt
 
     def body_changed(self) -> None:

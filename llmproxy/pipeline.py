@@ -32,14 +32,13 @@ import hmac
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import orjson
+from aiohttp import web
 
 from . import errors
 from .context import BODY_APIS, Context, Next, Reply
 from .validate import validate_body
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from .config import Config, Model
     from .router import Router
 
@@ -114,8 +113,6 @@ class ReadBody:
         assert request is not None, "ReadBody needs the aiohttp request on the context"
         if request.content_length is not None and request.content_length > self.max_body:
             raise errors.too_large(self.max_body)
-        from aiohttp import web
-
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -242,6 +239,6 @@ def _compose(steps: Sequence[Any], terminal: Callable[[Context], Awaitable[Reply
 
 
 def _bind(step: Any, nxt: Next) -> Next:
-    async def call(ctx: Context) -> Reply:
-        return await step(ctx, nxt)
+    def call(ctx: Context) -> Awaitable[Reply]:  # not a coroutine of its own: one frame less per step
+        return step(ctx, nxt)
     return call

@@ -85,11 +85,11 @@ async def test_pii_masking_reaches_upstream(upstream, make_proxy) -> None:
 
 
 def test_the_prompt_text_is_derived_once_until_the_body_changes(monkeypatch) -> None:
-    import llmproxy.usage as usage
+    import llmproxy.context
+    from llmproxy.usage import prompt_text
 
     calls = []
-    real = usage.prompt_text
-    monkeypatch.setattr(usage, "prompt_text", lambda body, api: calls.append(api) or real(body, api))
+    monkeypatch.setattr(llmproxy.context, "_prompt_text", lambda body, api: calls.append(api) or prompt_text(body, api))
     ctx = make_context({"model": "m", "messages": [{"role": "user", "content": "abc"}]})
     assert [ctx.prompt_text() for _ in range(3)] == ["abc"] * 3
     assert calls == ["chat"]

@@ -78,6 +78,8 @@ def mask_key(key: str) -> str:
 
 def money(value: Any, name: str, *, allow_float: bool = True) -> Decimal:
     """`value` as an exact Decimal quantized to 1e-9 USD, within +-1e9 USD."""
+    if type(value) is Decimal and value.is_finite() and abs(value) < MONEY_LIMIT:  # the spend log's case
+        return value.quantize(NANO, rounding=ROUND_HALF_EVEN)
     if isinstance(value, bool) or (isinstance(value, float) and not allow_float):
         raise TypeError(f"{name}: money is Decimal, int or str, not {type(value).__name__}")
     try:
@@ -91,6 +93,8 @@ def money(value: Any, name: str, *, allow_float: bool = True) -> Decimal:
 
 def utc(value: datetime, name: str) -> datetime:
     """`value` converted to UTC; a naive datetime is refused."""
+    if type(value) is datetime and value.tzinfo is UTC:
+        return value
     if not isinstance(value, datetime):
         raise TypeError(f"{name}: expected a datetime, got {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:

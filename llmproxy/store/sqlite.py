@@ -96,7 +96,7 @@ def _column(field: str) -> str:
 
 
 # write_spend is the busiest write: the per-field encoders are looked up once here.
-_SPEND_ENCODERS = [_ENCODINGS[name][1] if name in _ENCODINGS else None for name in SPEND_FIELDS]
+_SPEND_ENCODERS = [(i, _ENCODINGS[name][1]) for i, name in enumerate(SPEND_FIELDS) if name in _ENCODINGS]
 _spend_values = operator.attrgetter(*SPEND_FIELDS)
 _INSERT_SPEND = (
     f"INSERT INTO {SPEND} ({', '.join(map(_column, SPEND_FIELDS))})"
@@ -216,9 +216,14 @@ class SqliteDialect:
                 return cursor.rowcount
 
     async def insert_spend(self, rows: Sequence[SpendRow]) -> int:
-        encoders = _SPEND_ENCODERS
-        values = [tuple(v if (enc is None or v is None) else enc(v)
-                        for v, enc in zip(_spend_values(row), encoders)) for row in rows]  # fmt: skip
+        values = []
+        for row in rows:
+            fields = list(_spend_values(row))
+            for i, encode in _SPEND_ENCODERS:
+                value = fields[i]
+                if value is not None:
+                    fields[i] = encode(value)
+            values.append(fields)
         async with self.connection(write=True) as db:
             async with db.executemany(_INSERT_SPEND, values) as cursor:
                 return cursor.rowcount

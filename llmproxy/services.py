@@ -31,8 +31,9 @@ class Services:
     readiness: dict[str, Any] = field(default_factory=dict)  # component -> state, shown on /health/readiness
 
 
-def open_redis(url: str, max_connections: int = 256) -> Any:
-    """A redis.asyncio client whose calls time out quickly: a hung Redis must slow nothing
+def open_redis(url: str, max_connections: int = 256, timeout: float = 0.25) -> Any:
+    """A redis.asyncio client whose calls time out quickly (`timeout`, seconds, for connecting,
+    each call and waiting for a pooled connection): a hung Redis must slow nothing
     beyond these bounds (callers fall back to local state on errors).
 
     The pool blocks (up to the same short timeout) when all its connections are busy:
@@ -42,6 +43,6 @@ def open_redis(url: str, max_connections: int = 256) -> Any:
     import redis.asyncio as aioredis
 
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=0.25, socket_timeout=0.25,
-        socket_connect_timeout=0.25, health_check_interval=15, retry_on_timeout=False)
+        url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
+        socket_connect_timeout=timeout, health_check_interval=15, retry_on_timeout=False)
     return aioredis.Redis(connection_pool=pool)

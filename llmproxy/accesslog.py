@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
+from .periodic import every
+
 if TYPE_CHECKING:
     from .context import Record
     from .services import Services
@@ -113,17 +115,12 @@ class AccessLog:
         self.pending: list["Record"] = []
 
     async def startup(self) -> None:
-        self._flusher = asyncio.create_task(self._flush_every(0.25))
+        self._flusher = asyncio.create_task(every(0.25, self.flush, "access_log_flush"))
 
     async def shutdown(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
         self.flush()
-
-    async def _flush_every(self, seconds: float) -> None:
-        while True:
-            await asyncio.sleep(seconds)
-            self.flush()
 
     def emit(self, r: "Record") -> None:
         self.pending.append(r)

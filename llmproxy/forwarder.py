@@ -13,7 +13,8 @@ Protocol mechanics, always on, in this order:
    `error` counts as a failure before the first byte;
 4. response headers: hop-by-hop (RFC 9110 §7.6.1 and any named in `Connection`) dropped,
    then framing (`Content-Length`, `Content-Encoding`: bodies are forwarded decoded and may
-   be changed by middlewares), `Set-Cookie`, and the provider's own rate-limit headers;
+   be changed by middlewares), `Set-Cookie`, the provider's own rate-limit headers and the
+   operator's account (`openai-organization`, `openai-project`, `anthropic-organization-id`);
 5. relay: each chunk is written as it arrives; an SSE parser beside it counts tokens and
    removes the usage-only chunk the proxy asked for; gaps between chunks are bounded by
    `stream_idle_timeout`; a mid-stream failure ends the stream with the API's SSE error;
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 import aiohttp
 import orjson
+import structlog
 
 from . import errors, tokenizer
 from .context import Attempt, Reply
@@ -48,11 +50,14 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
     "te", "trailer", "trailers", "transfer-encoding", "upgrade",
 })
-# Framing and headers that describe the provider, not this answer to this client.
+# Framing and headers that describe the provider, not this answer to this client (the
+# organization and project are the operator's provider account: not the client's to know).
 NOT_FORWARDED = frozenset({"content-length", "content-encoding", "set-cookie", "set-cookie2", "date",
-                           "server", "x-request-id", "retry-after", "alt-svc"})
+                           "server", "x-request-id", "retry-after", "alt-svc", "openai-organization",
+                           "openai-project", "anthropic-organization-id"})
 RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 MAX_ERROR_BODY = 1 << 20
+log = structlog.get_logger("llmproxy.forwarder")
 
 
 def response_headers(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -149,8 +154,9 @@ class Forwarder:
                 raise _Failure(errors.upstream_timeout(
                     f"The upstream deployment did not answer within {dep.timeout:g} seconds."),
                     "timeout", self.config.cooldown_seconds) from None
-            except UpstreamConnectError as exc:
-                raise _Failure(errors.upstream_error(f"The upstream deployment could not be reached ({exc})."),
+            except UpstreamConnectError as exc:  # the address is for the log, never for the client
+                log.warning("upstream_unreachable", deployment=dep.id, request_id=record.request_id, error=str(exc))
+                raise _Failure(errors.upstream_error(f"The upstream deployment {dep.id} could not be reached."),
                                "connect_error", self.config.cooldown_seconds) from None
             except (aiohttp.ClientError, ConnectionError) as exc:
                 raise _Failure(errors.upstream_error(f"The upstream connection failed ({type(exc).__name__})."),

@@ -30,7 +30,9 @@ display = mask_key
 
 
 def same_secret(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+    """Constant-time equality of two secrets; any strings (a header's bytes that are not
+    UTF-8 arrive as lone surrogates: they compare, and differ from every key)."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
 def parse_duration(text: str) -> timedelta:

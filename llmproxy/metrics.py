@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from .periodic import every
+
 if TYPE_CHECKING:
     from .context import Record
     from .services import Services
@@ -142,12 +144,11 @@ class Metrics:
                     child._buckets[i].inc(n)
             child._sum.inc(counts[-1])
 
-    async def flush_every(self, seconds: float) -> None:
-        while True:
-            await asyncio.sleep(seconds)
-            self.drain()
-            if self.multiprocess:
-                self.flush()
+    def tick(self) -> None:
+        """The periodic step (llmproxy.periodic): drain, and write the worker's file."""
+        self.drain()
+        if self.multiprocess:
+            self.flush()
 
 
 class _Collector:
@@ -201,7 +202,7 @@ class MetricsSink:
         self._flusher: asyncio.Task | None = None
 
     async def startup(self) -> None:
-        self._flusher = asyncio.create_task(self.m.flush_every(1.0))
+        self._flusher = asyncio.create_task(every(1.0, self.m.tick, "metrics_flush"))
 
     async def shutdown(self) -> None:
         if self._flusher is not None:

@@ -26,35 +26,66 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from .store import SpendRow
+from .store import SpendRow, StoreUnavailable
+from .usage import MAX_TOKENS
 
 if TYPE_CHECKING:
     from .context import Record
     from .services import Services
 
 log = structlog.get_logger("llmproxy.spend")
+REJECTED = "llmproxy_spend_rows_rejected_total"
+
+
+def storable(text: str | None) -> str | None:
+    """`text` as every database can hold it: PostgreSQL's TEXT holds no NUL, and neither
+    database takes a lone surrogate (what a header's non-UTF-8 bytes decode to). Each such
+    character becomes U+FFFD; any other text is returned as it is."""
+    if text is None or (text.isascii() and "\x00" not in text):
+        return text
+    return text.replace("\x00", "\ufffd").encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def row_of(r: "Record") -> SpendRow:
+    """The spend row of a record; raises (TypeError, ValueError) for a record no row can
+    hold (a spend past the column's range), which the writer sets apart."""
     return SpendRow(
         request_id=r.request_id,
-        client_request_id=r.client_request_id,
+        client_request_id=storable(r.client_request_id),
         started_at=datetime.fromtimestamp(r.started_at, timezone.utc),
-        key_id=r.key_id,
-        team_id=r.team_id,
-        user_id=r.user_id,
-        model=r.model,
-        deployment=r.deployment,
-        prompt_tokens=r.prompt_tokens,
-        completion_tokens=r.completion_tokens,
+        key_id=storable(r.key_id),
+        team_id=storable(r.team_id),
+        user_id=storable(r.user_id),
+        model=storable(r.model),
+        deployment=storable(r.deployment),
+        prompt_tokens=min(r.prompt_tokens, MAX_TOKENS),  # a plugin's record may say anything
+        completion_tokens=min(r.completion_tokens, MAX_TOKENS),
         tokens_estimated=r.tokens_estimated,
         spend=r.spend,
         status=r.status,
         duration_ms=round(r.duration_s * 1000, 3),
         ttfb_ms=None if r.ttfb_s is None else round(r.ttfb_s * 1000, 3),
         cache_hit=r.cache == "hit",
-        served_model=r.served_model,
+        served_model=storable(r.served_model),
     )
+
+
+def _rejected_json(item: Any, reason: str) -> bytes:
+    """A rejected record or row as one JSON object, with why: whatever its fields hold."""
+    fields = getattr(item, "__dataclass_fields__", None) or item.__slots__
+    data = {name: getattr(item, name, None) for name in fields}
+    for name, value in data.items():
+        if type(value) is int and not -(2**63) <= value < 2**63:  # orjson writes 64-bit ints only
+            data[name] = str(value)
+    data["rejected_because"] = reason
+    return orjson.dumps(data, default=str)
+
+
+def _append(path: str, lines: list[bytes]) -> None:
+    with open(path, "ab") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _to_json(row: SpendRow) -> bytes:
@@ -89,6 +120,8 @@ class SpendWriter:
         self._spill_pending = os.path.exists(self.spill_path)
         self.written = 0
         self.spilled = 0
+        services.metrics.define(REJECTED, "counter",
+                                "Spend rows no database takes (kept in <spill_path>.rejected).", ())
 
     # --- the request path --------------------------------------------------------------
 
@@ -157,13 +190,52 @@ class SpendWriter:
     async def _write_batch(self) -> None:
         n = min(self.batch_size, len(self.queue))
         batch = [self.queue.popleft() for _ in range(n)]
-        rows = [item if isinstance(item, SpendRow) else row_of(item) for item in batch]
+        rows: list[SpendRow] = []
+        rejected: list[tuple[Any, str]] = []
+        for item in batch:  # one record no row can hold is set apart; the rest goes on
+            try:
+                rows.append(item if isinstance(item, SpendRow) else row_of(item))
+            except (TypeError, ValueError, OverflowError) as exc:
+                rejected.append((item, f"{type(exc).__name__}: {exc}"))
         try:
             await self.services.store.write_spend(rows)
-        except BaseException:
+        except StoreUnavailable:
             self.queue.extendleft(reversed(rows))  # back at the front, in order
             raise
-        self.written += len(rows)
+        except Exception as exc:  # the database refused the data: find the rows it refuses
+            log.warning("spend_batch_refused", rows=len(rows), error=f"{type(exc).__name__}: {exc}")
+            await self._write_one_by_one(rows, rejected)
+        except BaseException:
+            self.queue.extendleft(reversed(rows))
+            raise
+        else:
+            self.written += len(rows)
+        if rejected:
+            await self._reject(rejected)
+
+    async def _write_one_by_one(self, rows: list[SpendRow], rejected: list[tuple[Any, str]]) -> None:
+        store = self.services.store
+        for i, row in enumerate(rows):
+            try:
+                await store.write_spend([row])
+                self.written += 1
+            except StoreUnavailable:
+                self.queue.extendleft(reversed(rows[i:]))
+                if rejected:
+                    await self._reject(rejected)
+                raise
+            except Exception as exc:
+                rejected.append((row, f"{type(exc).__name__}: {exc}"))
+
+    async def _reject(self, rejected: list[tuple[Any, str]]) -> None:
+        """Rows no database takes go to `<spill_path>.rejected` (JSON lines with the reason),
+        are counted, and logged with their request ids: kept for a person, never retried."""
+        lines = [_rejected_json(item, reason) + b"\n" for item, reason in rejected]
+        path = self.spill_path + ".rejected"
+        await asyncio.to_thread(_append, path, lines)
+        self.services.metrics.inc(REJECTED, (), len(lines))
+        for item, reason in rejected:
+            log.error("spend_row_rejected", request_id=item.request_id, reason=reason, path=path)
 
     def _drain(self) -> Any:
         while self.queue:

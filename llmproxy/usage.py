@@ -54,12 +54,15 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+MAX_TOKENS = 10**12  # per count: far above any real answer, well inside a 64-bit column
+
+
 def _int(value: Any) -> int:
-    """A token count from JSON: ints only (not bools), negatives clamped, else 0."""
+    """A token count from JSON: ints only (not bools), clamped to 0..MAX_TOKENS, else 0."""
     if type(value) is int:
-        return value if value > 0 else 0
+        return value if 0 < value <= MAX_TOKENS else (MAX_TOKENS if value > 0 else 0)
     if type(value) is float and value > 0:
-        return int(value)
+        return int(value) if value <= MAX_TOKENS else MAX_TOKENS
     return 0
 
 

@@ -472,3 +472,47 @@ async def test_middleware_called_directly(upstream, make_proxy):
     reply = await auth(ctx, ok)
     assert reply.status == 200 and ctx.principal.user_id == "u1" and ctx.record.user_id == "u1"
     assert Options().cache_ttl == 30 and Options().stale_ttl == 300
+
+
+# --- the cache under a flood of unknown keys (issue 12) --------------------------------------
+
+
+async def test_a_flood_of_unknown_keys_never_evicts_a_known_one(upstream, make_proxy) -> None:
+    proxy = await make_proxy(auth_config(upstream, cache_size=10, negative_cache_size=5))
+    auth = auth_of(proxy)
+    counting = CountingStore(proxy.gateway.services.store)
+    key = await add_key(counting.store)
+    assert await auth.resolve(key) is not None
+    proxy.gateway.services.store = counting
+    for n in range(200):  # random keys, each a store miss, cached as unknown
+        assert await auth.resolve(f"sk-random-{n}") is None
+    assert len(auth._unknown) == 5 and len(auth._cache) == 1
+    misses = counting.lookups
+    assert await auth.resolve(key) is not None
+    assert counting.lookups == misses  # still answered by the cache
+
+
+def test_evicting_the_oldest_costs_the_same_in_a_big_cache_as_in_a_small_one() -> None:
+    """Each insert into a full cache evicts one entry: its cost must not grow with the size
+    (a dict's first key is found past every slot deleted before it: O(n) per eviction)."""
+    import time as clock
+
+    from llmproxy.middlewares.auth import _Entry
+
+    class Services:
+        config = None
+        metrics = type("M", (), {"define": lambda *a, **k: None, "inc": lambda *a, **k: None})()
+
+    def per_insert(size: int) -> float:
+        auth = Auth(Options(cache_size=size), Services())  # type: ignore[arg-type]
+        p = principal_of(KeyInfo(id="k", key_prefix="sk-...k"), None)
+        for i in range(size):  # fill it
+            auth._put(f"{i:064x}", _Entry(p, 0.0))
+        n = 20_000
+        start = clock.perf_counter()
+        for i in range(size, size + n):  # each insert evicts the oldest
+            auth._put(f"{i:064x}", _Entry(p, 0.0))
+        return (clock.perf_counter() - start) / n
+
+    small, big = min(per_insert(2_000) for _ in range(3)), min(per_insert(32_000) for _ in range(3))
+    assert big < 4 * small, (small, big)  # 16x the size; O(n) eviction would cost ~16x

@@ -505,3 +505,21 @@ async def test_concurrent_requests_overshoot_within_the_bound(upstream, make_pro
     assert 0 < spent - limit <= bound
     ledger = auth_of(proxy).ledger
     assert await ledger.spent(Budget.of_key(await store.key(digest))) == spent  # reconciled exactly
+
+
+async def test_an_absurd_estimate_reserves_at_most_a_budgets_worth(store, backend):
+    """max_tokens 10^13 on a priced model: its estimate is more than any 64-bit counter in
+    Redis holds. The reservation is capped at the budget, so Redis takes it (and the
+    replica keeps counting there), and the next request finds the budget spent."""
+    ledger = Ledger(store, backend)
+    b = key_budget(1000)
+    huge = 10**13 * 10**9  # nano-dollars
+    r = await ledger.reserve([b], huge)
+    assert r.amount == 1000 and await ledger.spent(b) == 1000
+    if backend is not None:
+        assert r.backend == "redis"
+    with pytest.raises(BudgetExceeded):
+        await ledger.reserve([b], 1)
+    ledger.settle(r, 10)
+    await ledger.drain()
+    assert await ledger.spent(b) == 10

@@ -142,3 +142,99 @@ async def test_retention_prunes_old_rows(upstream, make_proxy, tmp_path):
             break
         await asyncio.sleep(0.05)
     assert ids == {proxy.records[-1].request_id}  # the 31-day-old row is gone, today's is kept
+
+
+# --- one bad row never holds back the others (issue 12) --------------------------------------
+
+
+def records_of(proxy, n: int, **fields) -> list:
+    """`n` records like the server makes, with `fields` set on the last."""
+    import time
+
+    from llmproxy.context import Record
+
+    out = []
+    for i in range(n):
+        r = Record(f"bad-batch-{i:04d}", None, "chat", "/v1/chat/completions", time.time(), model="gpt-test")
+        r.status = 200
+        out.append(r)
+    for name, value in fields.items():
+        setattr(out[-1], name, value)
+    return out
+
+
+def writer_of(proxy):
+    from llmproxy.spend import SpendWriter
+
+    return next(s for s in proxy.gateway.sinks if isinstance(s, SpendWriter))
+
+
+async def metric(proxy, name: str) -> float:
+    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/metrics") as r:
+        text = await r.text()
+    line = next((ln for ln in text.splitlines() if ln.startswith(name + " ")), f"{name} 0")
+    return float(line.split()[1])
+
+
+async def test_a_row_no_column_can_hold_is_set_apart_and_the_batch_lands(upstream, make_proxy, tmp_path):
+    proxy = await make_proxy(openai_config(upstream, spend={"flush_interval": 0.05,
+                                                             "spill_path": str(tmp_path / "spill.jsonl")}))
+    writer = writer_of(proxy)
+    records = records_of(proxy, 11, spend=Decimal(10) ** 12, prompt_tokens=10**30)  # past NUMERIC(24,12)
+    records.insert(3, records.pop())  # in the middle of the batch
+    for r in records:
+        writer.emit(r)
+    rows = await rows_eventually(proxy.gateway.services.store, 10)
+    assert len(rows) == 10 and "bad-batch-0010" not in {r.request_id for r in rows}
+    rejected = tmp_path / "spill.jsonl.rejected"
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 5
+    while not rejected.exists() and loop.time() < end:
+        await asyncio.sleep(0.05)
+    import orjson
+
+    [kept] = [orjson.loads(line) for line in rejected.read_bytes().splitlines()]
+    assert kept["request_id"] == "bad-batch-0010" and "amount out of range" in kept["rejected_because"]
+    await asyncio.sleep(1.1)  # the metrics flush
+    assert await metric(proxy, "llmproxy_spend_rows_rejected_total") == 1
+
+
+async def test_text_postgresql_cannot_hold_is_made_storable(upstream, make_proxy, pg_url):
+    proxy = await make_proxy(openai_config(upstream, database_url=pg_url, spend={"flush_interval": 0.05}))
+    writer = writer_of(proxy)
+    records = records_of(proxy, 3, user_id="team\x00user", key_alias="a", client_request_id="cr-\udcff")
+    for r in records:
+        writer.emit(r)
+    rows = await rows_eventually(proxy.gateway.services.store, 3)
+    bad = next(r for r in rows if r.request_id == "bad-batch-0002")
+    assert bad.user_id == "team\ufffduser" and bad.client_request_id == "cr-\ufffd"
+    await send(proxy, 1)  # and the log goes on
+    await rows_eventually(proxy.gateway.services.store, 4)
+
+
+async def test_a_batch_the_database_refuses_is_written_row_by_row(upstream, make_proxy, tmp_path, monkeypatch):
+    """A data error from the database (not an outage): the rows it takes land, the one it
+    refuses is set apart, and the writer goes on (no retrying the same batch for ever)."""
+    proxy = await make_proxy(openai_config(upstream, spend={"flush_interval": 0.05,
+                                                             "spill_path": str(tmp_path / "spill.jsonl")}))
+    store = proxy.gateway.services.store
+    real = store.write_spend
+
+    async def picky(rows):
+        if any(r.request_id == "bad-batch-0004" for r in rows):
+            raise RuntimeError("invalid byte sequence for encoding UTF8")
+        return await real(rows)
+
+    monkeypatch.setattr(store, "write_spend", picky)
+    for r in records_of(proxy, 8):
+        writer_of(proxy).emit(r)
+    rows = await rows_eventually(store, 7)
+    assert {r.request_id for r in rows} == {f"bad-batch-{i:04d}" for i in range(8)} - {"bad-batch-0004"}
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 5
+    rejected = tmp_path / "spill.jsonl.rejected"
+    while not rejected.exists() and loop.time() < end:
+        await asyncio.sleep(0.05)
+    assert b"bad-batch-0004" in rejected.read_bytes() and b"invalid byte sequence" in rejected.read_bytes()
+    await send(proxy, 2)
+    await rows_eventually(store, 9)

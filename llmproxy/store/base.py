@@ -67,8 +67,10 @@ class StoreUnavailable(StoreError):
 
 
 def hash_key(key: str) -> str:
-    """A key's SHA-256 hex digest: what the store keeps, and the key's public id."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    """A key's SHA-256 hex digest: what the store keeps, and the key's public id. Any
+    string has one: what a client sends may hold lone surrogates (a header's bytes that
+    are not UTF-8), which hash like any other text and match no key."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def mask_key(key: str) -> str:

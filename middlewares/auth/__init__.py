@@ -11,7 +11,8 @@ Per request, in this order:
 2. The key's SHA-256 is looked up in a local cache of key + team (`cache_ttl`; unknown
    keys are cached as unknown for `negative_ttl`, so a flood of bad keys is no flood of
    queries). Concurrent misses for one key share one store call. The cache is bounded
-   (`cache_size`, oldest entry evicted first) and invalidated through
+   (`cache_size` known keys and, apart, `negative_cache_size` unknown ones, each evicting
+   its oldest entry first, in O(1)) and invalidated through
    `services.invalidator` ("key" id, "team" id, "*"), across replicas when Redis is set;
    `cache_ttl` bounds staleness when a message is lost.
 3. The store failing (StoreUnavailable, or no answer within `store_timeout`): a key seen
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -61,7 +63,8 @@ class Options:
     negative_ttl: float = field(default=5.0, metadata={"min": 0})  # seconds an unknown key stays unknown
     stale_ttl: float = field(default=300.0, metadata={"min": 0})  # seconds a seen key works while the store is down
     store_timeout: float = field(default=2.0, metadata={"gt": 0})  # seconds per lookup before it counts as down
-    cache_size: int = field(default=100_000, metadata={"min": 1})  # keys held (unknown ones included)
+    cache_size: int = field(default=100_000, metadata={"min": 1})  # known keys held
+    negative_cache_size: int = field(default=10_000, metadata={"min": 1})  # unknown keys held, apart
     default_max_tokens: int = field(default=1024, metadata={"min": 0})  # output estimate for budget reservations
 
 
@@ -137,7 +140,10 @@ class Auth:
         self.services = services
         master = services.config.master_key if services.config is not None else None
         self._master = master or None
-        self._cache: dict[str, _Entry] = {}  # key hash -> entry, oldest first
+        # key hash -> entry, oldest first; unknown keys in a table of their own, so that a
+        # flood of random keys evicts only other unknown ones. popitem(last=False) is O(1).
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._unknown: OrderedDict[str, _Entry] = OrderedDict()
         self._ids: dict[str, str] = {}  # key id -> hash, for keys whose id is not their hash
         self._inflight: dict[str, asyncio.Task] = {}
         self._generation = 0  # bumped by every invalidation: lookups begun before it are not cached
@@ -218,7 +224,7 @@ class Auth:
         cannot say and the key was not seen recently enough."""
         digest = key_hash(key)
         now = self.services.clock()
-        entry = self._cache.get(digest)
+        entry = self._cache.get(digest) or self._unknown.get(digest)
         opts = self.options
         inc = self.metrics.inc
         if entry is not None:
@@ -270,28 +276,40 @@ class Auth:
         return principal
 
     def _put(self, digest: str, entry: _Entry) -> None:
+        self._forget(digest)
+        p = entry.principal
+        if p is None:
+            if len(self._unknown) >= self.options.negative_cache_size:
+                self._unknown.popitem(last=False)
+            self._unknown[digest] = entry
+            return
         cache = self._cache
-        if cache.pop(digest, None) is None and len(cache) >= self.options.cache_size:
-            oldest = next(iter(cache))
-            old = cache.pop(oldest)
+        if len(cache) >= self.options.cache_size:
+            oldest, old = cache.popitem(last=False)
             if old.principal is not None and old.principal.key_id != oldest:
                 self._ids.pop(old.principal.key_id, None)
         cache[digest] = entry
-        p = entry.principal
-        if p is not None and p.key_id != digest:
+        if p.key_id != digest:
             self._ids[p.key_id] = digest
+
+    def _forget(self, digest: str) -> None:
+        self._unknown.pop(digest, None)
+        old = self._cache.pop(digest, None)
+        if old is not None and old.principal is not None and old.principal.key_id != digest:
+            self._ids.pop(old.principal.key_id, None)
 
     def invalidate(self, kind: str, ident: str) -> None:
         """An invalidation message: "key" (its id), "team" (its id) or "*" (everything)."""
         self._generation += 1
         cache = self._cache
         if kind == "key":
-            cache.pop(self._ids.pop(ident, ident), None)
+            self._forget(self._ids.get(ident, ident))
         elif kind == "team":
             for digest in [d for d, e in cache.items() if e.principal is not None and e.principal.team_id == ident]:
                 del cache[digest]
         else:
             cache.clear()
+            self._unknown.clear()
             self._ids.clear()
 
     def _store_failed(self, exc: BaseException) -> None:

@@ -65,9 +65,12 @@ from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import structlog
+from redis.exceptions import ResponseError
 
 from llmproxy.keys import parse_duration, period_start
 from llmproxy.store import StoreError
+
+_REDIS_REFUSED = (ResponseError,)  # an error reply (a script's), not a lost connection
 
 if TYPE_CHECKING:
     from llmproxy.config import Pricing
@@ -268,6 +271,10 @@ class Ledger:
     async def reserve(self, budgets: Sequence[Budget], amount: int) -> Reservation:
         """Reserve `amount` nano-dollars on every budget, or raise BudgetExceeded naming
         the first one that has reached its limit (then nothing is reserved)."""
+        # Never more than the smallest budget could cover: an absurd estimate (max_tokens
+        # 10^13) must neither overflow a 64-bit counter in Redis nor stand for more than a
+        # budget's worth; the real cost is settled later all the same.
+        amount = min(amount, min(b.limit for b in budgets)) if budgets else amount
         ts = self.now()
         now = datetime.fromtimestamp(ts, UTC)
         counters = [self.counter(b, now) for b in budgets]
@@ -277,6 +284,8 @@ class Ledger:
             except BudgetExceeded:
                 self._redis_up()
                 raise
+            except _REDIS_REFUSED as exc:  # Redis answered, but not this one: it alone is counted here
+                log.warning("budget_redis_refused", error=f"{type(exc).__name__}: {exc}", amount=amount)
             except Exception as exc:  # down, timed out, reset: count locally meanwhile
                 self._redis_failed(exc)
             else:

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from llmproxy.periodic import every
+
 from .limits import REQUESTS, Demand
 from .table import BucketTable
 
@@ -188,7 +190,7 @@ class RedisBuckets:
         await self.beat()
         if not self.fallback:
             self.readiness["scheduler"] = "ok"
-        self._beater = asyncio.create_task(self._beat_forever())
+        self._beater = asyncio.create_task(every(self.heartbeat, self.beat, "scheduler_heartbeat"))
 
     async def stop(self) -> None:
         if self._beater is not None:
@@ -196,11 +198,6 @@ class RedisBuckets:
             await asyncio.gather(self._beater, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=1.0)
-
-    async def _beat_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat)
-            await self.beat()
 
     async def beat(self) -> None:
         keys = [self.prefix + "replicas"]

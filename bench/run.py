@@ -208,6 +208,27 @@ def conversation_100k(turns: int = CONV_TURNS, size: int = CONV_TURN_SIZE) -> li
 
 CHAT_100K = conversation_100k()
 
+# The 1 MB adversarial prompt of chat-1m-adversarial (issue 12): blocks of the inputs that
+# once cost the pii recognizers more than linear time (a run of a million digits took 20 s
+# in the C pass), each about ADVERSARIAL_BLOCK characters, one after the other.
+ADVERSARIAL_SIZE = 1_000_000
+ADVERSARIAL_BLOCK = 40_000
+_ADVERSARIAL_UNITS = ("1", "1 ", "12-", "1.", "+1 ", "DE89 ", "1:", "a:", "ab:", "::1 ", "@", "a@", "a.",
+                      "sk-", "sk-proj-", "xoxb-", "AKIA", "ghp_", "eyJ", "Bearer ", "a", "4111 ", "0 12 ")
+
+
+def prompt_adversarial(size: int = ADVERSARIAL_SIZE, block: int = ADVERSARIAL_BLOCK) -> str:
+    blocks, total, i = [_VARIED_HEAD], len(_VARIED_HEAD), 0
+    while total < size:  # bounded: every pass adds a block
+        unit = _ADVERSARIAL_UNITS[i % len(_ADVERSARIAL_UNITS)]
+        blocks.append((unit * (block // len(unit) + 1))[:block] + "\n")
+        total += block + 1
+        i += 1
+    return "".join(blocks)[:size]
+
+
+CHAT_1M_ADVERSARIAL = [{"role": "user", "content": prompt_adversarial()}]
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("chat", "/v1/chat/completions",
              {"model": "bench-model", "messages": CHAT_MESSAGES},
@@ -247,6 +268,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              {"model": "bench-model", "messages": CHAT_100K, "stream": True},
              "openai-sse", "openai", True, "OpenAI chat, stream, the ~100 KB conversation; N/4 requests a run",
              n_factor=0.25),
+    Scenario("chat-1m-adversarial", "/v1/chat/completions",
+             {"model": "bench-model", "messages": CHAT_1M_ADVERSARIAL},
+             "openai-json", "openai", False,
+             "OpenAI chat, non-stream, a 1 MB prompt of inputs that once made the pii recognizers "
+             "superlinear (digit runs, separators, @ runs, key prefixes, hex and colons); N/100 requests a run",
+             n_factor=0.01),
     # the streams suite (memory per open stream): each stream lasts about 4.6 s (23 gaps of
     # --streams-delay-ms, 200 by default, which replaces the value here); too slow for --rounds
     Scenario("chat-stream-open", "/v1/chat/completions",
@@ -367,9 +394,10 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
           ("chat", "chat-stream"),
           "scheduler on, limits never binding, local and with a private Redis (issue 5)"),
     Suite("pii", ("proxy", "proxy-pii"),
-          ("chat-2k", "chat-2k-stream", "chat-2k-pii", "chat-2k-pii-stream", "chat-history-pii"),
+          ("chat-2k", "chat-2k-stream", "chat-2k-pii", "chat-2k-pii-stream", "chat-history-pii",
+           "chat-1m-adversarial"),
           "pii mask on a 2 KB prompt without and with 5 entities, every prompt new; streamed TTFB; "
-          "a conversation's next turn (issue 6)"),
+          "a conversation's next turn (issue 6); a 1 MB adversarial prompt (issue 12)"),
     Suite("pipeline", ("floor", "proxy", "proxy-full"),
           ("chat", "chat-stream", "chat-100k", "chat-100k-stream"),
           "the whole chain (auth, pii, scheduler, spend log) on small and ~100 KB conversations (issue 11)"),

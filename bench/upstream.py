@@ -265,7 +265,7 @@ def make_app(api_key: str | None) -> web.Application:
     async def bench_stats(request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(stats), content_type="application/json")
 
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)  # the 1 MB prompts, masked (longer)
     for prefix in ("/v1", ""):
         app.router.add_post(prefix + "/chat/completions", chat)
         app.router.add_post(prefix + "/messages", messages)

@@ -226,11 +226,13 @@ static void init_classes(void) {
                         ssn = 1;                                                                 \
                 }                                                                                \
                 /* _NANP_SHAPE: ddd[sp]{1,2}ddd[sp]dddd, anywhere */                            \
-                if (!nanp && NAME##_group(s, end, j) >= 3) {                                     \
+                /* (bounded looks: "at least 3 digits" reads 3, not the whole group, so a  */ \
+                /* run of n digits costs n steps, not n * n)                                 */ \
+                if (!nanp && NAME##_digits_at(s, end, j, 3)) {                                   \
                     Py_ssize_t q = j + 3, k = 0;                                                 \
                     while (k < 2 && q < end && IS_SEP(s[q])) { q++; k++; }                       \
-                    if (k > 0 && NAME##_group(s, end, q) >= 3 && q + 3 < end && IS_SEP(s[q + 3]) \
-                        && NAME##_group(s, end, q + 4) >= 4)                                     \
+                    if (k > 0 && NAME##_digits_at(s, end, q, 3) && q + 3 < end && IS_SEP(s[q + 3]) \
+                        && NAME##_digits_at(s, end, q + 4, 4))                                   \
                         nanp = 1;                                                                \
                 }                                                                                \
                 /* _TRUNK_SHAPES: dsd or dssd */                                                 \

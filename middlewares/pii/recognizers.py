@@ -485,6 +485,9 @@ def _ipv6_groups(addr: str) -> int:
     return len(groups) if all(0 < len(g) <= 4 for g in groups) else -1
 
 
+_HEX_COLON_RUN = re.compile(r"[0-9A-Fa-f:]*")
+
+
 def _find_ipv6(text: str, out: list[Span]) -> None:
     pos = 0
     while hint := _IPV6_HINT.search(text, pos):
@@ -492,6 +495,11 @@ def _find_ipv6(text: str, out: list[Span]) -> None:
         floor = max(0, start - 40)
         while start > floor and text[start - 1] in _HEX_COLON:
             start -= 1
+        if start == floor and floor > 0 and text[floor - 1] in _HEX_COLON:
+            # Inside a run of hex digits and colons longer than any address: an address
+            # starts only where such a run does, so none is in the rest of this one.
+            pos = _HEX_COLON_RUN.match(text, hint.start()).end() + 1
+            continue
         m = _IPV6_CANDIDATE.match(text, start)
         if m is None:
             pos = hint.start() + 1

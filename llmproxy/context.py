@@ -55,6 +55,12 @@ BODY_APIS: frozenset[str] = frozenset({"chat", "completions", "embeddings", "mes
 ALL_APIS: frozenset[str] = BODY_APIS | {"models", "unknown", "admin"}
 
 
+class BodyCut(Exception):
+    """Raised by a reply body that cannot go on (its upstream was cut mid-way): the writer
+    closes the client's connection, since ending the body cleanly would pass a truncated
+    answer off as whole. Whoever raises it fills the record first."""
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """What the chain answers. `body` is `bytes` for a small fixed body, else an async

@@ -33,7 +33,7 @@ import orjson
 import structlog
 
 from . import errors, tokenizer
-from .context import Attempt, Reply
+from .context import Attempt, BodyCut, Reply
 from .errors import ProxyError
 from .pricing import cost
 from .providers.base import Upstream, UpstreamConnectError
@@ -235,7 +235,8 @@ class Forwarder:
 
     async def _relay_json(self, ctx: "Context", upstream: Upstream, meter: "_BodyMeter") -> AsyncIterator[bytes]:
         """A JSON answer passes through as it arrives; a copy is kept to read usage at the end.
-        A body cut short aborts the client's connection rather than ending it cleanly."""
+        A body cut short closes the client's connection rather than ending it cleanly
+        (`BodyCut`), with the record saying `upstream_cut`."""
         parts = meter.parts
         try:
             async for chunk in upstream.body:
@@ -243,10 +244,12 @@ class Forwarder:
                     ctx.record.ttfb_s = time.perf_counter() - ctx.started
                 parts.append(chunk)
                 yield chunk
-        except (aiohttp.ClientError, ConnectionError, TimeoutError):
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
             record = ctx.record
-            record.status, record.error_type, record.error_code = 502, "api_error", "upstream_error"
-            raise
+            record.status, record.error_type, record.error_code = 502, "api_error", "upstream_cut"
+            log.warning("upstream_cut", deployment=ctx.deployment.id if ctx.deployment else None,
+                        request_id=record.request_id, error=f"{type(exc).__name__}: {exc}")
+            raise BodyCut from None
 
     async def _relay_sse(self, ctx: "Context", upstream: Upstream, parser: SSEParser, meter,
                          first: list[bytes]) -> AsyncIterator[bytes]:

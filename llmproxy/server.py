@@ -22,7 +22,7 @@ from aiohttp import web
 
 from . import tokenizer
 from .admin import Admin
-from .context import ALL_APIS, Context, Next, Record, Reply
+from .context import ALL_APIS, BodyCut, Context, Next, Record, Reply
 from .errors import ProxyError
 from .forwarder import Forwarder
 from .invalidation import Invalidator
@@ -281,6 +281,11 @@ class Gateway:
             async for chunk in body:
                 await resp.write(chunk)
             await resp.write_eof()
+        except BodyCut:  # the answer cannot be finished: the client sees the connection close
+            if request.transport is not None:
+                request.transport.close()
+        except ConnectionError:  # the client went away while we wrote (a reset, a closed socket)
+            record.client_disconnected = True
         finally:
             aclose = getattr(body, "aclose", None)
             if aclose is not None:

@@ -147,6 +147,55 @@ def _datas(kept: list[bytes]) -> Iterator[bytes]:
             yield item
 
 
+KEEP_BYTES = 64 * 1024  # event data a meter keeps unparsed, before it is folded into text
+TEXT_CHARS = 64 * 1024  # generated text kept before it is counted in tokens
+
+
+class _Kept:
+    """What a meter keeps for an estimate (in case no usage comes), bounded whatever the
+    stream's length: event data as it came (nothing parsed: usage usually does come) up
+    to KEEP_BYTES; past that it is folded, `collect` taking each event's generated text
+    into `pieces`; past TEXT_CHARS of text, the pieces are counted in tokens and
+    dropped. So a 50 MB stream holds at most about 128 KB here, and the tokenizer runs in
+    steps of TEXT_CHARS as the stream goes, never on the whole answer at its end."""
+
+    __slots__ = ("raw", "raw_bytes", "pieces", "chars", "tokens", "collect")
+
+    def __init__(self, collect: Callable[[bytes, dict[Any, list[str]]], int]) -> None:
+        self.collect = collect  # (event data, pieces) -> characters of text added
+        self.raw: list[bytes] = []
+        self.raw_bytes = 0
+        self.pieces: dict[Any, list[str]] = {}
+        self.chars = 0
+        self.tokens = 0
+
+    def add(self, item: bytes) -> None:
+        self.raw.append(item)
+        self.raw_bytes += len(item)
+        if self.raw_bytes > KEEP_BYTES:
+            self._fold()
+
+    def clear(self) -> None:
+        self.raw.clear()
+        self.pieces.clear()
+        self.raw_bytes = self.chars = self.tokens = 0
+
+    def _fold(self) -> None:
+        for data in _datas(self.raw):
+            self.chars += self.collect(data, self.pieces)
+        self.raw.clear()
+        self.raw_bytes = 0
+        if self.chars > TEXT_CHARS:
+            self.tokens += _count_pieces(self.pieces)
+            self.pieces.clear()
+            self.chars = 0
+
+    def count(self) -> int:
+        """Tokens of all the generated text kept so far."""
+        self._fold()
+        return self.tokens + _count_pieces(self.pieces)
+
+
 def _has_usage_object(data: bytes) -> bool:
     """Whether the chunk's ``usage`` key holds an object, judged on bytes.
 
@@ -174,7 +223,7 @@ class OpenAIStreamMeter:
     def __init__(self, drop_usage_chunk: bool) -> None:
         self._drop = bool(drop_usage_chunk)
         self._usage: Usage | None = None
-        self._kept: list[bytes] = []  # data of events, for estimation if no usage comes
+        self._kept = _Kept(_openai_text)  # for an estimate, if no usage comes
         self._events = 0
 
     @property
@@ -199,7 +248,7 @@ class OpenAIStreamMeter:
     def skip(self, chunk: bytes) -> None:
         """Remember a chunk of whole events that `wants` declined."""
         if self._usage is None:
-            self._kept.append(_Chunk(chunk))
+            self._kept.add(_Chunk(chunk))
 
     def feed(self, ev: Event) -> bool:
         """Look at one event; True means remove it before the client sees it.
@@ -211,7 +260,7 @@ class OpenAIStreamMeter:
         data = ev.data
         if not _has_usage_object(data):
             if self._usage is None and data[:1] == b"{":
-                self._kept.append(data)
+                self._kept.add(data)
             return False
         obj = _loads(data)
         if obj is None:
@@ -219,7 +268,7 @@ class OpenAIStreamMeter:
         usage = obj.get("usage")
         if not isinstance(usage, dict):
             if self._usage is None:
-                self._kept.append(data)
+                self._kept.add(data)
             return False
         self._usage = _from_openai(usage)
         self._kept.clear()
@@ -230,37 +279,38 @@ class OpenAIStreamMeter:
         (or what it returns: it is called only when the server sent no usage)."""
         if self._usage is not None:
             return self._usage
-        pieces: dict[Any, list[str]] = {}
-        for data in _datas(self._kept):
-            obj = _loads(data)
-            if obj is None:
-                continue
-            choices = obj.get("choices")
-            if not isinstance(choices, list):
-                continue
-            for choice in choices:
-                if isinstance(choice, dict):
-                    _collect_choice(choice, pieces)
         return Usage(
             prompt_tokens=count_tokens(_text(prompt_text)),
-            completion_tokens=_count_pieces(pieces),
+            completion_tokens=self._kept.count(),
             estimated=True,
         )
 
 
-def _collect_choice(choice: dict, pieces: dict[Any, list[str]]) -> None:
-    """Add the generated text of one streamed choice to ``pieces``."""
+def _openai_text(data: bytes, pieces: dict[Any, list[str]]) -> int:
+    """Add the generated text of one streamed chunk's choices to ``pieces``; its length."""
+    obj = _loads(data)
+    choices = obj.get("choices") if obj is not None else None
+    if not isinstance(choices, list):
+        return 0
+    return sum(_collect_choice(choice, pieces) for choice in choices if isinstance(choice, dict))
+
+
+def _collect_choice(choice: dict, pieces: dict[Any, list[str]]) -> int:
+    """Add the generated text of one streamed choice to ``pieces``; its length."""
+    added = 0
     index = choice.get("index")
     text = choice.get("text")  # legacy completions
     if isinstance(text, str):
         pieces.setdefault((index, "text"), []).append(text)
+        added += len(text)
     delta = choice.get("delta")
     if not isinstance(delta, dict):
-        return
+        return added
     for key in ("content", "reasoning_content", "reasoning"):
         value = delta.get(key)
         if isinstance(value, str):
             pieces.setdefault((index, key), []).append(value)
+            added += len(value)
     calls = delta.get("tool_calls")
     if isinstance(calls, list):
         for call in calls:
@@ -271,6 +321,8 @@ def _collect_choice(choice: dict, pieces: dict[Any, list[str]]) -> None:
                 value = function.get(key)
                 if isinstance(value, str):
                     pieces.setdefault((index, call.get("index"), key), []).append(value)
+                    added += len(value)
+    return added
 
 
 # content_block_delta: delta type -> the field holding generated text
@@ -303,7 +355,7 @@ class AnthropicStreamMeter:
         self._input = self._cache_read = self._cache_write = self._output = 0
         self._has_start = False
         self._has_output = False
-        self._deltas: list[bytes] = []  # content_block_delta data, for estimation
+        self._deltas = _Kept(_anthropic_text)  # content_block_delta data, for an estimate
         self._first_error: dict | None = None
 
     @property
@@ -317,7 +369,7 @@ class AnthropicStreamMeter:
     def skip(self, chunk: bytes) -> None:
         """Remember a chunk of whole events that `wants` declined (deltas, for estimation)."""
         if not self._has_output:
-            self._deltas.append(_Chunk(chunk))
+            self._deltas.add(_Chunk(chunk))
 
     @property
     def first_event_error(self) -> dict | None:
@@ -342,7 +394,7 @@ class AnthropicStreamMeter:
         self._started = True
         if kind == "content_block_delta":
             if not self._has_output:
-                self._deltas.append(data)
+                self._deltas.add(data)
         elif kind == "message_start":
             obj = obj if obj is not None else _loads(data)
             if obj is not None:
@@ -405,7 +457,7 @@ class AnthropicStreamMeter:
             cache_creation_tokens=self._cache_write,
         )
         if not self._has_output:
-            usage.completion_tokens = self._estimate_output()
+            usage.completion_tokens = self._deltas.count()
             usage.estimated = True
         if not self._has_start:
             usage.prompt_tokens = max(
@@ -414,18 +466,19 @@ class AnthropicStreamMeter:
             usage.estimated = True
         return usage
 
-    def _estimate_output(self) -> int:
-        pieces: dict[Any, list[str]] = {}
-        for data in _datas(self._deltas):
-            obj = _loads(data)
-            if obj is None or obj.get("type") != "content_block_delta":
-                continue
-            delta = _dict(obj.get("delta"))
-            key = _ANTHROPIC_DELTA_KEYS.get(delta.get("type"))  # type: ignore[arg-type]
-            value = delta.get(key) if key else None
-            if isinstance(value, str):
-                pieces.setdefault(obj.get("index"), []).append(value)
-        return _count_pieces(pieces)
+
+def _anthropic_text(data: bytes, pieces: dict[Any, list[str]]) -> int:
+    """Add the generated text of one content_block_delta to ``pieces``; its length."""
+    obj = _loads(data)
+    if obj is None or obj.get("type") != "content_block_delta":
+        return 0
+    delta = _dict(obj.get("delta"))
+    key = _ANTHROPIC_DELTA_KEYS.get(delta.get("type"))  # type: ignore[arg-type]
+    value = delta.get(key) if key else None
+    if not isinstance(value, str):
+        return 0
+    pieces.setdefault(obj.get("index"), []).append(value)
+    return len(value)
 
 
 def _json_text(value: Any) -> str:

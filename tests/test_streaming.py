@@ -182,10 +182,51 @@ async def test_json_body_cut_short_aborts_the_client_connection(upstream, make_p
 
     upstream.push(cut)
     proxy = await make_proxy(openai_config(upstream))
+    import logging
+
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger("aiohttp").addHandler(handler)
+    try:
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with s.post(proxy.url + "/v1/chat/completions", headers=AUTH,
+                                  json={"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]}) as r:
+                    await r.read()
+        await wait_for(lambda: proxy.records)
+    finally:
+        logging.getLogger("aiohttp").removeHandler(handler)
+    assert proxy.records[-1].status == 502 and proxy.records[-1].error_code == "upstream_cut"
+    assert not [r for r in seen if r.levelno >= logging.ERROR]  # no "Error handling request" traceback
+
+
+async def test_a_client_that_resets_mid_answer_is_recorded_as_499(upstream, make_proxy, monkeypatch):
+    """The client's connection resets while the writer sends the answer (the write raises,
+    as it does when the peer sent a RST): the record says 499, not 200."""
+    from aiohttp import web
+
+    from llmproxy.testing import reply_sse
+
+    events = [b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'] * 5 + [b"data: [DONE]\n\n"]
+    upstream.push(reply_sse(events, delay=0.01))
+    proxy = await make_proxy(openai_config(upstream))
+    real, writes = web.StreamResponse.write, []
+
+    async def resetting(self, data):
+        writes.append(data)
+        if len(writes) > 1:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return await real(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", resetting)
     async with aiohttp.ClientSession() as s:
-        with pytest.raises(aiohttp.ClientPayloadError):
+        try:
             async with s.post(proxy.url + "/v1/chat/completions", headers=AUTH,
-                              json={"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]}) as r:
+                              json={"model": "gpt-test", "stream": True,
+                                    "messages": [{"role": "user", "content": "x"}]}) as r:
                 await r.read()
-    await wait_for(lambda: proxy.records)
-    assert proxy.records[-1].status == 502 and proxy.records[-1].error_code == "upstream_error"
+        except aiohttp.ClientError:
+            pass  # the answer was cut: what matters is what the record says
+    await wait_for(lambda: proxy.records, timeout=5)
+    assert proxy.records[-1].status == 499 and proxy.records[-1].client_disconnected

@@ -342,3 +342,49 @@ def test_prompt_text_huge_int_in_tool_input() -> None:
     body = {"messages": [{"role": "assistant", "content": [
         {"type": "tool_use", "name": "n", "input": {"v": 2**80}}]}]}
     assert prompt_text(body, "messages") == "n\n{'v': 1208925819614629174706176}"
+
+
+# --- a long stream without usage: bounded memory, counted as it goes (issue 12) -------------
+
+
+def _long_openai_stream(words: int) -> list[bytes]:
+    return [b"data: " + orjson.dumps(chat_chunk(f" word{i % 50}")) + b"\n\n" for i in range(words)]
+
+
+@pytest.mark.parametrize("as_chunks", [False, True], ids=["events", "skipped chunks"])
+def test_a_long_stream_without_usage_is_kept_bounded_and_counted(as_chunks: bool) -> None:
+    from llmproxy.usage import KEEP_BYTES, TEXT_CHARS
+
+    meter = OpenAIStreamMeter(drop_usage_chunk=True)
+    events = _long_openai_stream(60_000)  # about 5 MB of events, 400 KB of text
+    parser = SSEParser()
+    most_bytes = most_chars = 0
+    for i in range(0, len(events), 20):
+        chunk = b"".join(events[i:i + 20])
+        if as_chunks and not meter.wants(chunk):
+            meter.skip(chunk)
+        else:
+            for ev in parser.feed(chunk):
+                meter.feed(ev)
+        most_bytes = max(most_bytes, meter._kept.raw_bytes)
+        most_chars = max(most_chars, meter._kept.chars)
+    assert most_bytes <= KEEP_BYTES + 20 * len(events[0]) and most_chars <= TEXT_CHARS + 2_000
+    usage = meter.result("")
+    text = "".join(f" word{i % 50}" for i in range(60_000))
+    assert usage.estimated and abs(usage.completion_tokens - count_tokens(text)) <= 0.01 * count_tokens(text)
+
+
+def test_a_long_anthropic_stream_without_usage_is_kept_bounded() -> None:
+    from llmproxy.usage import KEEP_BYTES
+
+    meter = AnthropicStreamMeter()
+    meter.feed(sse({"type": "message_start", "message": {"usage": {"input_tokens": 3}}}, "message_start"))
+    most = 0
+    for i in range(40_000):
+        meter.feed(sse({"type": "content_block_delta", "index": 0,
+                        "delta": {"type": "text_delta", "text": f" word{i % 50}"}}, "content_block_delta"))
+        most = max(most, meter._deltas.raw_bytes)
+    assert most <= KEEP_BYTES + 200
+    text = "".join(f" word{i % 50}" for i in range(40_000))
+    usage = meter.result("")
+    assert usage.estimated and abs(usage.completion_tokens - count_tokens(text)) <= 0.01 * count_tokens(text)

@@ -37,7 +37,7 @@ import structlog
 
 from llmproxy import errors
 from llmproxy.config import ConfigError, build
-from llmproxy.context import Reply
+from llmproxy.context import BodyCut, Reply
 from llmproxy.errors import ProxyError
 from llmproxy.middlewares.pii.cache import SpanCache
 from llmproxy.middlewares.pii.masking import Vault, redact, restore_answer
@@ -227,7 +227,7 @@ async def _read_whole(body: Any) -> bytes:
     try:
         async for chunk in body:
             parts.append(chunk)
-    except (aiohttp.ClientError, ConnectionError, TimeoutError):
+    except (BodyCut, aiohttp.ClientError, ConnectionError, TimeoutError):  # nothing was sent yet: a clean 502
         raise errors.upstream_error("The upstream answer ended before it was complete.") from None
     finally:
         aclose = getattr(body, "aclose", None)

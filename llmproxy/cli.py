@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import shutil
 import signal
@@ -246,9 +247,7 @@ def _serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    if not args.worker:
-        _banner(config, host, port)
-    return asyncio.run(_run(config, host, port, reuse_port=args.worker))
+    return asyncio.run(_run(config, host, port, reuse_port=args.worker, banner=not args.worker))
 
 
 def _banner(config: Config, host: str, port: int) -> None:
@@ -263,25 +262,36 @@ def _banner(config: Config, host: str, port: int) -> None:
           file=sys.stderr, flush=True)
 
 
-async def _run(config: Config, host: str, port: int, reuse_port: bool = False) -> int:
+async def _run(config: Config, host: str, port: int, reuse_port: bool = False, banner: bool = True) -> int:
     from aiohttp import web
 
     from .server import Gateway
+    from .store import StoreError
 
     gateway = Gateway(config)
     app = gateway.app()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=config.server.graceful_timeout)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
-    await site.start()
     admin_runner = None
-    if config.server.admin_port is not None:  # the admin API on its own port, and only there
-        from .admin import Admin
-
-        admin_runner = web.AppRunner(gateway.admin.app(), access_log=None)
-        await admin_runner.setup()
-        await web.TCPSite(admin_runner, host, config.server.admin_port, reuse_port=reuse_port or None).start()
+    try:  # what can fail at start (the database, a port) is one line and exit status 2
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
+        await site.start()
+        if config.server.admin_port is not None:  # the admin API on its own port, and only there
+            admin_runner = web.AppRunner(gateway.admin.app(), access_log=None)
+            await admin_runner.setup()
+            await web.TCPSite(admin_runner, host, config.server.admin_port, reuse_port=reuse_port or None).start()
+    except (StoreError, OSError, ValueError, ConfigError) as exc:
+        print(f"llmproxy: cannot start: {_start_failure(exc, host, port, config)}", file=sys.stderr, flush=True)
+        for r in (admin_runner, runner):
+            if r is not None:
+                try:
+                    await r.cleanup()
+                except Exception:  # half started: release what can be released, say nothing more
+                    pass
+        return 2
+    if banner:
+        _banner(config, host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -298,6 +308,17 @@ async def _run(config: Config, host: str, port: int, reuse_port: bool = False) -
     await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+def _start_failure(exc: BaseException, host: str, port: int, config: Config) -> str:
+    """One line saying what stopped the start: never a traceback, never a password."""
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        ports = f"{port}" if config.server.admin_port is None else f"{port} or {config.server.admin_port}"
+        return f"{host}:{ports} is already in use (another llmproxy? set server.port or --port)"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {host}: no such address on this machine"
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0]
 
 
 def _supervise(args: argparse.Namespace, config: Config, host: str, port: int) -> int:

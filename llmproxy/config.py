@@ -220,10 +220,10 @@ _ENV_REF = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)\}")
 def env_hint(unset_env: Mapping[str, str], path: str) -> str:
     """The suffix explaining that `path` is missing because of an unset variable."""
     var = unset_env.get(path)
-    return f" ({_unset_text(var)})" if var is not None else ""
+    return f" ({unset_text(var)})" if var is not None else ""
 
 
-def _unset_text(var: str) -> str:
+def unset_text(var: str) -> str:
     return f"environment variables {var} are not set" if "," in var else f"environment variable {var} is not set"
 
 
@@ -268,7 +268,7 @@ def _resolve_env(data: Any, env: Mapping[str, str], path: str,
             if isinstance(value, str):
                 value = _substitute(value, env)
                 if isinstance(value, list):  # no key to drop: an error, index kept
-                    errors.append(f"{sub}: {_unset_text(', '.join(value))}")
+                    errors.append(f"{sub}: {unset_text(', '.join(value))}")
                     value = data[i]
                 items.append(value)
             else:

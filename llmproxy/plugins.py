@@ -16,8 +16,9 @@ from typing import Any, Sequence
 
 import structlog
 
-from .config import Config, ConfigError, Deployment, MiddlewareSpec, build, known_keys, unknown_key
+from .config import Config, ConfigError, Deployment, MiddlewareSpec, build, known_keys, unknown_key, unset_text
 from .pipeline import check_order
+from .store import parse_database_url
 
 log = structlog.get_logger("llmproxy.plugins")
 
@@ -212,6 +213,15 @@ def check_config(config: Config, registry: Registry) -> Checked:
             out.append((spec, cls, _middleware_options(spec, cls, config, errors)))
         return out
 
+    try:
+        parse_database_url(config.database_url)
+    except ValueError as exc:
+        errors.append(str(exc))
+    if "master_key" in config.unset_env:  # written in the config, empty at run time: a mistake
+        uses = ["the admin API"] + [f"{spec.path} ({spec.name})" for spec in config.middlewares
+                                     if spec.name == "auth"]
+        errors.append(f"master_key: {unset_text(config.unset_env['master_key'])}, so {' and '.join(uses)} would "
+                      "have no master key; set it, or remove master_key from the config")
     middlewares = resolved(config.middlewares, registry.middleware)
     errors.extend(check_order([(spec.path, cls) for spec, cls, _ in middlewares]))
     sinks = resolved(config.event_sinks, registry.event_sink)

@@ -130,6 +130,13 @@ class Gateway:
         return app
 
     async def _startup(self, app: web.Application) -> None:
+        try:
+            await self._start()
+        except BaseException:  # a failed start (the database, say) leaves nothing open behind it
+            await self._cleanup(app)
+            raise
+
+    async def _start(self) -> None:
         if self.services.http is None:
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300,
                                              keepalive_timeout=30, enable_cleanup_closed=True)
@@ -166,6 +173,7 @@ class Gateway:
         self.services.readiness["config"] = "ok"
 
     async def _cleanup(self, app: web.Application) -> None:
+        """Stop what started; safe after a start that failed half way (and twice)."""
         for part in reversed(self.middlewares + self.sinks):
             stop = getattr(part, "shutdown", None)
             if stop is not None:
@@ -181,6 +189,7 @@ class Gateway:
             await self.services.store.close()
         if self._owns_redis and self.services.redis is not None:
             await self.services.redis.aclose()
+            self._owns_redis = False
 
     # --- operations endpoints -----------------------------------------------------------
 

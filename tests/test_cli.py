@@ -164,3 +164,45 @@ def test_workers_share_the_port_and_metrics_sum(tmp_path: Path):
             sum(float(v) for v in re.findall(r'^llmproxy_request_duration_seconds_count\{[^}]*\} (\S+)$', text, re.M)) == n
     finally:
         assert stop(proc) == 0
+
+
+# --- start-up failures: one line, exit status 2, before any "listening" banner (issue 12) ----
+
+
+def _closed_port() -> int:
+    return free_port()  # nothing listens there once the probe socket is closed
+
+
+@pytest.mark.parametrize("database_url, fragment", [
+    ("mysql://u@127.0.0.1/db", "unsupported scheme 'mysql'"),
+    (f"postgresql://postgres@127.0.0.1:{_closed_port()}/x", "PostgreSQL not reachable at 127.0.0.1:"),
+])
+def test_a_start_that_fails_is_one_line_and_exit_2(tmp_path, database_url: str, fragment: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"database_url: {database_url}\nmodels: [{{name: m, deployments: [{{provider: mock}}]}}]\n")
+    out = run("serve", "--config", str(path), "--port", str(free_port()), cwd=str(tmp_path))
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.splitlines() if "plugin loaded" not in ln and ln.strip()]
+    # a config check's finding (the scheme) or a start's failure (the server): one line each
+    assert lines in ([f"{path}: invalid config", lines[-1]], [lines[0]]) and len(lines) <= 2, out.stderr
+    assert fragment in lines[-1] and "Traceback" not in out.stderr + out.stdout
+    assert len(lines) == 2 or lines[0].startswith("llmproxy: cannot start: ")
+    assert "listening" not in out.stderr and "Unclosed" not in out.stderr
+
+
+def test_check_config_catches_an_unsupported_database_url(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("database_url: mysql://u@h/db\nmodels: [{name: m, deployments: [{provider: mock}]}]\n")
+    out = run("check-config", "--config", str(path))
+    assert out.returncode == 2 and "database_url: unsupported scheme 'mysql'" in out.stderr + out.stdout
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = run("serve", "--port", str(port), cwd=str(tmp_path))
+    assert out.returncode == 2
+    assert f"llmproxy: cannot start: 127.0.0.1:{port} is already in use" in out.stderr
+    assert "Traceback" not in out.stderr and "listening" not in out.stderr

@@ -142,3 +142,23 @@ async def test_the_providers_account_headers_stay_with_the_proxy(upstream, make_
             names = {n.lower() for n in r.headers}
     assert not names & {"openai-organization", "openai-project", "anthropic-organization-id"}
     assert "openai-processing-ms" in names  # what describes the answer still passes
+
+
+# --- the first hour of an operator ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("middlewares", [[], pytest.param(["auth"], marks=needs("auth"))])
+def test_a_master_key_whose_variable_is_unset_refuses_to_start(middlewares) -> None:
+    from llmproxy.config import ConfigError, parse_config
+    from llmproxy.plugins import Registry, check_config
+
+    config = parse_config({"master_key": "os.environ/LLMPROXY_TEST_UNSET_MASTER", "models": MOCK,
+                           "middlewares": middlewares}, env={})
+    with pytest.raises(ConfigError) as info:
+        check_config(config, Registry.from_entry_points())
+    [message] = [m for m in info.value.messages if m.startswith("master_key:")]
+    assert "LLMPROXY_TEST_UNSET_MASTER is not set" in message and "the admin API" in message
+    assert ("auth" in message) == bool(middlewares)
+    set_ = parse_config({"master_key": "os.environ/LLMPROXY_TEST_UNSET_MASTER", "models": MOCK,
+                         "middlewares": middlewares}, env={"LLMPROXY_TEST_UNSET_MASTER": "sk-set"})
+    check_config(set_, Registry.from_entry_points())  # set: fine

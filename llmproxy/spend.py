@@ -6,8 +6,11 @@ the request path, and no row is lost when the database fails.
   once when a batch is full;
 - a failed write is retried with exponential backoff (0.5 s doubling to 30 s); rows wait
   in the queue meanwhile; past `queue_size` the oldest rows are appended to `spill_path`
-  (JSON lines) rather than dropped, and the spill file is replayed into the database once
-  it answers again (and at start);
+  (JSON lines, written in a thread, one fsync per batch) rather than dropped, and the
+  spill file is replayed into the database once it answers again (and at start, with a
+  `.replaying` file a crash left);
+- a row no database can hold is set apart in `<spill_path>.rejected` with its reason,
+  and the rest of its batch lands;
 - on shutdown (SIGTERM) the queue is flushed once more; what still cannot be written goes
   to the spill file;
 - each row is keyed by the server's own request id, so a batch retried after a timeout
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("llmproxy.spend")
 REJECTED = "llmproxy_spend_rows_rejected_total"
+SPILL_LOG_EVERY = 10.0  # seconds between two "rows spilled" lines while the queue overflows
 
 
 def storable(text: str | None) -> str | None:
@@ -81,6 +86,27 @@ def _rejected_json(item: Any, reason: str) -> bytes:
     return orjson.dumps(data, default=str)
 
 
+@dataclass(frozen=True)
+class _Unreadable:
+    """A spill file's line that is no row (cut by a crash mid-write): kept as rejected."""
+
+    request_id: str
+
+
+def _read_spill(path: str) -> tuple[list[SpendRow], list[tuple[int, str]]]:
+    """The rows of a spill file, and (line number, why) for each line that is none."""
+    rows, bad = [], []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(_from_json(line))
+            except (ValueError, TypeError, KeyError) as exc:
+                bad.append((n, f"{type(exc).__name__}: {exc}"))
+    return rows, bad
+
+
 def _append(path: str, lines: list[bytes]) -> None:
     with open(path, "ab") as f:
         f.writelines(lines)
@@ -117,7 +143,13 @@ class SpendWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._failures = 0
-        self._spill_pending = os.path.exists(self.spill_path)
+        # A spill file, or one a crash left mid-replay, is replayed once the database answers.
+        self._spill_pending = any(os.path.exists(p) for p in (self.spill_path, self.spill_path + ".replaying"))
+        self._overflow: list[Any] = []  # past queue_size, on its way to the spill file (off the loop)
+        self._spiller: asyncio.Task | None = None
+        self._spill_lock = asyncio.Lock()  # one file operation at a time: appends, the replay's rename
+        self._spill_logged_at = -SPILL_LOG_EVERY
+        self._spilled_unlogged = 0
         self.written = 0
         self.spilled = 0
         services.metrics.define(REJECTED, "counter",
@@ -131,8 +163,10 @@ class SpendWriter:
         self.queue.append(record)  # converted to a row off the request path
         if len(self.queue) >= self.batch_size:
             self._wake.set()
-        if len(self.queue) > self.queue_size:
-            self._spill(self.queue.popleft() for _ in range(len(self.queue) - self.queue_size))
+        if len(self.queue) > self.queue_size:  # the oldest go to the spill file, written off the loop
+            self._overflow.extend(self.queue.popleft() for _ in range(len(self.queue) - self.queue_size))
+            if self._spiller is None or self._spiller.done():
+                self._spiller = asyncio.get_running_loop().create_task(self._spill_overflow())
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -151,8 +185,11 @@ class SpendWriter:
                 await asyncio.wait_for(self._write_batch(), 5)
         except Exception as exc:  # whatever failed, the rows go to the spill file below
             log.warning("spend_flush_failed", error=f"{type(exc).__name__}: {exc}", rows=len(self.queue))
-        if self.queue:
-            self._spill(self._drain())
+        if self._spiller is not None:
+            await asyncio.gather(self._spiller, return_exceptions=True)
+        if self.queue or self._overflow:
+            await self._spill([*self._overflow, *self._drain()])
+            self._overflow.clear()
             log.warning("spend_spilled_at_shutdown", path=self.spill_path)
 
     async def _run(self) -> None:
@@ -172,8 +209,12 @@ class SpendWriter:
                     self._failures = 0
                     self.services.readiness["spend_log"] = "ok"
                 if self._spill_pending:
-                    await self._replay_spill()
-                    self._spill_pending = False
+                    self._spill_pending = False  # set again by a spill (or a stranded replay) meanwhile
+                    try:
+                        await self._replay_spill()
+                    except BaseException:
+                        self._spill_pending = True
+                        raise
                 if self.retention_days and loop.time() >= next_prune:
                     next_prune = loop.time() + 3600
                     await self._prune()
@@ -243,38 +284,69 @@ class SpendWriter:
 
     # --- spilling ---------------------------------------------------------------------------
 
-    def _spill(self, items: Any) -> None:
-        lines = [_to_json(item if isinstance(item, SpendRow) else row_of(item)) + b"\n" for item in items]
-        if not lines:
+    async def _spill_overflow(self) -> None:
+        """Append what overflowed the queue to the spill file, in a thread, one fsync per
+        batch; logs once per SPILL_LOG_EVERY seconds with a count, not once per row."""
+        while self._overflow:
+            items, self._overflow = self._overflow, []
+            try:
+                await self._spill(items)
+            except OSError as exc:  # the disk is full or gone: keep them, try again shortly
+                self._overflow[:0] = items
+                log.error("spend_spill_failed", error=f"{type(exc).__name__}: {exc}", rows=len(self._overflow),
+                          path=self.spill_path)
+                await asyncio.sleep(1.0)
+                continue
+            now = asyncio.get_running_loop().time()
+            self._spilled_unlogged += len(items)
+            if now - self._spill_logged_at >= SPILL_LOG_EVERY:
+                log.warning("spend_rows_spilled", rows=self._spilled_unlogged, path=self.spill_path,
+                            reason=f"more than spend.queue_size ({self.queue_size}) rows waiting")
+                self._spill_logged_at, self._spilled_unlogged = now, 0
+
+    async def _spill(self, items: list[Any]) -> None:
+        rows, rejected = [], []
+        for item in items:
+            try:
+                rows.append(item if isinstance(item, SpendRow) else row_of(item))
+            except (TypeError, ValueError, OverflowError) as exc:
+                rejected.append((item, f"{type(exc).__name__}: {exc}"))
+        if rejected:
+            await self._reject(rejected)
+        if not rows:
             return
-        with open(self.spill_path, "ab") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        lines = [_to_json(row) + b"\n" for row in rows]
+        async with self._spill_lock:
+            await asyncio.to_thread(_append, self.spill_path, lines)
         self.spilled += len(lines)
         self._spill_pending = True
-        log.warning("spend_rows_spilled", rows=len(lines), path=self.spill_path)
 
     async def _replay_spill(self) -> None:
-        """Write the spill file's rows back (idempotent by request id), then remove it."""
-        path = self.spill_path
-        if not os.path.exists(path):
-            return
-        replaying = path + ".replaying"
-        os.replace(path, replaying)
-        with open(replaying, "rb") as f:
-            rows = [_from_json(line) for line in f if line.strip()]
+        """Write the spill file's rows back (idempotent by request id), then remove it. A
+        `.replaying` file left by a crash mid-replay is replayed first."""
+        path, replaying = self.spill_path, self.spill_path + ".replaying"
+        async with self._spill_lock:
+            stranded = await asyncio.to_thread(os.path.exists, replaying)
+            if not stranded:
+                if not await asyncio.to_thread(os.path.exists, path):
+                    return
+                await asyncio.to_thread(os.replace, path, replaying)
+        rows, bad = await asyncio.to_thread(_read_spill, replaying)
+        if bad:
+            await self._reject([(_Unreadable(f"{replaying}:{n}"), reason) for n, reason in bad])
         try:
             for i in range(0, len(rows), self.batch_size):
                 await self.services.store.write_spend(rows[i:i + self.batch_size])
         except BaseException:
             # Not written: back to the spill file, nothing lost.
-            with open(path, "ab") as f:
-                f.writelines(_to_json(row) + b"\n" for row in rows)
-            os.remove(replaying)
+            async with self._spill_lock:
+                await asyncio.to_thread(_append, path, [_to_json(row) + b"\n" for row in rows])
+                await asyncio.to_thread(os.remove, replaying)
             raise
-        os.remove(replaying)
-        log.info("spend_spill_replayed", rows=len(rows))
+        await asyncio.to_thread(os.remove, replaying)
+        log.info("spend_spill_replayed", rows=len(rows), stranded=stranded)
+        if stranded:  # the spill file itself may be waiting too
+            self._spill_pending = True
 
     async def _prune(self) -> None:
         from datetime import timedelta

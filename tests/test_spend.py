@@ -238,3 +238,62 @@ async def test_a_batch_the_database_refuses_is_written_row_by_row(upstream, make
     assert b"bad-batch-0004" in rejected.read_bytes() and b"invalid byte sequence" in rejected.read_bytes()
     await send(proxy, 2)
     await rows_eventually(store, 9)
+
+
+# --- spilling stays off the event loop; nothing a crash leaves is forgotten (issue 12) --------
+
+
+async def test_overflow_is_spilled_off_the_loop_with_one_log_line(upstream, make_proxy, tmp_path, monkeypatch):
+    import threading
+
+    from structlog.testing import capture_logs
+
+    from llmproxy.store import StoreUnavailable
+
+    spill = tmp_path / "spill.jsonl"
+    proxy = await make_proxy(openai_config(upstream, spend={"flush_interval": 0.05, "queue_size": 4,
+                                                             "spill_path": str(spill)}))
+    store = proxy.gateway.services.store
+
+    async def down(rows):
+        raise StoreUnavailable("down for the test")
+
+    monkeypatch.setattr(store, "write_spend", down)
+    loop_thread, fsyncs = threading.get_ident(), []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(threading.get_ident()) or real_fsync(fd))
+    writer = writer_of(proxy)
+    with capture_logs() as logs:
+        for r in records_of(proxy, 60):
+            writer.emit(r)  # the request path: no file touched here
+        assert not fsyncs and not spill.exists()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 5
+        while (not spill.exists() or len(spill.read_bytes().splitlines()) < 56) and loop.time() < end:
+            await asyncio.sleep(0.02)
+    assert len(spill.read_bytes().splitlines()) == 56  # all but the 4 the queue holds
+    assert fsyncs and loop_thread not in fsyncs
+    assert len([e for e in logs if e["event"] == "spend_rows_spilled"]) == 1
+
+
+async def test_a_replay_a_crash_cut_short_is_finished_at_the_next_start(upstream, make_proxy, tmp_path):
+    from datetime import datetime, timezone
+
+    from llmproxy.spend import _to_json
+    from llmproxy.store import SpendRow
+
+    spill = tmp_path / "spill.jsonl"
+    now = datetime.now(timezone.utc)
+    (tmp_path / "spill.jsonl.replaying").write_bytes(
+        b"".join(_to_json(SpendRow(request_id=f"stranded-{i}", started_at=now, status=200)) + b"\n" for i in range(3))
+        + b'{"request_id": "cut-mid-wri')  # the crash cut this line
+    spill.write_bytes(_to_json(SpendRow(request_id="spilled-0", started_at=now, status=200)) + b"\n")
+    proxy = await make_proxy(openai_config(upstream, spend={"flush_interval": 0.05, "spill_path": str(spill)}))
+    rows = await rows_eventually(proxy.gateway.services.store, 4)
+    assert {r.request_id for r in rows} == {"stranded-0", "stranded-1", "stranded-2", "spilled-0"}
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 5
+    while (spill.exists() or (tmp_path / "spill.jsonl.replaying").exists()) and loop.time() < end:
+        await asyncio.sleep(0.05)
+    assert not spill.exists() and not (tmp_path / "spill.jsonl.replaying").exists()
+    assert b"replaying:4" in (tmp_path / "spill.jsonl.rejected").read_bytes()  # the cut line, kept aside

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
+from .context import BODY_APIS
 from .store import SpendRow, StoreUnavailable
 from .usage import MAX_TOKENS
 
@@ -158,7 +159,7 @@ class SpendWriter:
     # --- the request path --------------------------------------------------------------
 
     def emit(self, record: "Record") -> None:
-        if record.api == "admin":  # admin calls cost nothing; writes are in the audit log
+        if record.api not in BODY_APIS:  # model lists, unknown paths, admin calls (the audit log) cost nothing
             return
         self.queue.append(record)  # converted to a row off the request path
         if len(self.queue) >= self.batch_size:

@@ -162,3 +162,24 @@ def test_a_master_key_whose_variable_is_unset_refuses_to_start(middlewares) -> N
     set_ = parse_config({"master_key": "os.environ/LLMPROXY_TEST_UNSET_MASTER", "models": MOCK,
                          "middlewares": middlewares}, env={"LLMPROXY_TEST_UNSET_MASTER": "sk-set"})
     check_config(set_, Registry.from_entry_points())  # set: fine
+
+
+@needs("scheduler", "pii")
+async def test_the_scheduler_before_pii_takes_no_quota_for_what_pii_refuses(upstream, make_proxy) -> None:
+    """SPEC §3 worries that a scheduler listed before pii or cache spends provider quota on
+    requests those answer or refuse. Here the scheduler only installs the admission step;
+    the quota is taken when the forwarder sends upstream, so the order costs nothing."""
+    import aiohttp
+
+    from .conftest import openai_config
+
+    config = openai_config(upstream, middlewares=[{"scheduler": {}}, {"pii": {"mode": "block"}}])
+    config["models"][0]["deployments"][0].update({"rpm": 1, "burst": 1, "max_queue_wait": 0})
+    proxy = await make_proxy(config)
+    statuses = []
+    async with aiohttp.ClientSession() as s:
+        for content in ["mail jane.doe@example.com"] * 3 + ["hello", "hello again"]:
+            async with s.post(proxy.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {MASTER}"},
+                              json={"model": "gpt-test", "messages": [{"role": "user", "content": content}]}) as r:
+                statuses.append(r.status)
+    assert statuses == [400, 400, 400, 200, 429]  # the one request of quota went to the first clean one

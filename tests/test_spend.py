@@ -297,3 +297,16 @@ async def test_a_replay_a_crash_cut_short_is_finished_at_the_next_start(upstream
         await asyncio.sleep(0.05)
     assert not spill.exists() and not (tmp_path / "spill.jsonl.replaying").exists()
     assert b"replaying:4" in (tmp_path / "spill.jsonl.rejected").read_bytes()  # the cut line, kept aside
+
+
+async def test_model_lists_and_unknown_paths_make_no_spend_row(upstream, make_proxy):
+    proxy = await make_proxy(openai_config(upstream, spend={"flush_interval": 0.05}))
+    async with aiohttp.ClientSession() as s:
+        for path in ("/v1/models", "/v1/nope"):
+            async with s.get(proxy.url + path, headers=AUTH) as r:
+                await r.read()
+    await send(proxy, 1)
+    rows = await rows_eventually(proxy.gateway.services.store, 1)
+    await asyncio.sleep(0.2)
+    rows = await proxy.gateway.services.store.spend_logs()
+    assert [(r.model, r.status) for r in rows] == [("gpt-test", 200)]

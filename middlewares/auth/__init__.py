@@ -342,7 +342,7 @@ def _money(amount: int) -> str:
 
 def _budget_error(exc: BudgetExceeded, now: float) -> ProxyError:
     b = exc.budget
-    message = f"Budget exceeded: the {b.describe()}'s budget of {_money(b.limit)} is spent ({_money(exc.spent)}"
+    message = f"Budget exceeded: {b.describe()} ({_money(b.limit)}) is spent ({_money(exc.spent)}"
     message += " this period)." if exc.resets_at is not None else ")."
     headers = {"x-should-retry": "false"}
     retry_after = exc.retry_after(now)

@@ -182,7 +182,8 @@ class Budget:
         return start, start + self.duration
 
     def describe(self) -> str:
-        return "key" if self.scope == "key" else f"team '{self.id}'"
+        """The budget, for messages ("team 'org-2''s budget" would read badly)."""
+        return "this key's budget" if self.scope == "key" else f"the budget of team '{self.id}'"
 
 
 def _budget(scope: str, ident: str, limit: Decimal | None, duration: str | None,

@@ -19,7 +19,8 @@ import os
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .periodic import every
@@ -46,6 +47,8 @@ class Metrics:
         self._prom: dict[str, Any] = {}
         self.drains: list[Any] = []  # sinks holding records not yet counted: drained before reading
         self.registry = CollectorRegistry(auto_describe=False)
+        if not self.multiprocess:  # process_cpu_seconds_total, process_resident_memory_bytes...
+            ProcessCollector(registry=self.registry)
         team = ("team",) if team_label else ()
         self.define("llmproxy_requests_total", "counter", "Requests by outcome.",
                     ("model", "deployment", "status") + team)
@@ -200,6 +203,7 @@ class MetricsSink:
         self.m.drains.append(self.drain)
         self.pending: list["Record"] = []
         self._flusher: asyncio.Task | None = None
+        self._flush_soon = False
 
     async def startup(self) -> None:
         self._flusher = asyncio.create_task(every(1.0, self.m.tick, "metrics_flush"))
@@ -213,6 +217,18 @@ class MetricsSink:
 
     def emit(self, record: "Record") -> None:
         self.pending.append(record)
+        # With workers, a scrape of any worker reads the others' files: write them right
+        # after the requests of this turn of the loop, so a scrape sees every request done.
+        if self.m.multiprocess and not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        try:
+            self.m.tick()
+        except Exception:  # the periodic tick logs a failure that persists
+            pass
 
     def drain(self) -> None:
         pending, self.pending = self.pending, []

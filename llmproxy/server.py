@@ -119,6 +119,7 @@ class Gateway:
                 app.router.add_post(path, handler)
         for path in ("/v1/models", "/models"):
             app.router.add_get(path, self._handler("models"))
+        app.router.add_get("/health", self.liveliness)
         app.router.add_get("/health/liveliness", self.liveliness)
         app.router.add_get("/health/liveness", self.liveliness)
         app.router.add_get("/health/readiness", self.readiness)
@@ -200,9 +201,19 @@ class Gateway:
         # Dependencies are shown, but only draining or a failed start makes this replica
         # unready: with the database or Redis down it keeps serving (cached keys, local
         # limits), and taking every replica out of rotation at once would serve no one.
-        state = dict(self.services.readiness)
+        state: dict[str, Any] = dict(self.services.readiness)
         ready = not self.draining and state.get("config") == "ok"
         state["status"] = "ready" if ready else ("draining" if self.draining else "not_ready")
+        details = {}
+        for part in self.middlewares + self.sinks:  # a part may say more: the spend log, the scheduler
+            health = getattr(part, "health", None)
+            if health is not None:
+                try:
+                    details.update(health())
+                except Exception:
+                    log.exception("health_failed", part=type(part).__name__)
+        if details:
+            state["details"] = details
         return web.Response(body=orjson.dumps(state), status=200 if ready else 503, content_type=_JSON)
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -169,6 +169,12 @@ class SpendWriter:
             if self._spiller is None or self._spiller.done():
                 self._spiller = asyncio.get_running_loop().create_task(self._spill_overflow())
 
+    def health(self) -> dict[str, Any]:
+        """For /health/readiness: how the spend log is doing."""
+        return {"spend_log": {"state": self.services.readiness.get("spend_log", "ok"), "queued": len(self.queue),
+                              "spilling": len(self._overflow), "spilled": self.spilled, "written": self.written,
+                              "spill_file": self._spill_pending}}
+
     # --- lifecycle ------------------------------------------------------------------------
 
     async def startup(self) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from typing import Any
 
 import orjson
@@ -183,3 +184,28 @@ async def test_the_scheduler_before_pii_takes_no_quota_for_what_pii_refuses(upst
                               json={"model": "gpt-test", "messages": [{"role": "user", "content": content}]}) as r:
                 statuses.append(r.status)
     assert statuses == [400, 400, 400, 200, 429]  # the one request of quota went to the first clean one
+
+
+# --- health as documented --------------------------------------------------------------------
+
+
+async def test_health_alias_readiness_details_and_process_metrics(upstream, make_proxy) -> None:
+    import aiohttp
+
+    from .conftest import openai_config
+
+    mws = [{"scheduler": {}}] if importlib.util.find_spec("llmproxy.middlewares.scheduler") else []
+    proxy = await make_proxy(openai_config(upstream, middlewares=mws))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.url + "/health") as r:
+            assert r.status == 200 and (await r.json()) == {"status": "ok"}
+        async with s.get(proxy.url + "/health/readiness") as r:
+            state = await r.json()
+        async with s.get(proxy.url + "/metrics") as r:
+            text = await r.text()
+    assert state["status"] == "ready"
+    spend = state["details"]["spend_log"]
+    assert {"state", "queued", "spilling", "spilled", "written"} <= set(spend) and spend["queued"] >= 0
+    if mws:
+        assert state["details"]["scheduler"] == {"mode": "local", "replicas": 1}
+    assert "process_resident_memory_bytes" in text and "process_cpu_seconds_total" in text

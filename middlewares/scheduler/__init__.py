@@ -26,7 +26,7 @@ buckets with their local fallback (`redis`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .admission import NO_LEASE, Lease, RateScheduler, define_metrics
 from .bucket import TokenBucket
@@ -78,6 +78,13 @@ class Scheduler:
     async def shutdown(self) -> None:
         if self.remote is not None:
             await self.remote.stop()
+
+    def health(self) -> dict[str, Any]:
+        """For /health/readiness: where the buckets are, and the replicas they are shared by."""
+        remote = self.remote
+        if remote is None:
+            return {"scheduler": {"mode": "local", "replicas": 1}}
+        return {"scheduler": {"mode": "local-fallback" if remote.fallback else "redis", "replicas": remote.replicas}}
 
     async def __call__(self, ctx: "Context", call_next: "Next") -> "Reply":
         """Installs the admission step; the wait, if any, happens when the forwarder asks."""

@@ -299,10 +299,13 @@ async def _run(config: Config, host: str, port: int, reuse_port: bool = False, b
     log.info("serving", host=host, port=port, pid=os.getpid(), models=[m.name for m in config.models],
              middlewares=[m.name for m in config.middlewares])
     await stop.wait()
-    # SIGTERM: readiness answers 503 at once; stop accepting; in-flight requests get up to
-    # graceful_timeout to finish (aiohttp's shutdown_timeout); then flush and exit 0.
+    # SIGTERM: readiness answers 503 at once; for drain_delay the listener still accepts; then
+    # it stops accepting, in-flight requests get up to graceful_timeout to finish (aiohttp's
+    # shutdown_timeout; a stream cut then is recorded as server_shutdown); flush and exit 0.
     gateway.draining = True
-    log.info("draining", graceful_timeout=config.server.graceful_timeout)
+    log.info("draining", drain_delay=config.server.drain_delay, graceful_timeout=config.server.graceful_timeout)
+    if config.server.drain_delay:  # readiness says 503; new requests are still served meanwhile
+        await asyncio.sleep(config.server.drain_delay)
     if admin_runner is not None:
         await admin_runner.cleanup()
     await runner.cleanup()

@@ -63,6 +63,9 @@ class ServerConfig:
     workers: int = field(default=1, metadata={"min": 1})
     max_body_bytes: int = field(default=10 * 1024 * 1024, metadata={"min": 1})
     graceful_timeout: float = field(default=30.0, metadata={"min": 0})
+    # seconds, on SIGTERM, during which readiness answers 503 while the listener still
+    # accepts (a load balancer's time to notice); then it closes and graceful_timeout runs
+    drain_delay: float = field(default=0.0, metadata={"min": 0})
     allow_anonymous: bool = False
     admin_port: int | None = field(default=None, metadata={"min": 1, "max": 65535})
     access_log: bool = True

@@ -259,7 +259,12 @@ class Gateway:
                 record.error_type, record.error_code = exc.type, exc.code
             return await self._write(request, reply, record)
         except asyncio.CancelledError:
-            record.client_disconnected = True
+            if self.draining:  # cut by the shutdown's graceful_timeout, not by the client
+                record.error_type, record.error_code = "api_error", "server_shutdown"
+                if record.status == 0:
+                    record.status = 503
+            else:
+                record.client_disconnected = True
             raise
         finally:
             self.inflight -= 1

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -204,3 +205,42 @@ def test_a_port_in_use_is_one_line_and_exit_2(tmp_path) -> None:
     assert out.returncode == 2
     assert f"llmproxy: cannot start: 127.0.0.1:{port} is already in use" in out.stderr
     assert "Traceback" not in out.stderr and "listening" not in out.stderr
+
+
+def test_drain_delay_keeps_serving_while_readiness_says_503_and_a_cut_stream_is_server_shutdown(tmp_path: Path):
+    port = free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"server: {{port: {port}, drain_delay: 1.5, graceful_timeout: 0.5}}\n"
+                   "models:\n  - name: slow\n    deployments: [{provider: mock, chunks: 100, chunk_delay_ms: 100}]\n"
+                   "  - name: mock\n    deployments: [{provider: mock}]\n")
+    proc = subprocess.Popen([PY, "-m", "llmproxy", "serve", "--config", str(cfg)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        wait_live(port, proc)
+        stream = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+                                        data=json.dumps({"model": "slow", "stream": True,
+                                                         "messages": [{"role": "user", "content": "x"}]}).encode())
+        with urllib.request.urlopen(stream, timeout=30) as resp:
+            assert resp.readline().startswith(b"data: ")
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            try:  # readiness: 503 at once
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health/readiness", timeout=5)
+                ready = 200
+            except urllib.error.HTTPError as exc:
+                ready = exc.code
+            assert ready == 503
+            chat = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+                                          data=b'{"model":"mock","messages":[{"role":"user","content":"x"}]}')
+            with urllib.request.urlopen(chat, timeout=10) as answer:  # still served during drain_delay
+                assert answer.status == 200
+            try:
+                resp.read()  # the 10 s stream is cut by graceful_timeout
+            except Exception:
+                pass
+        assert proc.wait(timeout=30) == 0
+        lines = [json.loads(ln) for ln in proc.stdout.read().splitlines() if ln.startswith("{")]
+        cut = [ln for ln in lines if ln.get("event") == "request" and ln.get("model") == "slow"]
+        assert cut and cut[0]["error"] == "server_shutdown" and not cut[0].get("client_disconnected")
+    finally:
+        stop(proc)

@@ -51,7 +51,7 @@ BAD = [
     (cfg(server={"port": 0}), "server.port: must be >= 1"),
     (cfg(server={"port": 70000}), "server.port: must be <= 65535"),
     (cfg(server={"prot": 1}), "server.prot: unknown key (known: host, port, workers, max_body_bytes, "
-                              "graceful_timeout, allow_anonymous, admin_port, access_log); did you mean 'port'?"),
+                              "graceful_timeout, drain_delay, allow_anonymous, admin_port, access_log); did you mean 'port'?"),
     (cfg(server={"workers": 0}), "server.workers: must be >= 1"),
     (cfg(server={"max_body_bytes": -5}), "server.max_body_bytes: must be >= 1"),
     (cfg(server={"graceful_timeout": -1}), "server.graceful_timeout: must be >= 0"),

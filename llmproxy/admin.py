@@ -469,6 +469,9 @@ class Admin:
             Route("GET", "/audit/logs", AUDIT_LOGS, self.audit_logs, _none),
         ]
         self._by_path = {(r.method, r.path): r for r in self.routes}
+        self._methods: dict[str, list[str]] = {}
+        for r in self.routes:
+            self._methods.setdefault(r.path, []).append(r.method)
         self.actions = tuple(r.action for r in self.routes)
 
     def register(self, app: web.Application) -> None:
@@ -487,6 +490,10 @@ class Admin:
         serve = functools.partial(self.gateway.serve, api="admin")
         for route in self.routes:
             app.router.add_route(route.method, route.path, serve)
+        for path, methods in self._methods.items():  # a known path, another method: 405 (after the key)
+            for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+                if method not in methods:
+                    app.router.add_route(method, path, serve)
 
     @property
     def store(self) -> Store:
@@ -505,8 +512,14 @@ class Admin:
         """Authorize, check the fields, act, keep the audit row of a write, answer."""
         request = ctx.request
         assert request is not None
-        route = self._by_path[(request.method, request.path)]  # only these routes lead here
+        route = self._by_path.get((request.method, request.path))
         record = ctx.record
+        if route is None:  # a known path with another method (the only other way here)
+            allowed = self._methods[request.path]
+            record.action = self._by_path[(allowed[0], request.path)].action
+            record.actor = await self._authorize(ctx.api_key)  # who may know the path exists
+            raise ProxyError(405, f"{request.method} is not allowed on {request.path}; use {', '.join(allowed)}.",
+                             "invalid_request_error", "method_not_allowed", headers={"Allow": ", ".join(allowed)})
         record.action = route.action
         record.actor = await self._authorize(ctx.api_key)
         args: dict[str, Any] = {}
@@ -632,8 +645,9 @@ class Admin:
         result: dict[str, Any] = {"keys": views if args.get("return_full_object") else [i.id for i in found]}
         if not args.get("return_full_object"):
             result["key_infos"] = views
-        result.update(current_page=page, page_size=size, has_more=more)
+        result.update(current_page=page, page_size=size, has_more=more, total_count=await self.store.count_keys(team, user))
         return result
+
 
     # -- teams
 

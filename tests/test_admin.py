@@ -423,7 +423,9 @@ async def test_key_list_filters_and_pages(api):
     pages = [await api.ok("GET", "/key/list", query={"team_id": "t", "size": "2", "page": str(p)}) for p in (1, 2, 3)]
     assert [p["keys"] for p in pages] == [made[0:2], made[2:4], made[4:]]
     assert [p["has_more"] for p in pages] == [True, True, False]
+    assert [p["total_count"] for p in pages] == [5, 5, 5]  # LiteLLM's field: every matching key
     by_user = await api.ok("GET", "/key/list", query={"team_id": "t", "user_id": "u1"})
+    assert by_user["total_count"] == 2
     assert by_user["keys"] == [made[1], made[3]]
     full = await api.ok("GET", "/key/list", query={"user_id": "u0", "return_full_object": "true"})
     assert [k["token"] for k in full["keys"]] == [made[0], made[2], made[4]] and "key_infos" not in full
@@ -545,3 +547,17 @@ async def test_fuzz_bodies_never_500(api, path, body):
 async def test_fuzz_queries_never_500(api, path, query):
     status, data = await api.call("GET", path, query=query)
     assert status in (200, 400, 404), (status, data)
+
+
+async def test_a_known_path_with_another_method_is_405_for_the_master_key_only(api):
+    status, err = await api.error("POST", "/key/list", body={})
+    assert status == 405 and err["code"] == "method_not_allowed" and "GET" in err["message"]
+    async with api.session.post(api.proxy.url + "/key/info", headers=AUTH, json={}) as resp:
+        assert resp.status == 405 and resp.headers["Allow"] == "GET"
+    status, err = await api.error("GET", "/key/generate")
+    assert status == 405
+    # who holds no valid key learns nothing about which paths exist
+    status, err = await api.error("POST", "/key/list", body={}, headers={})
+    assert status == 401
+    status, err = await api.error("DELETE", "/key/generate", headers={"Authorization": "Bearer sk-wrong"})
+    assert status == 401

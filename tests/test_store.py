@@ -330,6 +330,8 @@ async def test_list_keys_pages_and_filters(store) -> None:
     assert await store.list_keys(team_id="b", user_id="u2") == [created[4], created[6]]
     assert await store.list_keys(team_id="b", user_id="u2", page=2, page_size=1) == [created[6]]
     assert await store.list_keys(team_id="nobody") == []
+    assert (await store.count_keys(), await store.count_keys(team_id="a"), await store.count_keys(user_id="u1"),
+            await store.count_keys(team_id="b", user_id="u2"), await store.count_keys(team_id="nobody")) == (7, 3, 3, 2, 0)
     for bad in ({"page": 0}, {"page_size": 0}, {"page_size": 1001}):
         with pytest.raises(ValueError):
             await store.list_keys(**bad)

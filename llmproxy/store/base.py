@@ -327,6 +327,10 @@ class Store(abc.ABC):
     # -- teams
 
     @abc.abstractmethod
+    async def count_keys(self, team_id: str | None = None, user_id: str | None = None) -> int:
+        """How many keys `list_keys` would page through with these filters."""
+
+    @abc.abstractmethod
     async def create_team(self, info: TeamInfo) -> TeamInfo:
         """Store a new team; returns it with its timestamps. AlreadyExists."""
 

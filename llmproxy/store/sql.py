@@ -183,6 +183,12 @@ class SqlStore(Store):
         )
         return await self._select(KeyInfo, sql, params)
 
+    async def count_keys(self, team_id: str | None = None, user_id: str | None = None) -> int:
+        params = Params(self._d)
+        where = params.where(("team_id", "=", team_id), ("user_id", "=", user_id))
+        rows = await self._d.fetch(f"SELECT COUNT(*) FROM {KEYS} {where}", params)
+        return int(rows[0][0])
+
     async def create_team(self, info: TeamInfo) -> TeamInfo:
         info = stamped(info)
         try:

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -178,21 +179,28 @@ async def _keys_create(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _all_keys(store: "Store", team: str | None = None, user: str | None = None) -> list[Any]:
+    found, page = [], 1
+    while True:
+        batch = await store.list_keys(team, user, page=page, page_size=1000)
+        found += batch
+        if len(batch) < 1000:
+            return found
+        page += 1
+
+
 async def _keys_list(config: Config, args: argparse.Namespace) -> int:
-    found = []
     async with _opened(config) as store:
-        page = 1
-        while True:
-            batch = await store.list_keys(args.team, args.user, page=page, page_size=1000)
-            found += batch
-            if len(batch) < 1000:
-                break
-            page += 1
+        found = await _all_keys(store, args.team, args.user)
+    now = datetime.now(timezone.utc)
+    print(f"{_where(config)}: {len(found)} key{'' if len(found) == 1 else 's'}", file=sys.stderr)
     rows = [("ID", "ALIAS", "TEAM", "USER", "MODELS", "EXPIRES", "BLOCKED")]
     for k in found:
+        expires = k.expires_at.isoformat(timespec="seconds") if k.expires_at else "never"
+        if k.expires_at is not None and k.expires_at <= now:
+            expires += " (expired)"
         rows.append((k.id[:12], k.key_alias or "-", k.team_id or "-", k.user_id or "-",
-                     ",".join(k.models) or "*", k.expires_at.isoformat(timespec="seconds") if k.expires_at else "never",
-                     "yes" if k.blocked else "no"))
+                     ",".join(k.models) or "*", expires, "yes" if k.blocked else "no"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -206,24 +214,49 @@ async def _keys_revoke(config: Config, args: argparse.Namespace) -> int:
     from .services import open_redis
 
     redis = open_redis(config.redis_url) if config.redis_url else None
+    refs: dict[str, str] = {}  # what was named -> the id it names
+    problems = 0
     try:
         async with _opened(config) as store:
+            every = None
+            for ref in args.refs:
+                if _ID_PREFIX.fullmatch(ref):  # the short id `keys list` prints: a unique prefix
+                    every = every if every is not None else [k.id for k in await _all_keys(store)]
+                    matches = [i for i in every if i.startswith(ref)]
+                    if len(matches) == 1:
+                        refs[ref] = matches[0]
+                        continue
+                    problems += 1
+                    if matches:
+                        print(f"ambiguous: {ref} is the start of {len(matches)} keys: "
+                              + ", ".join(m[:16] for m in matches[:10]), file=sys.stderr)
+                    else:
+                        print(f"not found: {ref}", file=sys.stderr)
+                    continue
+                refs[ref] = key_id(ref)
             # With Redis, every replica's auth cache drops the keys at once; without, a
             # running server still stops accepting them within its auth cache_ttl.
-            deleted = set(await delete_keys(store, args.refs, Invalidator(redis) if redis else None))
+            deleted = set(await delete_keys(store, list(refs.values()), Invalidator(redis) if redis else None))
     finally:
         if redis is not None:
             await redis.aclose()
-    missing = 0
-    for ref in args.refs:
-        ident = key_id(ref)
-        shown = ident if ident == ref else keys.display(ref)
+    missing = problems
+    for ref, ident in refs.items():
+        shown = ident if ident == ref else (ref if _ID_PREFIX.fullmatch(ref) else keys.display(ref))
         if ident in deleted:
             print(f"deleted {ident}" + ("" if ident == ref else f" ({shown})"))
         else:
             missing += 1
             print(f"not found: {shown}", file=sys.stderr)
+    if deleted:
+        print(f"{_where(config)}: {len(deleted)} deleted; " + (
+            "running servers were told through Redis" if redis is not None else
+            "without redis_url, running servers stop accepting them within their auth cache_ttl (30 s by default)"),
+            file=sys.stderr)
     return 1 if missing else 0
+
+
+_ID_PREFIX = re.compile(r"[0-9a-f]{6,63}")  # shorter than a whole id (64), long enough to mean one
 
 
 _KEY_COMMANDS = {"create": _keys_create, "list": _keys_list, "revoke": _keys_revoke}

@@ -187,3 +187,30 @@ def test_admin_port_serves_the_admin_api_alone(tmp_path):
         assert get(admin_port, "/v1/models") == 404
     finally:
         assert stop(proc) == 0
+
+
+async def test_revoke_takes_the_short_id_that_list_prints(tmp_path):
+    from llmproxy.store import KeyInfo, open_store
+
+    config, db = write_config(tmp_path)
+    store = await open_store(None, sqlite_path=db)
+    await store.migrate()
+    past = datetime.now(timezone.utc) - timedelta(days=1)
+    made = {}
+    for ident in ("abcdef01" + "0" * 56, "abcdef02" + "0" * 56, "123456ff" + "0" * 56):  # two share a prefix
+        made[ident] = await store.create_key(ident, KeyInfo(id=ident, key_prefix="sk-...", blocked=ident[0] == "1",
+                                                            expires_at=past if ident[0] == "1" else None))
+    await store.close()
+
+    code, out, err = await cli("keys", "list", "--config", config)
+    assert code == 0 and f"sqlite {db}: 3 keys" in err
+    line = next(ln for ln in out.splitlines() if ln.startswith("123456ff0000"))
+    assert "(expired)" in line and line.split()[-1] == "yes"  # expired and blocked, said so
+
+    code, out, err = await cli("keys", "revoke", "--config", config, "abcdef")  # two keys start so
+    assert code == 1 and "ambiguous: abcdef is the start of 2 keys" in err and not out
+    code, out, err = await cli("keys", "revoke", "--config", config, "123456ff0000")  # the short id
+    assert code == 0 and out.strip() == f"deleted {'123456ff' + '0' * 56} (123456ff0000)"
+    assert f"sqlite {db}: 1 deleted" in err and "within their auth cache_ttl" in err
+    code, out, err = await cli("keys", "revoke", "--config", config, "ffffff")
+    assert code == 1 and "not found: ffffff" in err

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import os
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable
 
 import aiohttp
 import orjson
@@ -302,15 +302,16 @@ class Gateway:
         if reply.content_length is not None:
             resp.content_length = reply.content_length
         try:
-            await resp.prepare(request)
-            async for chunk in body:
-                await resp.write(chunk)
-            await resp.write_eof()
+            try:
+                await _to_client(resp.prepare(request))
+                async for chunk in body:
+                    await _to_client(resp.write(chunk))
+                await _to_client(resp.write_eof())
+            except _ClientGone:  # the client went away while we wrote (a reset, a closed socket)
+                record.client_disconnected = True
         except BodyCut:  # the answer cannot be finished: the client sees the connection close
             if request.transport is not None:
                 request.transport.close()
-        except ConnectionError:  # the client went away while we wrote (a reset, a closed socket)
-            record.client_disconnected = True
         finally:
             aclose = getattr(body, "aclose", None)
             if aclose is not None:
@@ -319,6 +320,17 @@ class Gateway:
                 except Exception:
                     log.exception("body_close_failed", request_id=record.request_id)
         return resp
+
+class _ClientGone(Exception):
+    """Writing to the client failed: only the writes say so, never an error from the body."""
+
+
+async def _to_client(write: Awaitable[Any]) -> Any:
+    try:
+        return await write
+    except ConnectionError:
+        raise _ClientGone from None
+
 
 def _start(path: str, cls: type, options: Any, services: Services) -> Any:
     """Construct a plugin; a failure is a config error naming it, not a traceback at start."""

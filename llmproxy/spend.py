@@ -262,18 +262,30 @@ class SpendWriter:
             await self._reject(rejected)
 
     async def _write_one_by_one(self, rows: list[SpendRow], rejected: list[tuple[Any, str]]) -> None:
+        """Each row alone: the ones the database refuses are set apart. When not one row of
+        several lands, the database is failing, not the data (an error no store maps to
+        StoreUnavailable): they all go back to the queue to be retried, none is set apart."""
         store = self.services.store
+        refused: list[tuple[Any, str]] = []
+        landed = 0
         for i, row in enumerate(rows):
             try:
                 await store.write_spend([row])
-                self.written += 1
+                landed += 1
             except StoreUnavailable:
-                self.queue.extendleft(reversed(rows[i:]))
+                self.queue.extendleft(reversed([r for r, _ in refused] + rows[i:]))
                 if rejected:
                     await self._reject(rejected)
                 raise
             except Exception as exc:
-                rejected.append((row, f"{type(exc).__name__}: {exc}"))
+                refused.append((row, f"{type(exc).__name__}: {exc}"))
+        self.written += landed
+        if refused and not landed and len(rows) > 1:
+            self.queue.extendleft(reversed(rows))
+            if rejected:
+                await self._reject(rejected)
+            raise StoreUnavailable(f"every row of a batch of {len(rows)} failed: {refused[0][1]}")
+        rejected.extend(refused)
 
     async def _reject(self, rejected: list[tuple[Any, str]]) -> None:
         """Rows no database takes go to `<spill_path>.rejected` (JSON lines with the reason),

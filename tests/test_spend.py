@@ -310,3 +310,26 @@ async def test_model_lists_and_unknown_paths_make_no_spend_row(upstream, make_pr
     await asyncio.sleep(0.2)
     rows = await proxy.gateway.services.store.spend_logs()
     assert [(r.model, r.status) for r in rows] == [("gpt-test", 200)]
+
+
+async def test_an_unmapped_database_failure_is_retried_not_set_apart(upstream, make_proxy, tmp_path, monkeypatch):
+    """Every row of a batch fails alone too (the driver's error is none the store maps to
+    StoreUnavailable): the database is failing, not the data; the rows wait and land later."""
+    proxy = await make_proxy(openai_config(upstream, spend={"flush_interval": 0.05,
+                                                             "spill_path": str(tmp_path / "spill.jsonl")}))
+    store = proxy.gateway.services.store
+    real, down = store.write_spend, [True]
+
+    async def failing(rows):
+        if down[0]:
+            raise RuntimeError("cannot perform operation: connection is closing")
+        return await real(rows)
+
+    monkeypatch.setattr(store, "write_spend", failing)
+    for r in records_of(proxy, 5):
+        writer_of(proxy).emit(r)
+    await asyncio.sleep(0.4)
+    assert not (tmp_path / "spill.jsonl.rejected").exists()
+    down[0] = False
+    rows = await rows_eventually(store, 5)
+    assert len(rows) == 5

@@ -39,10 +39,20 @@ def open_redis(url: str, max_connections: int = 256, timeout: float = 0.25) -> A
     The pool blocks (up to the same short timeout) when all its connections are busy:
     redis-py's default pool raises "Too many connections" past 100 concurrent calls,
     which under load would look like Redis being down and flip every limit to its
-    local fallback."""
+    local fallback.
+
+    A call on a pooled connection that Redis closed (it restarted) is retried once on a
+    new connection, so a restart costs each stale connection nothing instead of one
+    error. Timeouts are not retried (a hung Redis costs one `timeout`). A command runs
+    twice only if Redis died between running it and answering, when a restarted Redis
+    has lost its first effect anyway (and a doubled take or charge errs towards refusing)."""
     import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
-        socket_connect_timeout=timeout, health_check_interval=15, retry_on_timeout=False)
+        socket_connect_timeout=timeout, health_check_interval=15, retry_on_timeout=False,
+        retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
     return aioredis.Redis(connection_pool=pool)

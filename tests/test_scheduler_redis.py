@@ -263,3 +263,187 @@ async def test_provider_429_pauses_the_deployment_on_every_replica(private_redis
         for _, remote in replicas:
             await remote.stop()
             await remote.redis.aclose()
+
+
+# -- a Redis restart (issue 12): limits hold through it
+
+
+def _pool_connections(pool) -> int:
+    return len(getattr(pool, "_connections", []))
+
+
+async def test_a_restart_costs_stale_pooled_connections_no_error(private_redis):
+    """Every pooled connection is dead after a restart; each is retried once on a new
+    connection instead of failing the call (which would flip limits to their fallback)."""
+    from llmproxy.services import open_redis
+
+    r = open_redis(private_redis.url, max_connections=8)
+    try:
+        await asyncio.gather(*(r.blpop(["nothing-here"], timeout=0.1) for _ in range(8)))
+        private_redis.kill()
+        private_redis.start()
+        results = await asyncio.gather(*(r.ping() for _ in range(8)), return_exceptions=True)
+        assert results == [True] * 8
+        assert await r.ping()
+    finally:
+        await r.aclose()
+
+
+async def _replicas_on(url: str, n: int, dep, clock=time.monotonic):
+    import redis.asyncio as aioredis
+
+    from llmproxy.metrics import Metrics
+    from llmproxy.middlewares.scheduler import RateScheduler
+    from llmproxy.middlewares.scheduler.redis import RedisBuckets
+
+    out = []
+    for _ in range(n):
+        sched = RateScheduler([dep], clock=clock, wall=time.time, metrics=Metrics())
+        remote = RedisBuckets(aioredis.from_url(url, socket_timeout=0.25), sched, readiness={}, heartbeat=60)
+        await remote.start()
+        out.append(remote)
+    return out
+
+
+def _ctx_for(model):
+    from llmproxy.testing import make_context
+
+    return make_context({"model": "m", "messages": [{"role": "user", "content": "x"}]}, model=model)
+
+
+def _dep_and_model(**limits):
+    from llmproxy.config import Deployment, Model
+
+    dep = Deployment(provider="openai", id="openai:d", **limits)
+    return dep, Model(name="m", deployments=(dep,))
+
+
+async def _drain(remote, dep, model, n: int) -> None:
+    from llmproxy.usage import Usage
+
+    for _ in range(n):
+        (await remote.sched.acquire(_ctx_for(model), dep)).release(Usage(1, 1))
+    await asyncio.sleep(0.05)  # the settles land
+
+
+async def _level(admin, dep) -> float:
+    return float((await admin.hget(f"llmproxy:rl:dep:{dep.id}:requests", "l")).decode())
+
+
+async def test_a_heartbeat_that_finds_redis_empty_writes_the_buckets_back(private_redis):
+    import redis.asyncio as aioredis
+
+    dep, model = _dep_and_model(rpm=6, burst=4, max_queue_size=0)
+    a, b, c = await _replicas_on(private_redis.url, 3, dep)
+    admin = aioredis.from_url(private_redis.url)
+    try:
+        for remote in (a, b, c):
+            await remote.beat()
+        assert [x.replicas for x in (a, b, c)] == [3, 3, 3]
+        await _drain(a, dep, model, 4)  # the whole shared burst, taken on a
+        await admin.flushall()  # what a restart without persistence does to the state
+        await a.beat()
+        assert a.reseeds == 1
+        assert await _level(admin, dep) < 1  # written back as empty as it was, not refilled to 4
+        with pytest.raises(Exception) as refused:  # b's own view is stale-full: Redis holds it
+            await b.sched.acquire(_ctx_for(model), dep)
+        assert refused.value.status == 429
+        # The replica set holds one mark again, but the count stays 3 for the fallback share
+        assert a.replicas == 3
+        a._failed(ConnectionError("test"))
+        assert a.sched.table.share == pytest.approx(1 / 3)
+        bucket = a.sched.table.buckets[f"dep:{dep.id}:requests"]
+        assert bucket.capacity == pytest.approx(4 / 3) and bucket.level < 1 / 3  # not refilled
+        await a.beat()  # Redis answers again: back to the shared buckets, still not refilled
+        assert not a.fallback and a.sched.table.share == 1.0
+        assert a.sched.table.buckets[f"dep:{dep.id}:requests"].level < 1
+        assert await _level(admin, dep) < 1
+    finally:
+        for remote in (a, b, c):
+            await remote.stop()
+            await remote.redis.aclose()
+        await admin.aclose()
+
+
+async def test_an_admission_that_finds_redis_empty_takes_nothing_until_written_back(private_redis):
+    """The replica that notices writes back first; the others at their next heartbeat (the
+    new epoch tells them), each leaving the buckets at most as full as it saw them."""
+    import redis.asyncio as aioredis
+
+    dep, model = _dep_and_model(rpm=6, burst=4, max_queue_size=0)
+    a, b, c = await _replicas_on(private_redis.url, 3, dep)
+    admin = aioredis.from_url(private_redis.url)
+    try:
+        await _drain(a, dep, model, 4)
+        await _drain(b, dep, model, 0)
+        await admin.flushall()
+        lease = await b.sched.acquire(_ctx_for(model), dep)  # b saw the bucket full: its view is all it has
+        lease.release(None)
+        assert b.reseeds == 1 and await admin.exists("llmproxy:epoch")
+        await a.beat()  # a sees the new epoch and writes back what it saw: empty
+        assert a.reseeds == 1
+        assert await _level(admin, dep) < 1
+        with pytest.raises(Exception) as refused:
+            await c.sched.acquire(_ctx_for(model), dep)
+        assert refused.value.status == 429
+        await c.beat()  # c knew the first epoch too; its view (full) changes nothing
+        assert await _level(admin, dep) < 1
+    finally:
+        for remote in (a, b, c):
+            await remote.stop()
+            await remote.redis.aclose()
+        await admin.aclose()
+
+
+async def test_heartbeat_finds_the_state_lost_and_writes_back_slots(private_redis):
+    """Without a request to notice, the next heartbeat notices: a parallel slot in flight
+    is written back, so another replica still sees the cap full."""
+    import redis.asyncio as aioredis
+
+    from llmproxy.testing import make_context
+
+    dep, model = _dep_and_model(max_queue_wait=0.2)
+    (a,) = await _replicas_on(private_redis.url, 1, dep)
+    admin = aioredis.from_url(private_redis.url)
+    try:
+        from llmproxy.testing import TestPrincipal
+
+        ctx = make_context({"model": "m", "messages": [{"role": "user", "content": "x"}]}, model=model)
+        ctx.principal = TestPrincipal(key_id="k", max_parallel_requests=1)
+        lease = await a.sched.acquire(ctx, dep)
+        assert a.held
+        (slot_key,) = next(iter(a.held.values()))
+        await admin.flushall()
+        await a.beat()
+        assert a.reseeds == 1 and not a.fallback
+        assert await admin.zcard(slot_key) == 1
+        assert await admin.exists("llmproxy:replicas") and await admin.exists("llmproxy:epoch")
+        lease.release(None)
+        await asyncio.sleep(0.05)
+        assert await admin.zcard(slot_key) == 0
+    finally:
+        await a.stop()
+        await a.redis.aclose()
+        await admin.aclose()
+
+
+async def test_limits_hold_through_a_redis_restart(private_redis, proxies):
+    """Three replicas drain one bucket (10 at once, 1 a second); Redis restarts empty.
+    What they admit in the next 2 s is what refilled, not a fresh bucket (10 more) nor a
+    full local bucket each from a share computed as if alone (30 more)."""
+    ps = await proxies(3, private_redis.url, {"rpm": 60, "burst": 10, "max_queue_size": 0})
+    await _wait_replicas(ps, 3)
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as s:
+        before: list = []
+        await asyncio.gather(*[_hammer(s, p.url, loop.time() + 1.0, before) for p in ps])
+        assert 429 in {status for _, status in before}  # drained
+        private_redis.kill()
+        private_redis.start()
+        after: list = []
+        await asyncio.gather(*[_hammer(s, p.url, loop.time() + 2.0, after) for p in ps])
+    assert {status for _, status in after} <= {200, 429}
+    admitted = sum(1 for _, status in after if status == 200)
+    assert admitted <= 1 + 2 * 1.0 + 3, admitted
+    assert all(p.sched.remote.replicas == 3 for p in ps)
+    assert sum(p.sched.remote.reseeds for p in ps) >= 1

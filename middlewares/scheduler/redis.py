@@ -14,10 +14,23 @@ ONE Lua script, atomic, with time from Redis's own `TIME` (never a replica's clo
 (The replica count is one sorted set rather than a key per replica so that counting needs
 no SCAN of the keyspace.)
 
-Any Redis error or timeout (the client's are 0.25 s) switches this replica to a local
-table holding 1/N of every limit (N from the last heartbeat), logged and shown as
+Any Redis error or timeout (the client's are 0.25 s; a pooled connection that Redis
+closed is retried once on a new one, see `services.open_redis`) switches this replica to a
+local table holding 1/N of every limit, logged and shown as
 `readiness["scheduler"] = "local-fallback"`; the next heartbeat that succeeds switches
-back. No request fails because Redis did.
+back. No request fails because Redis did. N is the largest count of the last
+`REPLICA_WINDOW` seconds, so a Redis that restarted empty (and counts one replica until
+the others beat again) does not hand each replica the whole limit.
+
+Neither switch refills a bucket: each table starts as full as the one it replaces
+(`BucketTable.rescaled`). A Redis that lost its state (restarted empty, flushed, evicted)
+would answer every bucket full. An `epoch` key marks the state: TAKE refuses while it is
+missing, and HEARTBEAT answers it, so a replica learns of the loss at its next admission or
+heartbeat and writes back what it knows (RESEED: each bucket at most as full as its own
+table says, the parallel slots it holds, its mark, a new epoch); every other replica sees
+the new epoch at its next heartbeat and writes back too. Until then the shared buckets are
+as full as the first replica to notice saw them (under load each replica's view is recent).
+A replica back from its fallback writes back its own view the same way.
 """
 
 from __future__ import annotations
@@ -61,10 +74,12 @@ local function store(key, level, cap, rate, now)
 end
 """
 
-# KEYS: pause, bucket hashes (nb), slot sets (ns)
+# KEYS: pause, bucket hashes (nb), slot sets (ns), the epoch
 # ARGV: nb, ns, lease id, lease ttl ms, then cap, rate, need per bucket, then limit per slot set
+# -> {status, blocked or pause, levels...}; status -2: no epoch (Redis lost its state), nothing taken
 TAKE = _REFILL + """
 local nb, ns = tonumber(ARGV[1]), tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {'-2', '0'} end
 local now = now_s()
 local pause = redis.call('PTTL', KEYS[1])
 if pause > 0 then return {'-1', tostring(pause / 1000)} end
@@ -130,8 +145,17 @@ if pause > 0 and redis.call('PTTL', KEYS[1]) < pause then redis.call('SET', KEYS
 return 1
 """
 
-# KEYS: the replica set, then slot sets to renew; ARGV: replica id, window ms, lease ttl ms, lease ids
+# KEYS: the replica set, the epoch, then slot sets to renew
+# ARGV: replica id, window ms, lease ttl ms, the epoch this replica knows ('' none), a new
+#   epoch should there be none yet, then lease ids
+# -> {replicas alive, epoch}, or {-1}: the epoch this replica knew is gone, nothing written
 HEARTBEAT = """
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  if ARGV[4] ~= '' then return {'-1', ''} end
+  epoch = ARGV[5]
+  redis.call('SET', KEYS[2], epoch)
+end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[2])
@@ -139,11 +163,37 @@ redis.call('ZADD', KEYS[1], now_ms, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms - window)
 redis.call('PEXPIRE', KEYS[1], window * 2)
 local ttl = tonumber(ARGV[3])
-for i = 2, #KEYS do
-  redis.call('ZADD', KEYS[i], 'XX', now_ms + ttl, ARGV[2 + i])
+for i = 3, #KEYS do
+  redis.call('ZADD', KEYS[i], 'XX', now_ms + ttl, ARGV[3 + i])
   redis.call('PEXPIRE', KEYS[i], ttl)
 end
-return redis.call('ZCARD', KEYS[1])
+return {tostring(redis.call('ZCARD', KEYS[1])), epoch}
+"""
+
+# KEYS: the replica set, the epoch, bucket hashes (nb), slot sets (ns)
+# ARGV: nb, ns, replica id, window ms, lease ttl ms, a new epoch should there be none, then
+#   cap, rate, level per bucket (each left at most that full), then the lease id per slot set
+# -> {replicas alive, epoch}
+RESEED = _REFILL + """
+local nb, ns = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = now_s()
+for i = 1, nb do
+  local a = 6 + (i - 1) * 3
+  local cap, rate, v = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  if level_of(KEYS[2 + i], cap, rate, now) > v then store(KEYS[2 + i], v, cap, rate, now) end
+end
+local now_ms = math.floor(now * 1000)
+local ttl = tonumber(ARGV[5])
+for j = 1, ns do
+  local key = KEYS[2 + nb + j]
+  redis.call('ZADD', key, 'NX', now_ms + ttl, ARGV[6 + nb * 3 + j])
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+redis.call('SET', KEYS[2], ARGV[6], 'NX')
+local window = tonumber(ARGV[4])
+redis.call('ZADD', KEYS[1], now_ms, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], window * 2)
+return {tostring(redis.call('ZCARD', KEYS[1])), redis.call('GET', KEYS[2])}
 """
 
 REPLICA_WINDOW = 10.0  # seconds a heartbeat counts a replica alive
@@ -151,6 +201,10 @@ REPLICA_WINDOW = 10.0  # seconds a heartbeat counts a replica alive
 
 def _f(v: Any) -> float:
     return float(v.decode() if isinstance(v, bytes) else v)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 class RedisBuckets:
@@ -169,10 +223,15 @@ class RedisBuckets:
         self.id = os.urandom(6).hex()
         self._ids = itertools.count()
         self.fallback = False
+        self.epoch: str | None = None  # set by whoever found Redis empty; a new one: Redis lost its state
+        self._counts: list[tuple[float, int]] = []  # (time, replicas counted), the last REPLICA_WINDOW
         self.held: dict[str, tuple[str, ...]] = {}  # lease id -> slot keys, renewed by the heartbeat
         self._take = redis.register_script(TAKE)
         self._settle = redis.register_script(SETTLE)
         self._beat = redis.register_script(HEARTBEAT)
+        self._reseed = redis.register_script(RESEED)
+        self._reseeding: asyncio.Future | None = None
+        self.reseeds = 0  # times Redis was found without its state and written back
         self._tasks: set[asyncio.Task] = set()
         self._beater: asyncio.Task | None = None
         self.round_trips = 0  # scripts run for admissions and completions (not heartbeats)
@@ -183,7 +242,7 @@ class RedisBuckets:
         self.sched.remote = self
         self.sched.poll = self.poll
         try:
-            for script in (self._take, self._settle, self._beat):
+            for script in (self._take, self._settle, self._beat, self._reseed):
                 script.sha = await self.redis.script_load(script.script)
         except Exception as exc:
             self._failed(exc)
@@ -200,20 +259,73 @@ class RedisBuckets:
             await asyncio.wait(list(self._tasks), timeout=1.0)
 
     async def beat(self) -> None:
-        keys = [self.prefix + "replicas"]
-        args: list[Any] = [self.id, int(REPLICA_WINDOW * 1000), self.lease_ttl_ms]
+        keys = [self.prefix + "replicas", self.prefix + "epoch"]
+        args: list[Any] = [self.id, int(REPLICA_WINDOW * 1000), self.lease_ttl_ms, self.epoch or "",
+                           os.urandom(8).hex()]
         for lease_id, slot_keys in list(self.held.items()):
             for k in slot_keys:
                 keys.append(k)
                 args.append(lease_id)
         try:
-            n = int(await self._beat(keys=keys, args=args))
+            reply = await self._beat(keys=keys, args=args)
+            n, epoch = int(_f(reply[0])), _s(reply[1])
+            if n < 0 or self.fallback or (self.epoch is not None and epoch != self.epoch):
+                # Redis lost its state (or this replica counted alone a while): tell it ours
+                n = await self.write_back()
+            else:
+                self.epoch = epoch
         except Exception as exc:
             self._failed(exc)
             return
-        self.replicas = max(1, n)
+        self._counted(n)
         if self.fallback:
             self._restored()
+
+    def _counted(self, n: int) -> None:
+        """N for the fallback share: the most replicas counted in the last REPLICA_WINDOW
+        (a Redis that restarted empty counts one until the others beat again)."""
+        now = self.sched.clock()
+        self._counts = [(t, c) for t, c in self._counts if now - t < REPLICA_WINDOW]
+        self._counts.append((now, max(1, n)))
+        self.replicas = max(c for _, c in self._counts)
+
+    async def write_back(self) -> int:
+        """RESEED: this replica's view into the shared buckets, each left at most as full as
+        this replica's table says (once, however many requests found out at the same time).
+        Answers the replicas alive."""
+        if self._reseeding is None:
+            self._reseeding = asyncio.ensure_future(self._write_back())
+            self._reseeding.add_done_callback(self._written_back)
+        return await asyncio.shield(self._reseeding)
+
+    def _written_back(self, f: asyncio.Future) -> None:
+        self._reseeding = None
+        if not f.cancelled():
+            f.exception()  # retrieved: each caller that awaited it handles it
+
+    async def _write_back(self) -> int:
+        table = self.sched.table
+        now = self.sched.clock()
+        p = self.prefix + "rl:"
+        bucket_keys: list[str] = []
+        levels: list[Any] = []
+        for lim_id, b in list(table.buckets.items()):
+            level = b.refill(now)
+            if level < b.capacity:  # a full bucket is what Redis has without it
+                bucket_keys.append(p + lim_id)
+                levels += [repr(b.capacity / table.share), repr(b.rate / table.share), repr(level / table.share)]
+        slots = [(k, lease_id) for lease_id, slot_keys in list(self.held.items()) for k in slot_keys]
+        keys = [self.prefix + "replicas", self.prefix + "epoch", *bucket_keys, *(k for k, _ in slots)]
+        args: list[Any] = [len(bucket_keys), len(slots), self.id, int(REPLICA_WINDOW * 1000), self.lease_ttl_ms,
+                           os.urandom(8).hex(), *levels, *(lease_id for _, lease_id in slots)]
+        reply = await self._reseed(keys=keys, args=args)
+        n, self.epoch = int(_f(reply[0])), _s(reply[1])
+        self.reseeds += 1
+        log.warning("scheduler_redis_written_back",
+                    detail="Redis lost the shared buckets (restarted or flushed) or this replica counted "
+                           "alone for a while: wrote back this replica's view, no bucket refilled",
+                    buckets=len(bucket_keys), slots=len(slots), replicas=n)
+        return n
 
     # -- the switch
 
@@ -222,7 +334,7 @@ class RedisBuckets:
             return
         self.fallback = True
         share = 1.0 / self.replicas
-        self.sched.table = BucketTable(share)
+        self.sched.table = self.sched.table.rescaled(share, self.sched.clock())
         self.sched.poll = math.inf
         self.readiness["scheduler"] = "local-fallback"
         log.warning("scheduler_redis_unreachable", error=f"{type(exc).__name__}: {exc}",
@@ -231,7 +343,7 @@ class RedisBuckets:
 
     def _restored(self) -> None:
         self.fallback = False
-        self.sched.table = BucketTable()
+        self.sched.table = self.sched.table.rescaled(1.0, self.sched.clock())
         self.sched.poll = self.poll
         self.readiness["scheduler"] = "ok"
         log.info("scheduler_redis_restored", replicas=self.replicas)
@@ -241,7 +353,8 @@ class RedisBuckets:
 
     def _keys(self, d: Demand, dep_id: str) -> list[str]:
         p = self.prefix + "rl:"
-        return [p + "pause:" + dep_id] + [p + lim.id for lim in d.limits] + [p + s.id for s in d.slots]
+        return ([p + "pause:" + dep_id] + [p + lim.id for lim in d.limits] + [p + s.id for s in d.slots]
+                + [self.prefix + "epoch"])
 
     async def confirm(self, lease: "Lease", waiter: Any = None) -> bool:
         """Take on the shared buckets what `lease` took on the mirror. False: not taken
@@ -258,17 +371,32 @@ class RedisBuckets:
         for lim, n in zip(d.limits, d.needs):
             args += [repr(lim.capacity), repr(lim.rate), repr(n)]
         args += [s.limit for s in d.slots]
-        self.round_trips += 1
-        call = asyncio.ensure_future(self._take(keys=self._keys(d, lease.lane.dep.id), args=args))
-        try:
-            reply = await asyncio.shield(call)
-        except asyncio.CancelledError:
-            call.add_done_callback(lambda f: self._undo(f, lease, lease_id))
-            raise
-        except Exception as exc:
-            self._failed(exc)
-            lease.table.give_back(d, sched.clock())
-            return False
+        keys = self._keys(d, lease.lane.dep.id)
+        for attempt in range(2):
+            self.round_trips += 1
+            call = asyncio.ensure_future(self._take(keys=keys, args=args))
+            try:
+                reply = await asyncio.shield(call)
+            except asyncio.CancelledError:
+                call.add_done_callback(lambda f: self._undo(f, lease, lease_id))
+                raise
+            except Exception as exc:
+                self._failed(exc)
+                lease.table.give_back(d, sched.clock())
+                return False
+            if reply[0] not in (b"-2", "-2") or attempt:
+                break
+            # Redis lost its state and took nothing: write back what this replica knows, then
+            # the same TAKE once more
+            try:
+                self._counted(await self.write_back())
+            except asyncio.CancelledError:
+                lease.table.give_back(d, sched.clock())
+                raise
+            except Exception as exc:
+                self._failed(exc)
+                lease.table.give_back(d, sched.clock())
+                return False
         return self._taken(reply, lease, lease_id, waiter)
 
     def _taken(self, reply: list, lease: "Lease", lease_id: str, waiter: Any) -> bool:
@@ -276,6 +404,10 @@ class RedisBuckets:
         d = lease.demand
         now = sched.clock()
         status = int(_f(reply[0]))
+        if status == -2:  # Redis lost its state (again, or the TAKE's client left): nothing taken
+            lease.table.give_back(d, now)
+            self._spawn(self._recover())
+            return False
         if status == -1:  # another replica saw the provider say stop
             lease.table.give_back(d, now)
             lease.lane.pause(_f(reply[1]), now)
@@ -328,9 +460,19 @@ class RedisBuckets:
         for lim, op, value in entries:
             args += [repr(lim.capacity), repr(lim.rate), op, repr(float(value))]
         self.round_trips += 1
-        task = asyncio.get_running_loop().create_task(self._settle_quietly(keys, args))
+        self._spawn(self._settle_quietly(keys, args))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _recover(self) -> None:
+        try:
+            self._counted(await self.write_back())
+        except Exception as exc:
+            self._failed(exc)
+        self.sched.pump_all()
 
     async def _settle_quietly(self, keys: list, args: list) -> None:
         try:

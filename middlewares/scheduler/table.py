@@ -76,6 +76,16 @@ class BucketTable:
             else:
                 self.inflight.pop(par.id, None)
 
+    def rescaled(self, share: float, now: float) -> "BucketTable":
+        """A new table holding `share` of every limit, each bucket as full as this one is
+        (in proportion): switching tables never refills a bucket. In-flight counts stay
+        with this table, where the leases holding them give them back."""
+        out = BucketTable(share)
+        k = share / self.share
+        for key, b in self.buckets.items():
+            out.buckets[key] = TokenBucket(b.capacity * k, b.rate * k, now, b.refill(now) * k)
+        return out
+
     def sweep(self, now: float) -> None:
         """Drop full buckets: one made again later starts full, which is the same."""
         for key in [k for k, b in self.buckets.items() if b.refill(now) >= b.capacity]:

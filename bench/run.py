@@ -332,6 +332,10 @@ ROWS: list[TargetSpec] = [
     TargetSpec("proxy", "proxy", "llmproxy core, middlewares: [] (access log and metrics on, spend log off)",
                config={"spend": {"enabled": False}}),
     TargetSpec("proxy-spend", "proxy", "llmproxy core + spend log (embedded SQLite, batched)"),
+    # issue 12: every record also appended to a write-ahead segment, fsync'd every 50 ms in a
+    # thread; second ratio against proxy-spend: what durability: wal costs per request
+    TargetSpec("proxy-spend-wal", "proxy", "proxy-spend with spend.durability: wal; second ratio "
+               "against proxy-spend", config={"spend": {"durability": "wal"}}, ratio_vs="proxy-spend"),
     TargetSpec("proxy-auth", "proxy", "proxy + auth middleware, --keys virtual keys in SQLite, "
                "--keys-used of them round-robin (spend log off); second ratio against proxy",
                config={"spend": {"enabled": False}, "middlewares": ["auth"]},
@@ -388,8 +392,8 @@ class Suite:
 # `--suite NAME` runs these sections one after the other (each its own processes and table);
 # `all` runs every one of them. --targets / --scenarios / --target make one custom section.
 SUITES: dict[str, Suite] = {s.name: s for s in [
-    Suite("core", ("floor", "proxy", "proxy-spend", "proxy-auth"), ("chat", "chat-stream"),
-          "the proxy against the floor; spend log; auth (issue 4)"),
+    Suite("core", ("floor", "proxy", "proxy-spend", "proxy-spend-wal", "proxy-auth"), ("chat", "chat-stream"),
+          "the proxy against the floor; spend log, in memory and with its WAL (issue 12); auth (issue 4)"),
     Suite("scheduler", ("proxy", "proxy-scheduler", "proxy-scheduler-redis", "proxy-scheduler-redis-actual"),
           ("chat", "chat-stream"),
           "scheduler on, limits never binding, local and with a private Redis (issue 5)"),

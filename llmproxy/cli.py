@@ -372,7 +372,8 @@ def _supervise(args: argparse.Namespace, config: Config, host: str, port: int) -
     if args.config:
         cmd += ["--config", args.config]
     _banner(config, host, port)
-    procs = [subprocess.Popen(cmd, env=env) for _ in range(config.server.workers)]
+    n = config.server.workers
+    procs = [subprocess.Popen(cmd, env=dict(env, LLMPROXY_WORKER=f"{i}/{n}")) for i in range(n)]
     stopping = False
 
     def forward(signum, frame):

@@ -162,7 +162,8 @@ class SpendConfig:
     """`spend:` the spend log writer. Rows are written in batches off the request path;
     when the database fails they wait (with backoff) and, past `queue_size`, spill to
     `spill_path`, replayed when the database is back. `retention_days` prunes old rows.
-    `enabled: false` turns the spend log off (budgets then rebuild from nothing)."""
+    `enabled: false` turns the spend log off (budgets then rebuild from nothing). With
+    `server.workers: N` each worker has its own files (`<spill_path>.<i>`...)."""
 
     enabled: bool = True
     batch_size: int = field(default=500, metadata={"min": 1})
@@ -170,6 +171,11 @@ class SpendConfig:
     queue_size: int = field(default=20000, metadata={"min": 1})
     spill_path: str = "./llmproxy-spend-spill.jsonl"
     retention_days: int | None = field(default=None, metadata={"min": 1})
+    # "wal": every record is also appended to a local write-ahead file (fsync'd every
+    # `wal_sync_interval` seconds, in a thread) and replayed at the next start, so that a
+    # kill -9 loses at most that interval's rows instead of every row still in memory.
+    durability: Literal["memory", "wal"] = "memory"
+    wal_sync_interval: float = field(default=0.05, metadata={"gt": 0})
 
 
 @dataclass(frozen=True)

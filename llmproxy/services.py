@@ -5,6 +5,7 @@ Nothing here is reached through module globals: whoever needs a service is given
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -14,6 +15,18 @@ if TYPE_CHECKING:
 
     from .config import Config
     from .metrics import Metrics
+
+
+def worker_slot() -> tuple[int, int]:
+    """(this worker's index, the number of workers): `(0, 1)` for a single process; a
+    worker of `server.workers: N` is told its place by the supervisor (`LLMPROXY_WORKER`,
+    "i/N"). Files of its own (the spend log's spill and WAL files) are named by it."""
+    raw = os.environ.get("LLMPROXY_WORKER", "")
+    try:
+        i, n = (int(x) for x in raw.split("/"))
+    except ValueError:
+        return (0, 1)
+    return (i, n) if 0 <= i < n else (0, 1)
 
 
 @dataclass(slots=True)
@@ -29,6 +42,7 @@ class Services:
     redis: Any = None
     invalidator: Any = None
     readiness: dict[str, Any] = field(default_factory=dict)  # component -> state, shown on /health/readiness
+    worker: tuple[int, int] = field(default_factory=worker_slot)  # (index, workers), see worker_slot
 
 
 def open_redis(url: str, max_connections: int = 256, timeout: float = 0.25) -> Any:

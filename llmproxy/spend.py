@@ -7,8 +7,14 @@ the request path, and no row is lost when the database fails.
 - a failed write is retried with exponential backoff (0.5 s doubling to 30 s); rows wait
   in the queue meanwhile; past `queue_size` the oldest rows are appended to `spill_path`
   (JSON lines, written in a thread, one fsync per batch) rather than dropped, and the
-  spill file is replayed into the database once it answers again (and at start, with a
-  `.replaying` file a crash left);
+  spill file is replayed into the database once it answers again;
+- what a crash left (a `.replaying` file cut short, WAL segments) is replayed at the next
+  start; with `server.workers: N` each worker has its own files (`<spill_path>.<i>`, see
+  `spill_stem`) and worker 0 also replays the files of workers that no longer exist;
+- `durability: wal` also appends every record to a write-ahead segment
+  (`<stem>.wal.<run>.<n>`, fsync'd every `wal_sync_interval` in a thread), dropped each time
+  the writer has caught up (every row before it is in the database, set apart or spilled):
+  a kill -9 then loses at most `wal_sync_interval` of rows, not the whole queue;
 - a row no database can hold is set apart in `<spill_path>.rejected` with its reason,
   and the rest of its batch lands;
 - on shutdown (SIGTERM) the queue is flushed once more; what still cannot be written goes
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +38,7 @@ import orjson
 import structlog
 
 from .context import BODY_APIS
+from .periodic import every
 from .store import SpendRow, StoreUnavailable
 from .usage import MAX_TOKENS
 
@@ -108,6 +116,42 @@ def _read_spill(path: str) -> tuple[list[SpendRow], list[tuple[int, str]]]:
     return rows, bad
 
 
+def spill_stem(base: str, worker: tuple[int, int]) -> str:
+    """The name this worker's spend files start with: `spill_path` itself for a single
+    process, `<spill_path>.<i>` for worker i of several (two workers never share a file)."""
+    i, n = worker
+    return base if n == 1 else f"{base}.{i}"
+
+
+_LEFT = re.compile(r"(\.\d+)?(\.replaying|\.wal\.[0-9a-f]+\.\d+)?")
+
+
+def _leftovers(base: str, worker: tuple[int, int], run: str) -> list[str]:
+    """What earlier runs left for this worker to replay: its own `.replaying` file and WAL
+    segments (not this run's), and for worker 0 every spend file of a stem no current
+    worker owns (a run with more workers, or a single process before `workers: N`)."""
+    i, n = worker
+    folder, name = os.path.split(os.path.abspath(base))
+    try:
+        entries = sorted(os.listdir(folder or "."))
+    except FileNotFoundError:
+        return []
+    own = os.path.abspath(spill_stem(base, worker))
+    owned = {os.path.abspath(spill_stem(base, (k, n))) for k in range(n)}
+    out = []
+    for entry in entries:
+        m = _LEFT.fullmatch(entry[len(name):]) if entry.startswith(name) else None
+        if m is None or (m[2] or "").startswith(f".wal.{run}."):
+            continue
+        stem, path = os.path.join(folder, name + (m[1] or "")), os.path.join(folder, entry)
+        if stem == own:
+            if m[2]:  # the plain spill file is this run's own, replayed as such
+                out.append(path)
+        elif i == 0 and stem not in owned:
+            out.append(path)
+    return out
+
+
 def _append(path: str, lines: list[bytes]) -> None:
     with open(path, "ab") as f:
         f.writelines(lines)
@@ -138,14 +182,25 @@ class SpendWriter:
         self.batch_size = cfg.batch_size
         self.interval = cfg.flush_interval
         self.queue_size = cfg.queue_size
-        self.spill_path = cfg.spill_path
+        self.spill_path = spill_stem(cfg.spill_path, services.worker)
+        self._spill_base = cfg.spill_path
         self.retention_days = cfg.retention_days
         self.queue: deque[Any] = deque()  # records, or rows back from a failed write
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._failures = 0
-        # A spill file, or one a crash left mid-replay, is replayed once the database answers.
-        self._spill_pending = any(os.path.exists(p) for p in (self.spill_path, self.spill_path + ".replaying"))
+        # The spill file is replayed once the database answers; what an earlier run left
+        # (found by the first replay, in a thread) before it.
+        self._spill_pending = False
+        self._leftovers: list[str] | None = None
+        self.wal = cfg.durability == "wal"
+        self._wal_interval = cfg.wal_sync_interval
+        self._run_id = os.urandom(4).hex()  # this run's WAL segments are not leftovers
+        self._wal_seq = 0
+        self._wal_buf: list[Any] = []  # records not yet in the current segment
+        self._wal_dirty = False  # the current segment holds rows
+        self._wal_lock = asyncio.Lock()
+        self._wal_task: asyncio.Task | None = None
         self._overflow: list[Any] = []  # past queue_size, on its way to the spill file (off the loop)
         self._spiller: asyncio.Task | None = None
         self._spill_lock = asyncio.Lock()  # one file operation at a time: appends, the replay's rename
@@ -162,6 +217,8 @@ class SpendWriter:
         if record.api not in BODY_APIS:  # model lists, unknown paths, admin calls (the audit log) cost nothing
             return
         self.queue.append(record)  # converted to a row off the request path
+        if self.wal:
+            self._wal_buf.append(record)
         if len(self.queue) >= self.batch_size:
             self._wake.set()
         if len(self.queue) > self.queue_size:  # the oldest go to the spill file, written off the loop
@@ -173,20 +230,23 @@ class SpendWriter:
         """For /health/readiness: how the spend log is doing."""
         return {"spend_log": {"state": self.services.readiness.get("spend_log", "ok"), "queued": len(self.queue),
                               "spilling": len(self._overflow), "spilled": self.spilled, "written": self.written,
-                              "spill_file": self._spill_pending}}
+                              "spill_file": self._spill_pending or bool(self._leftovers)}}
 
     # --- lifecycle ------------------------------------------------------------------------
 
     async def startup(self) -> None:
         self._task = asyncio.create_task(self._run(), name="llmproxy-spend-writer")
+        if self.wal:
+            self._wal_task = asyncio.create_task(every(self._wal_interval, self._wal_sync, "spend_wal_sync"))
 
     async def shutdown(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._task, self._wal_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         try:
             while self.queue:
                 await asyncio.wait_for(self._write_batch(), 5)
@@ -198,25 +258,32 @@ class SpendWriter:
             await self._spill([*self._overflow, *self._drain()])
             self._overflow.clear()
             log.warning("spend_spilled_at_shutdown", path=self.spill_path)
+        if self.wal:  # every row is in the database, set apart or spilled
+            await self._wal_caught_up()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_prune = loop.time()
+        first = True  # at once: what an earlier run left is written back at start
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            except asyncio.TimeoutError:
-                pass
+            if not first:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.interval)
+                except asyncio.TimeoutError:
+                    pass
+            first = False
             self._wake.clear()
             try:
                 while self.queue:
                     await self._write_batch()
+                if self.wal and not self._overflow and (self._spiller is None or self._spiller.done()):
+                    await self._wal_caught_up()
                 if self._failures:
                     log.info("spend_log_recovered", after_failures=self._failures)
                     self._failures = 0
                     self.services.readiness["spend_log"] = "ok"
-                if self._spill_pending:
-                    self._spill_pending = False  # set again by a spill (or a stranded replay) meanwhile
+                if self._spill_pending or self._leftovers is None or self._leftovers:
+                    self._spill_pending = False  # set again by a spill (or a failed replay) meanwhile
                     try:
                         await self._replay_spill()
                     except BaseException:
@@ -341,31 +408,77 @@ class SpendWriter:
         self._spill_pending = True
 
     async def _replay_spill(self) -> None:
-        """Write the spill file's rows back (idempotent by request id), then remove it. A
-        `.replaying` file left by a crash mid-replay is replayed first."""
-        path, replaying = self.spill_path, self.spill_path + ".replaying"
+        """Write back (idempotent by request id) and remove, first what earlier runs left
+        (`_leftovers`), then this run's spill file (renamed `.replaying` while it is read,
+        so that new spills start a new file)."""
+        if self._leftovers is None:
+            self._leftovers = await asyncio.to_thread(_leftovers, self._spill_base, self.services.worker,
+                                                      self._run_id)
+        while self._leftovers:
+            await self._replay_file(self._leftovers[0], left=True)
+            self._leftovers.pop(0)
+        replaying = self.spill_path + ".replaying"
         async with self._spill_lock:
-            stranded = await asyncio.to_thread(os.path.exists, replaying)
-            if not stranded:
-                if not await asyncio.to_thread(os.path.exists, path):
-                    return
-                await asyncio.to_thread(os.replace, path, replaying)
-        rows, bad = await asyncio.to_thread(_read_spill, replaying)
+            if not await asyncio.to_thread(os.path.exists, self.spill_path):
+                return
+            await asyncio.to_thread(os.replace, self.spill_path, replaying)
+        await self._replay_file(replaying)
+
+    async def _replay_file(self, path: str, left: bool = False) -> None:
+        try:
+            rows, bad = await asyncio.to_thread(_read_spill, path)
+        except FileNotFoundError:  # written back by an earlier try (its rows are in the spill file)
+            return
         if bad:
-            await self._reject([(_Unreadable(f"{replaying}:{n}"), reason) for n, reason in bad])
+            await self._reject([(_Unreadable(f"{path}:{n}"), reason) for n, reason in bad])
         try:
             for i in range(0, len(rows), self.batch_size):
                 await self.services.store.write_spend(rows[i:i + self.batch_size])
         except BaseException:
-            # Not written: back to the spill file, nothing lost.
+            # Not written: into this run's spill file, nothing lost, tried again later.
             async with self._spill_lock:
-                await asyncio.to_thread(_append, path, [_to_json(row) + b"\n" for row in rows])
-                await asyncio.to_thread(os.remove, replaying)
-            raise
-        await asyncio.to_thread(os.remove, replaying)
-        log.info("spend_spill_replayed", rows=len(rows), stranded=stranded)
-        if stranded:  # the spill file itself may be waiting too
+                await asyncio.to_thread(_append, self.spill_path, [_to_json(row) + b"\n" for row in rows])
+                await asyncio.to_thread(os.remove, path)
             self._spill_pending = True
+            raise
+        await asyncio.to_thread(os.remove, path)
+        log.info("spend_spill_replayed", rows=len(rows), path=path, left_by_an_earlier_run=left)
+
+    # --- the write-ahead file (durability: wal) -------------------------------------------
+
+    def _wal_path(self) -> str:
+        return f"{self.spill_path}.wal.{self._run_id}.{self._wal_seq}"
+
+    async def _wal_sync(self) -> None:
+        """Append what was emitted since the last sync to the current segment, one fsync,
+        in a thread (the periodic task calls this every `wal_sync_interval`)."""
+        if not self._wal_buf:
+            return
+        records, self._wal_buf = self._wal_buf, []
+        lines = []
+        for r in records:
+            try:
+                lines.append(_to_json(r if isinstance(r, SpendRow) else row_of(r)) + b"\n")
+            except (TypeError, ValueError, OverflowError):  # the writer sets it apart, with its reason
+                pass
+        async with self._wal_lock:
+            await asyncio.to_thread(_append, self._wal_path(), lines)
+            self._wal_dirty = True
+
+    async def _wal_caught_up(self) -> None:
+        """Every row emitted so far is in the database, set apart or spilled: the current
+        segment holds nothing that is needed; start a new one and remove it."""
+        self._wal_buf.clear()  # (before any await: rows emitted from here on are in the next segment)
+        if not self._wal_dirty:
+            return
+        async with self._wal_lock:
+            old = self._wal_path()
+            self._wal_seq += 1
+            self._wal_dirty = False
+            try:
+                await asyncio.to_thread(os.remove, old)
+            except FileNotFoundError:
+                pass
 
     async def _prune(self) -> None:
         from datetime import timedelta

@@ -134,6 +134,7 @@ def test_workers_share_the_port_and_metrics_sum(tmp_path: Path):
     port = free_port()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"server: {{port: {port}, workers: 2}}\n"
+                   "spend: {flush_interval: 30, durability: wal, wal_sync_interval: 0.05}\n"
                    "models:\n  - name: mock\n    deployments: [{provider: mock, chunks: 2}]\n")
     proc = subprocess.Popen([PY, "-m", "llmproxy", "serve", "--config", str(cfg)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -161,8 +162,16 @@ def test_workers_share_the_port_and_metrics_sum(tmp_path: Path):
         assert total == n
         assert re.search(r'^llmproxy_request_duration_seconds_count\{[^}]*\} 30\.0$', text, re.M) or \
             sum(float(v) for v in re.findall(r'^llmproxy_request_duration_seconds_count\{[^}]*\} (\S+)$', text, re.M)) == n
+        # Each worker its own spend files (issue 12): WAL segments named by the worker
+        end = time.monotonic() + 5
+        while time.monotonic() < end and sum(
+                len(p.read_bytes().splitlines()) for p in tmp_path.glob("llmproxy-spend-spill.jsonl.*.wal.*")) < n:
+            time.sleep(0.05)
+        wal = sorted(p.name.split(".wal.")[0] for p in tmp_path.glob("llmproxy-spend-spill.jsonl.*.wal.*"))
+        assert wal == ["llmproxy-spend-spill.jsonl.0", "llmproxy-spend-spill.jsonl.1"]
     finally:
         assert stop(proc) == 0
+    assert not list(tmp_path.glob("llmproxy-spend-spill.jsonl*"))  # written at shutdown, segments dropped
 
 
 # --- start-up failures: one line, exit status 2, before any "listening" banner (issue 12) ----

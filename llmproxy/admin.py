@@ -318,6 +318,50 @@ async def delete_keys(store: Store, refs: list[str] | tuple[str, ...], invalidat
     return deleted
 
 
+async def _told(invalidator: Any, kind: str, ident: str) -> None:
+    if invalidator is not None:
+        await invalidator.publish(kind, ident)
+
+
+async def create_team(store: Store, fields: dict[str, Any], now: datetime, invalidator: Any) -> TeamInfo:
+    """A new team from fields checked against TEAM_NEW (a `team_id` of none: a new uuid)."""
+    fields = dict(fields)
+    team_id = fields.pop("team_id", None) or str(uuid.uuid4())
+    info = await store.create_team(TeamInfo(team_id=team_id, created_at=now, updated_at=now, **fields))
+    await _told(invalidator, "team", team_id)  # drops a cached "no such team"
+    return info
+
+
+async def delete_teams(store: Store, team_ids: list[str], invalidator: Any) -> list[str]:
+    """Delete teams and their keys (every team must exist, else nothing is deleted): the
+    team's keys first, then the team, then keys made meanwhile, so that a failure half way
+    leaves the team in place and the call can be repeated. Returns the deleted key ids."""
+    missing = [t for t in team_ids if await store.team(t) is None]
+    if missing:
+        raise ProxyError(404, f"Team not found: {', '.join(missing)}; nothing was deleted.",
+                         "invalid_request_error", "not_found", "team_ids")
+    deleted_keys: list[str] = []
+    for team_id in team_ids:
+        deleted_keys += await _delete_team_keys(store, team_id, invalidator)
+        try:
+            await store.delete_team(team_id)
+        except NotFound:
+            pass  # deleted meanwhile by another call
+        await _told(invalidator, "team", team_id)
+        deleted_keys += await _delete_team_keys(store, team_id, invalidator)
+    return deleted_keys
+
+
+async def _delete_team_keys(store: Store, team_id: str, invalidator: Any) -> list[str]:
+    deleted: list[str] = []
+    while True:
+        batch = await store.list_keys(team_id=team_id, page_size=1000)
+        gone = await delete_keys(store, [k.id for k in batch], invalidator) if batch else []
+        deleted += gone
+        if not gone:
+            return deleted
+
+
 # ------------------------------------------------------------------------------ views
 
 
@@ -657,10 +701,8 @@ class Admin:
 
     async def team_new(self, args: dict[str, Any]) -> dict[str, Any]:
         now = self._now()
-        team_id = args.pop("team_id", None) or str(uuid.uuid4())
-        info = await self.store.create_team(TeamInfo(team_id=team_id, created_at=now, updated_at=now, **args))
-        await self._publish("team", team_id)  # drops a cached "no such team"
-        log.info("admin_team_created", team_id=team_id)
+        info = await create_team(self.store, args, now, self.services.invalidator)
+        log.info("admin_team_created", team_id=info.team_id)
         return await self._team_info(info, now)
 
     async def team_info(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -680,35 +722,12 @@ class Admin:
         return await self._team_info(info, self._now())
 
     async def team_delete(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Deletes the teams' keys first, then the teams, then keys made meanwhile: a failure
-        half way leaves the team in place, so the call can be repeated."""
         team_ids = list(dict.fromkeys([*args.get("team_ids", ()), *([args["team_id"]] if "team_id" in args else [])]))
         if not team_ids:
             raise errors.invalid_request("Missing required field 'team_ids'.", "team_ids")
-        missing = [t for t in team_ids if await self.store.team(t) is None]
-        if missing:
-            raise ProxyError(404, f"Team not found: {', '.join(missing)}; nothing was deleted.",
-                             "invalid_request_error", "not_found", "team_ids")
-        deleted_keys: list[str] = []
-        for team_id in team_ids:
-            deleted_keys += await self._delete_team_keys(team_id)
-            try:
-                await self.store.delete_team(team_id)
-            except NotFound:
-                pass  # deleted meanwhile by another call
-            await self._publish("team", team_id)
-            deleted_keys += await self._delete_team_keys(team_id)
+        deleted_keys = await delete_teams(self.store, team_ids, self.services.invalidator)
         log.info("admin_teams_deleted", team_ids=team_ids, key_ids=deleted_keys)
         return {"deleted_teams": team_ids, "deleted_keys": deleted_keys}
-
-    async def _delete_team_keys(self, team_id: str) -> list[str]:
-        deleted: list[str] = []
-        while True:
-            batch = await self.store.list_keys(team_id=team_id, page_size=1000)
-            gone = await delete_keys(self.store, [k.id for k in batch], self.services.invalidator) if batch else []
-            deleted += gone
-            if not gone:
-                return deleted
 
     # -- spend
 

@@ -44,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     migrate = sub.add_parser("migrate", help="apply the database migrations the config's database lacks")
     migrate.add_argument("--config", "-c", help="YAML config file (default: SQLite ./llmproxy.db)")
     _key_parsers(sub)
+    _team_parsers(sub)
     args = parser.parse_args(argv)
 
     if args.command == "version":
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "check-config":
         return _check(args.config)
-    if args.command in ("migrate", "keys"):
+    if args.command in ("migrate", "keys", "teams"):
         return _store_command(args)
     return _serve(args)
 
@@ -80,6 +81,26 @@ def _key_parsers(sub: Any) -> None:
     revoke.add_argument("refs", nargs="+", metavar="KEY_OR_ID")
 
 
+def _team_parsers(sub: Any) -> None:
+    teams = sub.add_parser("teams", help="create, list and delete teams").add_subparsers(
+        dest="teams_command", required=True)
+    create = teams.add_parser("create", help="create a team and print its id")
+    listing = teams.add_parser("list", help="list teams with their limits and number of keys")
+    delete = teams.add_parser("delete", help="delete teams and every key in them")
+    for p in (create, listing, delete):
+        p.add_argument("--config", "-c", help="YAML config file (default: SQLite ./llmproxy.db)")
+    create.add_argument("--id", help="the team id (default: a new uuid)")
+    create.add_argument("--alias")
+    create.add_argument("--models", help="comma-separated model names (default: every model)")
+    create.add_argument("--max-budget", type=float, help="USD")
+    create.add_argument("--budget-duration", help="budget period such as 1d, 30d")
+    create.add_argument("--rpm", type=int)
+    create.add_argument("--tpm", type=int)
+    create.add_argument("--max-parallel", type=int)
+    create.add_argument("--json", action="store_true", help="print the /team/new answer as JSON")
+    delete.add_argument("team_ids", nargs="+", metavar="TEAM_ID")
+
+
 def _load(path: str | None) -> Config:
     from .plugins import Registry, check_config
 
@@ -104,13 +125,15 @@ def _check(path: str) -> int:
 def _store_command(args: argparse.Namespace) -> int:
     from .errors import ProxyError
     from .store import StoreUnavailable
+    from .store.base import AlreadyExists
 
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"{args.config or 'default config'}: invalid config\n{exc}", file=sys.stderr)
         return 2
-    command = _migrate if args.command == "migrate" else _KEY_COMMANDS[args.keys_command]
+    command = (_migrate if args.command == "migrate" else _KEY_COMMANDS[args.keys_command]
+               if args.command == "keys" else _TEAM_COMMANDS[args.teams_command])
     try:
         return asyncio.run(command(config, args))
     except StoreUnavailable as exc:
@@ -118,6 +141,9 @@ def _store_command(args: argparse.Namespace) -> int:
         return 1
     except ProxyError as exc:  # a bad option, in the admin API's words
         print(exc.message, file=sys.stderr)
+        return 2
+    except AlreadyExists as exc:
+        print(f"{_where(config)}: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # e.g. an unsupported database_url scheme
         print(str(exc), file=sys.stderr)
@@ -201,9 +227,7 @@ async def _keys_list(config: Config, args: argparse.Namespace) -> int:
             expires += " (expired)"
         rows.append((k.id[:12], k.key_alias or "-", k.team_id or "-", k.user_id or "-",
                      ",".join(k.models) or "*", expires, "yes" if k.blocked else "no"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    _table(rows)
     return 0
 
 
@@ -260,6 +284,91 @@ _ID_PREFIX = re.compile(r"[0-9a-f]{6,63}")  # shorter than a whole id (64), long
 
 
 _KEY_COMMANDS = {"create": _keys_create, "list": _keys_list, "revoke": _keys_revoke}
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+async def _teams_create(config: Config, args: argparse.Namespace) -> int:
+    import orjson
+
+    from .admin import TEAM_NEW, check, create_team, team_view
+    from .invalidation import Invalidator
+
+    given = {"team_id": args.id, "team_alias": args.alias,
+             "models": None if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()],
+             "max_budget": args.max_budget, "budget_duration": args.budget_duration, "rpm_limit": args.rpm,
+             "tpm_limit": args.tpm, "max_parallel_requests": args.max_parallel}
+    fields = check(TEAM_NEW, {name: value for name, value in given.items() if value is not None})
+    now = datetime.now(timezone.utc)
+    async with _redis(config) as redis, _opened(config) as store:
+        info = await create_team(store, fields, now, Invalidator(redis) if redis is not None else None)
+    if args.json:
+        from decimal import Decimal
+
+        print(orjson.dumps(team_view(info, now, Decimal(0))).decode())
+        return 0
+    print(f"team:    {info.team_id}" + (f" ({info.team_alias})" if info.team_alias else ""))
+    print(f"{_where(config)}: created; give it keys with: llmproxy keys create --team {info.team_id}",
+          file=sys.stderr)
+    return 0
+
+
+async def _teams_list(config: Config, args: argparse.Namespace) -> int:
+    found, page = [], 1
+    async with _opened(config) as store:
+        while True:
+            batch = await store.list_teams(page=page, page_size=1000)
+            found += batch
+            if len(batch) < 1000:
+                break
+            page += 1
+        counts = [await store.count_keys(team_id=t.team_id) for t in found]
+    print(f"{_where(config)}: {len(found)} team{'' if len(found) == 1 else 's'}", file=sys.stderr)
+    rows = [("ID", "ALIAS", "MODELS", "BUDGET", "RPM", "TPM", "PARALLEL", "KEYS", "BLOCKED")]
+    for t, n in zip(found, counts):
+        budget = "-" if t.max_budget is None else (
+            f"${t.max_budget.normalize():f}" + (f"/{t.budget_duration}" if t.budget_duration else ""))
+        rows.append((t.team_id, t.team_alias or "-", ",".join(t.models) or "*", budget,
+                     str(t.rpm_limit or "-"), str(t.tpm_limit or "-"), str(t.max_parallel_requests or "-"),
+                     str(n), "yes" if t.blocked else "no"))
+    _table(rows)
+    return 0
+
+
+async def _teams_delete(config: Config, args: argparse.Namespace) -> int:
+    from .admin import delete_teams
+    from .invalidation import Invalidator
+
+    team_ids = list(dict.fromkeys(args.team_ids))
+    async with _redis(config) as redis, _opened(config) as store:
+        deleted_keys = await delete_teams(store, team_ids, Invalidator(redis) if redis is not None else None)
+    for team_id in team_ids:
+        print(f"deleted team {team_id}")
+    print(f"{_where(config)}: {len(team_ids)} team{'' if len(team_ids) == 1 else 's'} and "
+          f"{len(deleted_keys)} key{'' if len(deleted_keys) == 1 else 's'} deleted; " + (
+              "running servers were told through Redis" if redis is not None else
+              "without redis_url, running servers stop accepting the keys within their auth cache_ttl "
+              "(30 s by default)"), file=sys.stderr)
+    return 0
+
+
+@asynccontextmanager
+async def _redis(config: Config) -> AsyncIterator[Any]:
+    from .services import open_redis
+
+    redis = open_redis(config.redis_url) if config.redis_url else None
+    try:
+        yield redis
+    finally:
+        if redis is not None:
+            await redis.aclose()
+
+
+_TEAM_COMMANDS = {"create": _teams_create, "list": _teams_list, "delete": _teams_delete}
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -214,3 +214,55 @@ async def test_revoke_takes_the_short_id_that_list_prints(tmp_path):
     assert f"sqlite {db}: 1 deleted" in err and "within their auth cache_ttl" in err
     code, out, err = await cli("keys", "revoke", "--config", config, "ffffff")
     assert code == 1 and "not found: ffffff" in err
+
+
+async def test_teams_create_list_delete_while_a_proxy_serves(tmp_path, make_proxy, upstream):
+    """`llmproxy teams`: what /team/new, the team list and /team/delete do, from a shell,
+    on the store a running proxy uses (which sees each change)."""
+    config, db = write_config(tmp_path)
+    proxy = await make_proxy(openai_config(upstream, database={"sqlite_path": db}))
+    code, out, err = await cli("teams", "create", "--config", config, "--id", "org-1", "--alias", "Org One",
+                               "--models", "gpt-test", "--max-budget", "12.5", "--budget-duration", "30d",
+                               "--rpm", "60", "--tpm", "1000", "--max-parallel", "3")
+    assert code == 0, err
+    assert out.strip() == "team:    org-1 (Org One)"
+    assert f"sqlite {db}: created" in err and "keys create --team org-1" in err
+    code, out, _ = await cli("teams", "create", "--config", config, "--json")
+    assert code == 0
+    other = json.loads(out)
+    assert re.fullmatch(r"[0-9a-f-]{36}", other["team_id"]) and other["models"] == []
+    code, _, err = await cli("teams", "create", "--config", config, "--id", "org-1")
+    assert code == 2 and "team org-1 already exists" in err and "Traceback" not in err
+    code, _, err = await cli("teams", "create", "--config", config, "--rpm", "-1")
+    assert code == 2 and "'rpm_limit'" in err
+
+    async with aiohttp.ClientSession(headers=AUTH) as http:
+        async with http.get(proxy.url + "/team/info", params={"team_id": "org-1"}) as r:
+            info = (await r.json())["team_info"]
+        assert (info["team_alias"], info["models"], info["max_budget"], info["budget_duration"], info["rpm_limit"],
+                info["tpm_limit"], info["max_parallel_requests"]) == ("Org One", ["gpt-test"], 12.5, "30d", 60, 1000, 3)
+        keys = []
+        for _ in range(2):
+            async with http.post(proxy.url + "/key/generate", json={"team_id": "org-1"}) as r:
+                keys.append((await r.json())["key"])
+
+        code, out, err = await cli("teams", "list", "--config", config)
+        assert code == 0 and f"sqlite {db}: 2 teams" in err
+        lines = out.strip().splitlines()
+        assert lines[0].split() == ["ID", "ALIAS", "MODELS", "BUDGET", "RPM", "TPM", "PARALLEL", "KEYS", "BLOCKED"]
+        rows = {line.split()[0]: line for line in lines[1:]}
+        assert rows["org-1"].split() == ["org-1", "Org", "One", "gpt-test", "$12.5/30d", "60", "1000", "3", "2", "no"]
+        assert rows[other["team_id"]].split() == [other["team_id"], "-", "*", "-", "-", "-", "-", "0", "no"]
+
+        code, _, err = await cli("teams", "delete", "--config", config, "org-1", "no-such-team")
+        assert code == 2 and "Team not found: no-such-team; nothing was deleted." in err
+        code, out, err = await cli("teams", "delete", "--config", config, "org-1")
+        assert code == 0 and out.strip() == "deleted team org-1"
+        assert "1 team and 2 keys deleted" in err and "cache_ttl" in err
+        async with http.get(proxy.url + "/team/info", params={"team_id": "org-1"}) as r:
+            assert r.status == 404
+        for key in keys:
+            async with http.get(proxy.url + "/key/info", params={"key": key}) as r:
+                assert r.status == 404
+    code, out, _ = await cli("teams", "list", "--config", config)
+    assert len(out.strip().splitlines()) == 2

@@ -177,6 +177,17 @@ def flag(name: str, value: Any) -> bool:
     return value
 
 
+_CHOSEN_KEY = re.compile(r"sk-[A-Za-z0-9_-]{20,256}")
+
+
+def chosen_key(name: str, value: Any) -> str:
+    """A key the caller brings (a LiteLLM key being moved over): `sk-` then 20 to 256
+    URL-safe characters, as the keys this gateway makes (43) and LiteLLM's (22) are."""
+    if not isinstance(value, str) or not _CHOSEN_KEY.fullmatch(value):
+        raise bad(name, "must be 'sk-' followed by 20 to 256 letters, digits, '-' or '_'")
+    return value
+
+
 def json_object(name: str, value: Any) -> dict[str, Any]:
     """A JSON object both databases can store: bounded depth and size, no NUL characters."""
     if not isinstance(value, dict):
@@ -239,12 +250,15 @@ _LIMITS = {
     "metadata": Field(json_object),
     "blocked": Field(flag, nullable=False),
 }
-KEY_FIELDS = {"key_alias": _NAME, "duration": Field(duration), "team_id": _NAME, "user_id": _NAME, **_LIMITS}
+_KEY_ONLY = {"tags": Field(text_list(64, text(128))), "soft_budget": Field(amount)}
+KEY_FIELDS = {"key_alias": _NAME, "duration": Field(duration), "team_id": _NAME, "user_id": _NAME, **_LIMITS,
+              **_KEY_ONLY}
 TEAM_FIELDS = {"team_alias": _NAME, **_LIMITS}
 _KEY_REF = Field(text(512), required=True, nullable=False)
 _TEAM_REF = Field(text(), required=True, nullable=False)
 _PAGE = Field(query_int(1, 10**6))
 
+KEY_GENERATE = {"key": Field(chosen_key, nullable=False), **KEY_FIELDS}
 KEY_UPDATE = {"key": _KEY_REF, **KEY_FIELDS}
 KEY_REF = {"key": _KEY_REF}
 KEY_DELETE = {"keys": Field(text_list(1000, text(512)), required=True, nullable=False)}
@@ -301,9 +315,11 @@ async def key_changes(store: Store, fields: dict[str, Any], now: datetime) -> di
 
 
 async def create_key(store: Store, fields: dict[str, Any], now: datetime) -> tuple[str, KeyInfo]:
-    """A new key from fields checked against KEY_FIELDS: (the plaintext, shown once; its info)."""
+    """A new key from fields checked against KEY_GENERATE: (the plaintext, shown once; its
+    info). `key`: the caller's own (else a new random one); one already stored is refused."""
+    fields = dict(fields)
+    plaintext = fields.pop("key", None) or keys.generate()
     changes = await key_changes(store, fields, now)
-    plaintext = keys.generate()
     digest = keys.key_hash(plaintext)
     info = KeyInfo(id=digest, key_prefix=keys.display(plaintext), created_at=now, updated_at=now, **changes)
     return plaintext, await store.create_key(digest, info)
@@ -393,9 +409,10 @@ def _limits(info: KeyInfo | TeamInfo, now: datetime) -> dict[str, Any]:
 def key_view(info: KeyInfo, now: datetime, spend: Decimal | None = None) -> dict[str, Any]:
     view = {"token": info.id, "key_name": info.key_prefix, "key_alias": info.key_alias,
             "team_id": info.team_id, "user_id": info.user_id, "expires": _iso(info.expires_at),
-            **_limits(info, now)}
+            **_limits(info, now), "tags": list(info.tags), "soft_budget": _usd(info.soft_budget)}
     if spend is not None:
         view["spend"] = float(spend)
+        view["soft_budget_exceeded"] = info.soft_budget is not None and spend >= info.soft_budget
     return view
 
 
@@ -498,7 +515,7 @@ class Admin:
         self.services = gateway.services
         key, team = _arg("key", key_id), _arg("team_id")
         self.routes: list[Route] = [
-            Route("POST", "/key/generate", KEY_FIELDS, self.key_generate, _result("token")),
+            Route("POST", "/key/generate", KEY_GENERATE, self.key_generate, _result("token")),
             Route("POST", "/key/update", KEY_UPDATE, self.key_update, key, ("key",)),
             Route("POST", "/key/delete", KEY_DELETE, self.key_delete, _result("deleted_keys", _key_refs), ("keys",)),
             Route("GET", "/key/info", KEY_REF, self.key_info, key, ("key",)),
@@ -699,7 +716,19 @@ class Admin:
         since, _ = budget_period(info.created_at, info.budget_duration, now)
         return team_view(info, now, await self.store.team_spend(info.team_id, since=since))
 
+    def _check_team_metadata(self, args: dict[str, Any]) -> None:
+        """Each middleware that reads team metadata (`pii`'s `metadata.pii`) checks what
+        would be stored, so that a policy it cannot use is a 400 now."""
+        metadata = args.get("metadata")
+        if not metadata:
+            return
+        for middleware in self.gateway.middlewares:
+            check = getattr(middleware, "check_team_metadata", None)
+            if check is not None:
+                check(metadata)
+
     async def team_new(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._check_team_metadata(args)
         now = self._now()
         info = await create_team(self.store, args, now, self.services.invalidator)
         log.info("admin_team_created", team_id=info.team_id)
@@ -715,6 +744,7 @@ class Admin:
                 "keys": [k.id for k in members], "keys_truncated": len(members) == TEAM_KEYS_SHOWN}
 
     async def team_update(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._check_team_metadata(args)
         team_id = args.pop("team_id")
         info = await self.store.update_team(team_id, **args)
         await self._publish("team", team_id)

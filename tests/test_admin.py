@@ -5,6 +5,7 @@ plaintext key kept out of the database and the logs."""
 from __future__ import annotations
 
 import asyncio
+import os
 import hashlib
 import json
 from datetime import datetime, timedelta, timezone
@@ -561,3 +562,74 @@ async def test_a_known_path_with_another_method_is_405_for_the_master_key_only(a
     assert status == 401
     status, err = await api.error("DELETE", "/key/generate", headers={"Authorization": "Bearer sk-wrong"})
     assert status == 401
+
+
+# --- LiteLLM's key fields (issue 12): tags, soft_budget, a key the caller brings --------------
+
+
+async def test_tags_soft_budget_and_a_key_the_caller_brings(make_proxy, upstream, backend, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llmproxy.middlewares.auth") is None:
+        pytest.skip("middleware not installed: auth")
+    proxy = await make_proxy(openai_config(upstream, middlewares=["auth"], **backend))
+    brought = "sk-" + "Lite_LLM-key-0123456789"  # 23 characters after sk-, as LiteLLM's keys are
+    async with aiohttp.ClientSession() as session:
+        api = Api(proxy, session)
+        made = await api.ok("POST", "/key/generate", {"key": brought, "tags": ["team-a", "ci", "ci"],
+                                                      "soft_budget": 1.5, "key_alias": "moved"})
+        assert made["key"] == brought and made["token"] == hashlib.sha256(brought.encode()).hexdigest()
+        assert (made["tags"], made["soft_budget"], made["soft_budget_exceeded"]) == (["team-a", "ci"], 1.5, False)
+        async with session.post(proxy.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {brought}"},
+                                json={"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]}) as r:
+            assert r.status == 200  # the brought key authenticates like a made one
+        info = (await api.ok("GET", "/key/info", query={"key": brought}))["info"]
+        assert (info["tags"], info["soft_budget"]) == (["team-a", "ci"], 1.5)
+        listed = await api.ok("GET", "/key/list", query={"return_full_object": "true"})
+        assert listed["keys"][0]["tags"] == ["team-a", "ci"]
+
+        updated = await api.ok("POST", "/key/update", {"key": brought, "tags": ["b"], "soft_budget": 0})
+        assert (updated["tags"], updated["soft_budget"], updated["soft_budget_exceeded"]) == (["b"], 0.0, True)
+        cleared = await api.ok("POST", "/key/update", {"key": made["token"], "tags": None, "soft_budget": None})
+        assert (cleared["tags"], cleared["soft_budget"], cleared["soft_budget_exceeded"]) == ([], None, False)
+
+        status, err = await api.error("POST", "/key/generate", {"key": brought})
+        assert status == 400 and "already exists" in err["message"] and brought not in err["message"]
+        for bad_key in ("sk-short", "pk-" + "a" * 30, "sk-" + "a" * 20 + " b", "sk-" + "a" * 257, 12, "",
+                        "sk-" + "é" * 25):
+            status, err = await api.error("POST", "/key/generate", {"key": bad_key})
+            assert (status, err["param"]) == (400, "key"), bad_key
+        for body, field in (({"tags": "a"}, "tags"), ({"tags": ["x" * 129]}, "tags[0]"),
+                            ({"tags": [str(i) for i in range(65)]}, "tags"), ({"soft_budget": -1}, "soft_budget")):
+            status, err = await api.error("POST", "/key/generate", body)
+            assert (status, err["param"]) == (400, field), body
+    if not backend:
+        db = proxy.gateway.config.database.sqlite_path
+        stored = b"".join(open(p, "rb").read() for p in (db, db + "-wal") if os.path.exists(p))
+        assert brought.encode() not in stored  # kept as its hash only, like any key
+
+
+@pytest.mark.parametrize("middlewares, checked", [([{"pii": {"mode": "mask"}}], True), ([], False)])
+async def test_team_metadata_pii_is_checked_when_written(make_proxy, upstream, middlewares, checked):
+    import importlib.util
+
+    if checked and importlib.util.find_spec("llmproxy.middlewares.pii") is None:
+        pytest.skip("middleware not installed: pii")
+    proxy = await make_proxy(openai_config(upstream, middlewares=middlewares))
+    async with aiohttp.ClientSession() as session:
+        api = Api(proxy, session)
+        good = await api.ok("POST", "/team/new", {"team_id": "t-ok", "metadata": {"pii": {"mode": "block"}}})
+        assert good["metadata"] == {"pii": {"mode": "block"}}
+        for pii in ({"mode": "shout"}, "block", {"entities": ["NOT_AN_ENTITY"]}, {"no_such_option": 1}):
+            status, data = await api.call("POST", "/team/new", {"team_id": "t-bad", "metadata": {"plan": "x", "pii": pii}})
+            if checked:
+                assert status == 400 and data["error"]["param"] == "metadata.pii", (pii, data)
+                assert data["error"]["message"].startswith("metadata.pii"), data
+            else:  # no middleware reads metadata.pii: kept as any other metadata
+                assert status == 200
+                await api.ok("POST", "/team/delete", {"team_ids": ["t-bad"]})
+        status, data = await api.call("POST", "/team/update", {"team_id": "t-ok", "metadata": {"pii": {"mode": "x"}}})
+        assert status == (400 if checked else 200)
+        if checked:
+            team = (await api.ok("GET", "/team/info", query={"team_id": "t-ok"}))["team_info"]
+            assert team["metadata"] == {"pii": {"mode": "block"}}  # the refused update changed nothing

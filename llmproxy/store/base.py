@@ -166,9 +166,16 @@ class KeyInfo:
     blocked: bool = False
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    tags: tuple[str, ...] = ()  # LiteLLM's key tags: kept and shown, for the operator's own use
+    soft_budget: Decimal | None = None  # USD; reported (`soft_budget_exceeded`), never enforced
 
     def __post_init__(self) -> None:
         _normalize_limits(self)
+        if isinstance(self.tags, str):
+            raise TypeError("tags: a sequence of tags, not a string")
+        _set(self, "tags", tuple(self.tags or ()))
+        if self.soft_budget is not None:
+            _set(self, "soft_budget", money(self.soft_budget, "soft_budget"))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

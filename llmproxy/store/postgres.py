@@ -54,7 +54,7 @@ _INSERT_SPEND = (
 )
 _spend_values = attrgetter(*SPEND_FIELDS)
 _JSON_FIELDS = frozenset({"metadata"})
-_ARRAY_FIELDS = frozenset({"models", "changes"})
+_ARRAY_FIELDS = frozenset({"models", "changes", "tags"})
 
 
 def where(url: str) -> str:

@@ -75,6 +75,8 @@ def _json(value: Any) -> str:
 # is. None is never converted.
 _ENCODINGS: dict[str, tuple[str, Callable[[Any], Any], Callable[[Any], Any]]] = {
     "max_budget": ("max_budget_nanos", _nanos, _from_nanos),
+    "soft_budget": ("soft_budget_nanos", _nanos, _from_nanos),
+    "tags": ("tags", lambda v: _json(list(v)), orjson.loads),
     "spend": ("spend_nanos", _nanos, _from_nanos),
     "expires_at": ("expires_at_us", _micros, _from_micros),
     "created_at": ("created_at_us", _micros, _from_micros),

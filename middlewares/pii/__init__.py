@@ -188,6 +188,22 @@ class PII:
 
     # --- per-team policies ----------------------------------------------------------------
 
+    def check_team_metadata(self, metadata: dict[str, Any]) -> None:
+        """Called by `/team/new` and `/team/update` for the metadata they would store: a
+        `pii` policy this middleware could not use is refused then (400 naming the field),
+        rather than logged and ignored at every request of the team."""
+        if "pii" not in metadata:
+            return
+        override = metadata["pii"]
+        try:
+            if not isinstance(override, dict):
+                raise ConfigError("expected a mapping of pii options, such as {\"mode\": \"block\"}")
+            build(Options, {**self._defaults, **override}, "metadata.pii")
+        except (ConfigError, ValueError) as exc:
+            text = str(exc)
+            raise errors.invalid_request(text if text.startswith("metadata.pii") else f"metadata.pii: {text}",
+                                         "metadata.pii") from None
+
     def policy_for(self, ctx: "Context") -> Policy:
         """The team's policy when its metadata has `pii`, else the configured one."""
         team = getattr(ctx.principal, "team", None)

@@ -176,7 +176,12 @@ async def test_the_scheduler_before_pii_takes_no_quota_for_what_pii_refuses(upst
 
     config = openai_config(upstream, middlewares=[{"scheduler": {}}, {"pii": {"mode": "block"}}])
     config["models"][0]["deployments"][0].update({"rpm": 1, "burst": 1, "max_queue_wait": 0})
-    proxy = await make_proxy(config)
+    with capture_logs() as logs:
+        proxy = await make_proxy(config)
+    # ... and the start says so, once (SPEC §3 reads as if it mattered)
+    [note] = [e for e in logs if e["event"] == "middleware_order"]
+    assert note["log_level"] == "warning" and "scheduler is listed before pii" in note["detail"]
+    assert "take none" in note["detail"] and "changes nothing" in note["detail"]
     statuses = []
     async with aiohttp.ClientSession() as s:
         for content in ["mail jane.doe@example.com"] * 3 + ["hello", "hello again"]:
@@ -184,6 +189,15 @@ async def test_the_scheduler_before_pii_takes_no_quota_for_what_pii_refuses(upst
                               json={"model": "gpt-test", "messages": [{"role": "user", "content": content}]}) as r:
                 statuses.append(r.status)
     assert statuses == [400, 400, 400, 200, 429]  # the one request of quota went to the first clean one
+
+
+@needs("scheduler", "pii")
+async def test_the_recommended_order_logs_no_order_note(upstream, make_proxy) -> None:
+    from .conftest import openai_config
+
+    with capture_logs() as logs:
+        await make_proxy(openai_config(upstream, middlewares=[{"pii": {"mode": "block"}}, {"scheduler": {}}]))
+    assert not [e for e in logs if e["event"] == "middleware_order"]
 
 
 # --- health as documented --------------------------------------------------------------------

@@ -28,12 +28,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from .admission import NO_LEASE, Lease, RateScheduler, define_metrics
 from .bucket import TokenBucket
 from .headers import ProviderLimits, Window, format_duration, parse_duration, provider_limits
 from .limits import Demand, Limit, Parallel, demand_of, deployment_limits, estimate_tokens, tenant_limits, tenant_of
 from .table import BucketTable
 
+
+log = structlog.get_logger("llmproxy.scheduler")
 
 if TYPE_CHECKING:
     from llmproxy.context import Context, Next, Reply
@@ -62,8 +66,26 @@ class Scheduler:
                                        metrics=services.metrics, default_max_tokens=options.default_max_tokens)
         self.remote = None
 
+    def order_note(self) -> str | None:
+        """What it means that `pii` or `cache` is listed after the scheduler (SPEC §3 calls
+        that order a choice with a cost): here, nothing for quota, since the admission
+        happens when the forwarder sends upstream wherever the scheduler is listed."""
+        names = [m.name for m in self.services.config.middlewares] if self.services.config else []
+        if "scheduler" not in names:
+            return None
+        after = [n for n in names[names.index("scheduler") + 1:] if n in ("pii", "cache")]
+        if not after:
+            return None
+        return (f"scheduler is listed before {' and '.join(after)}: quota is still taken only when a "
+                f"request goes upstream (the forwarder asks), so requests that {' or '.join(after)} answers or "
+                "refuses take none, and the 429s it gives pass through every middleware; its place in the list "
+                "changes nothing (SPEC §3's recommended order lists it last)")
+
     async def startup(self) -> None:
         """With Redis: start the shared buckets and the replica heartbeat."""
+        note = self.order_note()
+        if note is not None:
+            log.warning("middleware_order", detail=note)
         s = self.services
         if s.redis is None:
             return

@@ -862,3 +862,42 @@ async def test_presidio_history_sent_once_and_fallback_answers_not_kept(upstream
     analyzer.mode = "ok"
     assert await turn(1) == ["\n\n".join([HISTORY, "Turn 1: reply to " + EMAIL])]  # the fallback's was not kept
     assert await turn(2) == ["Turn 2: reply to " + EMAIL]  # the history's answer was
+
+
+# --- large requests are analysed off the event loop (issue 12) ---------------------------
+
+
+async def test_a_large_request_is_analysed_in_a_thread_with_the_same_result(upstream, make_proxy, monkeypatch):
+    import threading
+
+    from llmproxy.middlewares import pii as pii_module
+    from llmproxy.middlewares.pii.recognizers import Recognizers
+
+    threads: list[int] = []
+    real = Recognizers.analyze
+
+    def recording(self, text):
+        threads.append(threading.get_ident())
+        return real(self, text)
+    monkeypatch.setattr(Recognizers, "analyze", recording)
+    proxy = await pii_proxy(make_proxy, upstream)
+    loop_thread = threading.get_ident()  # the test's loop is the proxy's
+    filler = "lorem ipsum dolor sit amet " * (pii_module.OFF_LOOP_CHARS // 27 + 1)
+    history = [{"role": "user", "content": f"{filler} {EMAIL}"}, {"role": "assistant", "content": "noted"}]
+    for turn in range(2):
+        upstream.push(echo())
+        threads.clear()
+        resp = await oai(proxy).chat.completions.create(
+            model="gpt-test", messages=[*history, {"role": "user", "content": PROMPT}])
+        assert resp.choices[0].message.content == PROMPT  # restored as on the loop
+        assert_masked(upstream.requests[-1])
+        sent = upstream.requests[-1].json["messages"]
+        assert sent[0]["content"].endswith(" <EMAIL_ADDRESS_1>") and EMAIL not in sent[0]["content"]
+        assert threads and loop_thread not in threads
+        # turn 2: the big history text is a cache hit, so only the new texts are analysed
+        assert len(threads) == (3 if turn == 0 else 2)
+
+    threads.clear()
+    upstream.push(echo())
+    await oai(proxy).chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": PROMPT}])
+    assert threads == [loop_thread]  # a small request stays on the loop: no thread hop

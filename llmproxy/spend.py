@@ -264,19 +264,25 @@ class SpendWriter:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_prune = loop.time()
-        first = True  # at once: what an earlier run left is written back at start
+        due = True  # at once: what an earlier run left is written back at start
         while True:
-            if not first:
+            if not due:
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.interval)
                 except asyncio.TimeoutError:
-                    pass
-            first = False
+                    due = True
             self._wake.clear()
             try:
-                while self.queue:
+                # Full batches whenever there are; what is left (less than a batch) only when
+                # the interval is up. Draining to empty after each full batch would write a
+                # stream of tiny batches under load (the rows that arrived during the last
+                # write), each its own transaction and fsync: measured 20-row batches cost
+                # 36 µs of CPU per row on SQLite, 500-row ones 13.
+                while len(self.queue) >= self.batch_size or (due and self.queue):
                     await self._write_batch()
-                if self.wal and not self._overflow and (self._spiller is None or self._spiller.done()):
+                due = False
+                if (self.wal and not self.queue and not self._overflow
+                        and (self._spiller is None or self._spiller.done())):
                     await self._wal_caught_up()
                 if self._failures:
                     log.info("spend_log_recovered", after_failures=self._failures)

@@ -257,3 +257,32 @@ def test_kill_9(tmp_path, durability: str, kept: bool):
         assert not list(tmp_path.glob("llmproxy-spend-spill.jsonl.wal.*")) or not kept
     finally:
         assert stop(proc) == 0
+
+
+async def test_under_load_the_writer_writes_full_batches_not_a_stream_of_small_ones(tmp_path):
+    """Rows keep arriving while a batch is written. The writer used to drain the queue to
+    empty after each full batch, writing the few rows that came meanwhile as batches of
+    their own (each a transaction and an fsync); what is left waits for the next full
+    batch or the interval."""
+    sizes: list[int] = []
+
+    class SlowStore(FakeStore):
+        async def write_spend(self, rows):
+            sizes.append(len(rows))
+            await asyncio.sleep(0.02)  # a write takes a while...
+            await super().write_spend(rows)
+
+    store = SlowStore()
+    w = writer(tmp_path, store, batch_size=50, flush_interval=0.5)
+    await w.startup()
+    try:
+        await asyncio.sleep(0.05)  # the start's pass is done
+        sizes.clear()
+        for n in range(230):  # ... while requests keep coming: 230 rows over ~0.23 s
+            w.emit(record(f"r{n}"))
+            await asyncio.sleep(0.001)
+        await until(lambda: len(store.rows) == 230, bound=5)
+        assert sizes[:-1] == [50] * (len(sizes) - 1) and 0 < sizes[-1] <= 50, sizes
+        assert len(sizes) == 5
+    finally:
+        await w.shutdown()

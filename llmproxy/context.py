@@ -35,9 +35,10 @@ around it), then the record goes to the event sinks.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, ContextManager, Protocol
 
 from .usage import prompt_text as _prompt_text
 
@@ -129,6 +130,31 @@ class Admission(Protocol):
     def has_capacity(self, deployment: "Deployment") -> bool: ...
 
 
+class AttemptTrace(Protocol):
+    """One upstream attempt as a tracer sees it (`Tracer.attempt`); the forwarder calls it."""
+
+    headers: dict[str, str]  # added to the upstream request (the attempt's traceparent)
+
+    def answered(self, status: int) -> None: ...
+
+    def chunk(self, data: bytes) -> None: ...  # each chunk of a 2xx answer, as it passes
+
+    def end(self, usage: "Usage | None", outcome: str) -> None: ...  # once; outcome as Attempt's
+
+
+class Tracer(Protocol):
+    """Installed on `ctx.tracer` by a tracing middleware for one request. `ctx.trace(name)`
+    opens a span of the request's trace (a no-op without a tracer); the forwarder asks
+    for one `attempt` per upstream attempt."""
+
+    def span(self, name: str, attributes: dict[str, Any] | None = None) -> ContextManager[Any]: ...
+
+    def attempt(self, ctx: "Context", deployment: "Deployment", model: "Model") -> AttemptTrace: ...
+
+
+_NO_SPAN = nullcontext()  # what ctx.trace() gives without a tracer: enters as None
+
+
 @dataclass(slots=True)
 class Attempt:
     deployment: str
@@ -185,7 +211,7 @@ class Context:
     sets it: the server sets everything down to `record` (and `request`, which only the
     built-in stages read); `principal` is the identity middleware's (auth); `body` and
     `stream` the read stage's; `model` the route stage's; `admission` the scheduler's;
-    `deployment` the forwarder's."""
+    `deployment` the forwarder's; `tracer` a tracing middleware's."""
 
     api: str  # one of ALL_APIS
     path: str
@@ -201,7 +227,15 @@ class Context:
     deployment: "Deployment | None" = None
     started: float = field(default_factory=time.perf_counter)
     cleanups: list[Callable[[], Any]] = field(default_factory=list)
+    tracer: Tracer | None = None  # the tracing middleware's, for this request
+    upstream_headers: dict[str, str] | None = None  # added to the next upstream request (traceparent)
     _prompt: str | None = field(default=None, repr=False)
+
+    def trace(self, name: str, attributes: dict[str, Any] | None = None) -> ContextManager[Any]:
+        """`with ctx.trace("llmproxy.pii") as span:` a span of this request's trace around
+        some work (`span` None without a tracer: set attributes only when it is not)."""
+        tracer = self.tracer
+        return _NO_SPAN if tracer is None else tracer.span(name, attributes)
 
     def prompt_text(self) -> str:
         """The request's text as a tokenizer counts it (`usage.prompt_text`), derived once

@@ -42,7 +42,7 @@ from .usage import AnthropicStreamMeter, OpenAIStreamMeter, Usage, anthropic_usa
 
 if TYPE_CHECKING:
     from .config import Router as RouterConfig
-    from .context import Context, Lease
+    from .context import AttemptTrace, Context, Lease
     from .router import DeploymentState, Router
     from .services import Services
 
@@ -121,6 +121,8 @@ class Forwarder:
         lease: Lease | None = None
         if ctx.admission is not None:
             lease = await ctx.admission.acquire(ctx, dep)
+        trace = ctx.tracer.attempt(ctx, dep, state.model) if ctx.tracer is not None else None
+        ctx.upstream_headers = trace.headers if trace is not None else None
         ctx.deployment = dep
         state.inflight += 1
         t0 = time.perf_counter()
@@ -134,6 +136,8 @@ class Forwarder:
             try:
                 try:
                     upstream = await state.provider.open(ctx)
+                    if trace is not None:
+                        trace.answered(upstream.status)
                     if lease is not None:
                         feedback = getattr(lease, "feedback", None)
                         if feedback is not None:  # provider rate-limit headers and 429s tighten the buckets
@@ -162,7 +166,10 @@ class Forwarder:
                 raise _Failure(errors.upstream_error(f"The upstream connection failed ({type(exc).__name__})."),
                                "connect_error", self.config.cooldown_seconds) from None
             if meter is None:
-                return self._upstream_status(ctx, state, upstream, failure_body)
+                reply = self._upstream_status(ctx, state, upstream, failure_body)
+                if trace is not None:
+                    trace.end(None, f"http_{upstream.status}")
+                return reply
             if isinstance(meter, AnthropicStreamMeter) and meter.first_event_error is not None:
                 err = meter.first_event_error
                 raise _Failure(errors.upstream_error(
@@ -174,18 +181,22 @@ class Forwarder:
             record.provider = dep.provider
             if parser is None:
                 reply = Reply(upstream.status, response_headers(upstream.headers),
-                              self._relay_json(ctx, upstream, meter), upstream.content_length)
+                              self._relay_json(ctx, upstream, meter, trace), upstream.content_length)
             else:
                 reply = Reply(upstream.status, response_headers(upstream.headers),
-                              self._relay_sse(ctx, upstream, parser, meter, first))
-            ctx.cleanups.append(_Finish(ctx, state, upstream, meter, lease))
+                              self._relay_sse(ctx, upstream, parser, meter, first, trace))
+            ctx.cleanups.append(_Finish(ctx, state, upstream, meter, lease, trace))
             handed_over = True
             return reply
         except _Failure as failure:
             record.attempts.append(Attempt(dep.id, failure.outcome, time.perf_counter() - t0))
+            if trace is not None:
+                trace.end(None, failure.outcome)
             raise
         finally:
             if not handed_over:
+                if trace is not None:
+                    trace.end(None, "cancelled")  # (a no-op when it already ended)
                 state.inflight -= 1
                 if upstream is not None:
                     upstream.close()
@@ -233,7 +244,8 @@ class Forwarder:
         ctx.record.provider = dep.provider
         return Reply(status, response_headers(upstream.headers), body)
 
-    async def _relay_json(self, ctx: "Context", upstream: Upstream, meter: "_BodyMeter") -> AsyncIterator[bytes]:
+    async def _relay_json(self, ctx: "Context", upstream: Upstream, meter: "_BodyMeter",
+                          trace: "AttemptTrace | None" = None) -> AsyncIterator[bytes]:
         """A JSON answer passes through as it arrives; a copy is kept to read usage at the end.
         A body cut short closes the client's connection rather than ending it cleanly
         (`BodyCut`), with the record saying `upstream_cut`."""
@@ -243,6 +255,8 @@ class Forwarder:
                 if not parts:
                     ctx.record.ttfb_s = time.perf_counter() - ctx.started
                 parts.append(chunk)
+                if trace is not None:
+                    trace.chunk(chunk)
                 yield chunk
         except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
             record = ctx.record
@@ -252,14 +266,18 @@ class Forwarder:
             raise BodyCut from None
 
     async def _relay_sse(self, ctx: "Context", upstream: Upstream, parser: SSEParser, meter,
-                         first: list[bytes]) -> AsyncIterator[bytes]:
+                         first: list[bytes], trace: "AttemptTrace | None" = None) -> AsyncIterator[bytes]:
         record = ctx.record
         record.ttfb_s = time.perf_counter() - ctx.started
         try:
             for chunk in first:
+                if trace is not None:
+                    trace.chunk(chunk)
                 yield chunk
             async for chunk in upstream.body:
                 out = _pass(parser, meter, chunk)
+                if trace is not None:
+                    trace.chunk(chunk)
                 if out:
                     yield out
             for ev in parser.close():
@@ -392,10 +410,11 @@ def _usage_object(body: bytes) -> dict | None:
 class _Finish:
     """Runs once when the request ends: close upstream, account usage, give back the lease."""
 
-    __slots__ = ("ctx", "state", "upstream", "meter", "lease")
+    __slots__ = ("ctx", "state", "upstream", "meter", "lease", "trace")
 
-    def __init__(self, ctx, state, upstream, meter, lease) -> None:
+    def __init__(self, ctx, state, upstream, meter, lease, trace=None) -> None:
         self.ctx, self.state, self.upstream, self.meter, self.lease = ctx, state, upstream, meter, lease
+        self.trace = trace
 
     def __call__(self) -> None:
         ctx, record = self.ctx, self.ctx.record
@@ -415,6 +434,8 @@ class _Finish:
         record.spend = cost(self.state.model.pricing, usage)
         if self.lease is not None:
             self.lease.release(usage)
+        if self.trace is not None:
+            self.trace.end(usage, record.error_code or ("client_disconnected" if record.client_disconnected else "ok"))
 
 
 async def _read_bounded(upstream: Upstream) -> bytes:

@@ -115,6 +115,9 @@ class HTTPProvider(Provider):
             value = client.get(name)
             if value is not None:
                 headers[name] = value
+        extra = ctx.upstream_headers
+        if extra:  # the attempt's own traceparent replaces the client's
+            headers.update(extra)
         headers.update(self.fixed_headers)
         return headers
 

@@ -176,7 +176,11 @@ class Auth:
         if self._master is not None and same_secret(key, self._master):
             ctx.principal = MASTER
             return await call_next(ctx)
-        principal = await self.resolve(key)
+        if ctx.tracer is None:
+            principal = await self.resolve(key)
+        else:
+            with ctx.trace("llmproxy.auth"):
+                principal = await self.resolve(key)
         if principal is None:
             raise errors.unauthorized("Invalid API key.")
         record = ctx.record

@@ -140,13 +140,12 @@ class PII:
         if not texts.slots:
             return await call_next(ctx)
         values = texts.values()
-        if policy.presidio is None:
-            if sum(map(len, values)) < OFF_LOOP_CHARS:
-                found = policy.builtin(values, self.cache)
-            else:
-                found = await self._builtin_in_thread(policy, values)
+        if ctx.tracer is None:
+            found = await self._analyze(policy, values)
         else:
-            found = await policy.presidio.analyze(values, self.cache)
+            with ctx.trace("llmproxy.pii", {"llmproxy.pii.texts": len(values)}) as span:
+                found = await self._analyze(policy, values)
+                span.set_attribute("llmproxy.pii.found", sum(map(len, found)))
         hits = {i: spans for i, spans in enumerate(found) if spans}
         if not hits:
             return await call_next(ctx)
@@ -193,6 +192,13 @@ class PII:
                 inc(CACHE_METRIC, ("hit",), hits)
             if misses:
                 inc(CACHE_METRIC, ("miss",), misses)
+
+    async def _analyze(self, policy: Policy, values: list[str]) -> list[list[Any]]:
+        if policy.presidio is not None:
+            return await policy.presidio.analyze(values, self.cache)
+        if sum(map(len, values)) < OFF_LOOP_CHARS:
+            return policy.builtin(values, self.cache)
+        return await self._builtin_in_thread(policy, values)
 
     async def _builtin_in_thread(self, policy: Policy, values: list[str]) -> list[list[Any]]:
         """A large request's texts (OFF_LOOP_CHARS or more) analysed in a thread, so that the

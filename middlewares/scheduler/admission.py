@@ -159,7 +159,18 @@ class RateScheduler:
 
     async def acquire(self, ctx: "Context", dep: "Deployment") -> Lease | _NoLease:
         """Runs before each upstream attempt on `dep`; returns when it may start. Raises
-        the 429 when it may not; a cancellation (the client left) leaves the queue."""
+        the 429 when it may not; a cancellation (the client left) leaves the queue. Traced
+        as a span of its own (`llmproxy.scheduler.wait`, with the seconds waited)."""
+        if ctx.tracer is None:
+            return await self._acquire(ctx, dep)
+        t0 = self.clock()
+        with ctx.trace("llmproxy.scheduler.wait", {"llmproxy.deployment": dep.id}) as span:
+            try:
+                return await self._acquire(ctx, dep)
+            finally:
+                span.set_attribute("llmproxy.scheduler.wait_seconds", self.clock() - t0)
+
+    async def _acquire(self, ctx: "Context", dep: "Deployment") -> Lease | _NoLease:
         lane = self.lane(dep)
         demand = demand_of(ctx, lane.limits, self.default_max_tokens)
         if not demand:

@@ -1,0 +1,138 @@
+"""Middleware `tracing`: OpenTelemetry spans for every request, with the GenAI conventions.
+
+Listed first (outermost) it sees every outcome, rejections included:
+- one SERVER span per request, `{method} {route}`, from the first middleware to the last
+  byte written (it ends in `ctx.cleanups`, after the forwarder's usage): method, path,
+  status (499 when the client left), request id, key alias and team; never a key;
+- spans for the work of the middlewares inside it, through `ctx.trace(name)`:
+  `llmproxy.auth` (the key's lookup), `llmproxy.pii` (the analysis), and
+  `llmproxy.scheduler.wait` (the admission, with the seconds waited);
+- one CLIENT span per upstream attempt (`spans.Attempt`), `{gen_ai.operation.name}
+  {gen_ai.request.model}`, siblings for retries and fallbacks; its `traceparent` goes
+  upstream. A stream's attempt ends with the stream.
+
+The client's W3C `traceparent`/`tracestate` is the parent, unless `link_client_trace`:
+then each request starts a trace of its own that links to the client's. The trace id goes
+into the record (the access log line and the spend row).
+
+Export: OTLP (`http/protobuf`, or `grpc` when its package is installed) to the endpoint
+of the options or of the standard `OTEL_EXPORTER_OTLP_*` variables, through a batch
+processor with a bounded queue (`export.py`): a collector that is down or slow costs
+requests nothing; spans that do not fit are dropped and counted in
+`llmproxy_tracing_spans_dropped_total`. Without any endpoint, spans are made (trace ids
+reach the logs and upstream) but not exported, and the start says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import structlog
+
+from llmproxy.config import ConfigError
+from llmproxy.context import ALL_APIS
+from llmproxy.errors import ProxyError
+from llmproxy.periodic import every
+
+from .export import DROPPED, BoundedProcessor, exporter_for, sampler_for
+from .spans import RequestTracer
+
+if TYPE_CHECKING:
+    from llmproxy.context import Context, Next, Reply
+    from llmproxy.services import Services
+
+log = structlog.get_logger("llmproxy.tracing")
+
+MAX_PATH = 256  # characters of a path kept on a span (an unknown path is the client's text)
+
+
+@dataclass(frozen=True)
+class Options:
+    # Each None falls back to its OTEL_* variable, then to the SDK's default.
+    endpoint: str | None = None  # OTEL_EXPORTER_OTLP_ENDPOINT: the collector's base URL (/v1/traces is added)
+    traces_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: the whole traces URL
+    headers: dict[str, str] | None = None  # OTEL_EXPORTER_OTLP_HEADERS ("k=v,k2=v2"), e.g. an auth header
+    protocol: Literal["http/protobuf", "grpc"] | None = None  # OTEL_EXPORTER_OTLP_PROTOCOL
+    service_name: str | None = None  # OTEL_SERVICE_NAME, default "llmproxy"
+    sampler: str | None = None  # OTEL_TRACES_SAMPLER, default parentbased_always_on
+    sampler_arg: str | None = None  # OTEL_TRACES_SAMPLER_ARG (the ratio of the *traceidratio samplers)
+    link_client_trace: bool = False  # a trace of our own per request, linked to the client's
+    max_queue_size: int = field(default=2048, metadata={"min": 1})  # spans waiting for export
+    export_timeout: float = field(default=5.0, metadata={"gt": 0})  # seconds per export call
+    schedule_delay: float = field(default=1.0, metadata={"gt": 0})  # seconds between exports
+
+
+class Tracing:
+    """Middleware `tracing` (see the module docstring)."""
+
+    Options = Options
+    apis = ALL_APIS
+    stage = "outer"
+
+    def __init__(self, options: Options | None, services: "Services") -> None:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+
+        self.options = o = options or Options()
+        self.services = services
+        env = os.environ
+        name = o.service_name or env.get("OTEL_SERVICE_NAME") or "llmproxy"
+        try:
+            sampler = sampler_for(o.sampler or env.get("OTEL_TRACES_SAMPLER"),
+                                  o.sampler_arg or env.get("OTEL_TRACES_SAMPLER_ARG"))
+            self.exporter, self.where = exporter_for(o, env)
+        except ValueError as exc:
+            raise ConfigError([f"tracing: {exc}"]) from None
+        self.provider = TracerProvider(resource=Resource.create({"service.name": name}), sampler=sampler)
+        self.processor = None
+        if self.exporter is not None:
+            self.processor = BoundedProcessor(self.exporter, max_queue_size=o.max_queue_size,
+                                              export_timeout=o.export_timeout, schedule_delay=o.schedule_delay)
+            self.provider.add_span_processor(self.processor)
+        self.tracer = self.provider.get_tracer("llmproxy")
+        services.metrics.define(DROPPED, "counter", "Spans dropped: the export queue was full or the export "
+                                "failed (the collector down or slow).", ())
+        self._reported = 0
+        self._task: asyncio.Task | None = None
+
+    async def startup(self) -> None:
+        if self.exporter is None:
+            log.warning("tracing_not_exported", detail="no OTLP endpoint (options endpoint/traces_endpoint or "
+                        "OTEL_EXPORTER_OTLP_ENDPOINT): spans are made, trace ids reach logs and upstream, "
+                        "nothing is exported")
+        else:
+            log.info("tracing_exporting", endpoint=self.where)
+        self._task = asyncio.create_task(every(1.0, self._count_dropped, "tracing_dropped_count"))
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        # The last spans go out within the export timeout, in a thread: the loop is not held.
+        await asyncio.to_thread(self.provider.shutdown)
+        self._count_dropped()
+
+    def _count_dropped(self) -> None:
+        if self.processor is None:
+            return
+        dropped = self.processor.dropped
+        if dropped > self._reported:
+            self.services.metrics.inc(DROPPED, (), dropped - self._reported)
+            self._reported = dropped
+
+    async def __call__(self, ctx: "Context", call_next: "Next") -> "Reply":
+        tracer = RequestTracer.start(self, ctx)
+        ctx.tracer = tracer
+        ctx.cleanups.append(tracer.finish)  # first in, so it runs last: after the forwarder's usage
+        try:
+            return await call_next(ctx)
+        except ProxyError as exc:
+            tracer.error = exc.code or exc.type
+            raise
+
+    def path_of(self, ctx: "Context") -> str:
+        path = ctx.path
+        return path if len(path) <= MAX_PATH else path[:MAX_PATH - 1] + "…"

@@ -372,8 +372,14 @@ ROWS: list[TargetSpec] = [
                        "middlewares": ["auth", {"pii": {"mode": "mask"}},
                                        {"scheduler": {"default_max_tokens": 256}}]},
                deployment=_NO_LIMIT_DEPLOYMENT, seed_keys=True, ratio_vs="proxy"),
-    TargetSpec("proxy-tracing", "proxy", "llmproxy + tracing (no OTLP exporter)",
-               config={"middlewares": ["tracing"]}),
+    # issue 13: tracing outermost, spans exported over OTLP/HTTP to the bench's upstream
+    # (which takes /v1/traces and discards it, like a collector), spend log off; second ratio
+    # against proxy
+    TargetSpec("proxy-tracing", "proxy", "proxy + tracing exporting OTLP/HTTP to a local receiver (spend "
+               "log off); second ratio against proxy",
+               config={"spend": {"enabled": False},
+                       "middlewares": [{"tracing": {"endpoint": "os.environ/BENCH_UPSTREAM_URL"}}]},
+               ratio_vs="proxy"),
 ]
 
 
@@ -402,6 +408,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
            "chat-1m-adversarial"),
           "pii mask on a 2 KB prompt without and with 5 entities, every prompt new; streamed TTFB; "
           "a conversation's next turn (issue 6); a 1 MB adversarial prompt (issue 12)"),
+    Suite("tracing", ("proxy", "proxy-tracing"), ("chat", "chat-stream"),
+          "tracing on, exporting to a local OTLP receiver, against the same proxy without it (issue 13)"),
     Suite("pipeline", ("floor", "proxy", "proxy-full"),
           ("chat", "chat-stream", "chat-100k", "chat-100k-stream"),
           "the whole chain (auth, pii, scheduler, spend log) on small and ~100 KB conversations (issue 11)"),
@@ -410,7 +418,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
           "memory per open stream: --streams-c concurrent ~4.6 s streams per row, RSS sampled "
           "every 50 ms, and their time to first byte (issue 11)", kind="streams"),
 ]}
-ALL_SUITES = ("core", "scheduler", "pii", "pipeline")
+ALL_SUITES = ("core", "scheduler", "pii", "tracing", "pipeline")
 DEFAULT_SUITE = "all"   # `make bench`; see bench/README.md for its duration
 DEFAULT_TARGETS = ",".join(SUITES["core"].targets)
 

@@ -262,6 +262,12 @@ def make_app(api_key: str | None) -> web.Application:
     async def liveliness(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def otlp_traces(request: web.Request) -> web.Response:
+        """A stand-in OTLP/HTTP collector for the tracing rows: takes the export, counts it."""
+        stats["otlp_exports"] = stats.get("otlp_exports", 0) + 1
+        stats["otlp_bytes"] = stats.get("otlp_bytes", 0) + len(await request.read())
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
     async def bench_stats(request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(stats), content_type="application/json")
 
@@ -271,6 +277,7 @@ def make_app(api_key: str | None) -> web.Application:
         app.router.add_post(prefix + "/messages", messages)
     app.router.add_get("/health/liveliness", liveliness)
     app.router.add_get("/bench/stats", bench_stats)
+    app.router.add_post("/v1/traces", otlp_traces)
     return app
 
 

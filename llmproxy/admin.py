@@ -443,6 +443,7 @@ def spend_view(row: SpendRow) -> dict[str, Any]:
         "duration_ms": row.duration_ms,
         "ttfb_ms": row.ttfb_ms,
         "cache_hit": row.cache_hit,
+        "trace_id": row.trace_id,
     }
 
 

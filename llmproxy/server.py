@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable
 
@@ -37,6 +38,7 @@ from .validate import client_key
 if TYPE_CHECKING:
     from .config import Config
 
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # W3C, level 1
 log = structlog.get_logger("llmproxy.server")
 
 API_PATHS = {
@@ -236,7 +238,7 @@ class Gateway:
         rid = f"{self._rid_prefix}{self._seq:08x}"
         record = Record(rid, client_rid, api, request.path, time.time())
         tp = headers.get("traceparent")
-        if tp and len(tp) >= 55:
+        if tp and _TRACEPARENT.match(tp):  # the client's trace, when it is a W3C one (else none)
             record.trace_id = tp[3:35]
         ctx = Context(api, request.path, headers, None, record, api_key=client_key(headers), started=started,
                       request=request)

@@ -81,6 +81,7 @@ def row_of(r: "Record") -> SpendRow:
         ttfb_ms=None if r.ttfb_s is None else round(r.ttfb_s * 1000, 3),
         cache_hit=r.cache == "hit",
         served_model=storable(r.served_model),
+        trace_id=storable(r.trace_id),
     )
 
 

@@ -355,3 +355,76 @@ def test_bad_tracing_options_are_config_errors():
 
             Gateway(cfg)
         assert fragment in str(info.value), (options, str(info.value))
+
+
+@pytest.mark.parametrize("tracing", [True, False])
+async def test_the_trace_id_is_on_the_spend_row(make_proxy, upstream, tracing):
+    """With tracing, the request's own trace id; without, the client's, when its traceparent
+    is a W3C one (a malformed one leaves none)."""
+    proxy = await make_proxy(openai_config(upstream, middlewares=["tracing"] if tracing else []))
+    exporter = spans_of(proxy) if tracing else None
+    async with aiohttp.ClientSession() as s:
+        for tp in (TRACEPARENT, "00-" + "z" * 32 + "-" + "1" * 16 + "-01", None):
+            headers = {**AUTH, **({"traceparent": tp} if tp else {})}
+            async with s.post(proxy.url + "/v1/chat/completions", headers=headers,
+                              json={"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]}) as r:
+                assert r.status == 200
+                await r.read()
+    store = proxy.gateway.services.store
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    rows: list = []
+    while len(rows) < 3 and loop.time() < end:
+        rows = await store.spend_logs(page_size=10)
+        await asyncio.sleep(0.1)
+    rows.sort(key=lambda r: r.started_at)
+    if tracing:
+        servers = sorted((s for s in await finished(exporter, 6) if s.name.startswith("POST")),
+                         key=lambda s: s.start_time)
+        assert [r.trace_id for r in rows] == [f"{s.context.trace_id:032x}" for s in servers]
+        assert rows[0].trace_id == CLIENT_TRACE
+    else:
+        assert [r.trace_id for r in rows] == [CLIENT_TRACE, None, None]
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        async with s.get(proxy.url + "/spend/logs") as r:
+            listed = await r.json()
+    assert {row["trace_id"] for row in listed} == {r.trace_id for r in rows}
+
+
+def test_our_otlp_encoding_is_the_sdks():
+    """`otlp.encode` writes what the SDK's encoder writes (decoded with opentelemetry-proto's
+    own classes and compared), for every kind of value, event, link and status spans hold."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import (Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags,
+                                     TraceState, set_span_in_context)
+
+    from llmproxy.middlewares.tracing.otlp import encode
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "enc-test"}))
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("llmproxy")
+    remote = SpanContext(int(CLIENT_TRACE, 16), int(CLIENT_PARENT, 16), True, TraceFlags(1),
+                         TraceState([("vendor", "1")]))
+    server = tracer.start_span("POST /v1/chat/completions", context=set_span_in_context(NonRecordingSpan(remote)),
+                               kind=SpanKind.SERVER, attributes={"s": "é" * 70, "b": True, "i": -5, "big": 2**62,
+                                                                 "f": 0.5, "ss": ["x", "y"], "ii": [1, 2]})
+    attempt = tracer.start_span("chat gpt", context=set_span_in_context(server), kind=SpanKind.CLIENT,
+                                links=[Link(remote, {"k": 1})])
+    attempt.add_event("gen_ai.first_chunk", {"t": 0.01})
+    attempt.set_status(Status(StatusCode.ERROR, "boom"))
+    attempt.end()
+    root = tracer.start_span("root", links=[Link(remote)])
+    root.set_status(Status(StatusCode.OK))
+    root.end()
+    server.end()
+    spans = exporter.get_finished_spans()
+    ours, theirs = ExportTraceServiceRequest(), ExportTraceServiceRequest()
+    ours.ParseFromString(encode(spans))
+    theirs.ParseFromString(encode_spans(spans).SerializeToString())
+    assert ours == theirs and len(ours.resource_spans[0].scope_spans[0].spans) == 3

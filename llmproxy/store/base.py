@@ -222,6 +222,7 @@ class SpendRow:
     ttfb_ms: float | None = None
     cache_hit: bool = False
     served_model: str | None = None  # the model that served it, priced at its prices (a fallback's may differ)
+    trace_id: str | None = None  # the request's W3C trace id (32 hex), from tracing or the client's traceparent
 
     def __post_init__(self) -> None:
         _set(self, "started_at", utc(self.started_at, "started_at"))

@@ -35,7 +35,7 @@ def spans_of(proxy) -> Any:
 
     (tracing,) = [m for m in proxy.gateway.middlewares if isinstance(m, Tracing)]
     exporter = InMemorySpanExporter()
-    tracing.provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.add_span_processor(SimpleSpanProcessor(exporter))
     return exporter
 
 
@@ -428,3 +428,28 @@ def test_our_otlp_encoding_is_the_sdks():
     ours.ParseFromString(encode(spans))
     theirs.ParseFromString(encode_spans(spans).SerializeToString())
     assert ours == theirs and len(ours.resource_spans[0].scope_spans[0].spans) == 3
+
+
+@pytest.mark.parametrize("sampler, traceparent, recorded", [
+    ("always_off", None, False),
+    ("parentbased_always_on", f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-00", False),  # the client did not sample
+    ("parentbased_always_on", TRACEPARENT, True),
+    ("traceidratio", None, True),  # sampler_arg 1: every trace
+])
+async def test_sampling_keeps_the_trace_moving_without_recording(make_proxy, upstream, sampler, traceparent,
+                                                                 recorded):
+    options = {"sampler": sampler, **({"sampler_arg": "1"} if sampler == "traceidratio" else {})}
+    proxy = await make_proxy(openai_config(upstream, middlewares=[{"tracing": options}]))
+    exporter = spans_of(proxy)
+    headers = {**AUTH, **({"traceparent": traceparent} if traceparent else {})}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", headers=headers,
+                          json={"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]}) as r:
+            assert r.status == 200
+            await r.read()
+    spans = await finished(exporter, 2, bound=1.0 if not recorded else 5.0)
+    assert len(spans) == (2 if recorded else 0)
+    sent = upstream.requests[-1].headers["traceparent"].split("-")
+    assert int(sent[3], 16) & 1 == (1 if recorded else 0)  # the upstream is told whether it is sampled
+    if traceparent:
+        assert sent[1] == CLIENT_TRACE  # same trace either way

@@ -15,11 +15,11 @@ The client's W3C `traceparent`/`tracestate` is the parent, unless `link_client_t
 then each request starts a trace of its own that links to the client's. The trace id goes
 into the record (the access log line and the spend row).
 
-Export: OTLP (`http/protobuf`, or `grpc` when its package is installed) to the endpoint
-of the options or of the standard `OTEL_EXPORTER_OTLP_*` variables, through a batch
-processor with a bounded queue (`export.py`): a collector that is down or slow costs
-requests nothing; spans that do not fit are dropped and counted in
-`llmproxy_tracing_spans_dropped_total`. Without any endpoint, spans are made (trace ids
+Export: OTLP (`http/protobuf` from the event loop, or `grpc` when its package is
+installed) to the endpoint of the options or of the standard `OTEL_EXPORTER_OTLP_*`
+variables, through a bounded queue (`export.py`): a collector that is down or slow costs
+requests nothing; spans that do not fit, or whose export failed, are dropped and counted
+in `llmproxy_tracing_spans_dropped_total`. Without any endpoint, spans are made (trace ids
 reach the logs and upstream) but not exported, and the start says so.
 """
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
@@ -37,7 +37,7 @@ from llmproxy.context import ALL_APIS
 from llmproxy.errors import ProxyError
 from llmproxy.periodic import every
 
-from .export import DROPPED, BoundedProcessor, exporter_for, sampler_for
+from .export import DROPPED, BoundedProcessor, LoopExporter, exporter_for, sampler_for
 from .spans import RequestTracer
 
 if TYPE_CHECKING:
@@ -74,29 +74,45 @@ class Tracing:
 
     def __init__(self, options: Options | None, services: "Services") -> None:
         from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        from llmproxy import __version__
 
         self.options = o = options or Options()
         self.services = services
         env = os.environ
         name = o.service_name or env.get("OTEL_SERVICE_NAME") or "llmproxy"
         try:
-            sampler = sampler_for(o.sampler or env.get("OTEL_TRACES_SAMPLER"),
-                                  o.sampler_arg or env.get("OTEL_TRACES_SAMPLER_ARG"))
+            self.sampler = sampler_for(o.sampler or env.get("OTEL_TRACES_SAMPLER"),
+                                       o.sampler_arg or env.get("OTEL_TRACES_SAMPLER_ARG"))
             self.exporter, self.where = exporter_for(o, env)
         except ValueError as exc:
             raise ConfigError([f"tracing: {exc}"]) from None
-        self.provider = TracerProvider(resource=Resource.create({"service.name": name}), sampler=sampler)
-        self.processor = None
-        if self.exporter is not None:
-            self.processor = BoundedProcessor(self.exporter, max_queue_size=o.max_queue_size,
-                                              export_timeout=o.export_timeout, schedule_delay=o.schedule_delay)
-            self.provider.add_span_processor(self.processor)
-        self.tracer = self.provider.get_tracer("llmproxy")
+        self.resource = Resource.create({"service.name": name})
+        self.scope = InstrumentationScope("llmproxy", __version__)
+        self.processors: list[Any] = []
+        self.processor: Any = None
+        bounds = {"max_queue_size": o.max_queue_size, "export_timeout": o.export_timeout,
+                  "schedule_delay": o.schedule_delay}
+        if isinstance(self.exporter, tuple):  # OTLP/HTTP, from the loop
+            _, url, headers = self.exporter
+            self.processor = LoopExporter(url, headers, resource=self.resource, scope=self.scope, **bounds)
+        elif self.exporter is not None:  # gRPC: the SDK's exporter, in its thread
+            self.processor = BoundedProcessor(self.exporter, **bounds)
+        if self.processor is not None:
+            self.processors.append(self.processor)
         services.metrics.define(DROPPED, "counter", "Spans dropped: the export queue was full or the export "
                                 "failed (the collector down or slow).", ())
         self._reported = 0
         self._task: asyncio.Task | None = None
+
+    def add_span_processor(self, processor: Any) -> None:
+        """Another SDK span processor for every span (a test's in-memory exporter)."""
+        self.processors.append(processor)
+
+    def on_end(self, span: Any) -> None:
+        for processor in self.processors:
+            processor.on_end(span)
 
     async def startup(self) -> None:
         if self.exporter is None:
@@ -105,6 +121,8 @@ class Tracing:
                         "nothing is exported")
         else:
             log.info("tracing_exporting", endpoint=self.where)
+        if isinstance(self.processor, LoopExporter):
+            await self.processor.start()
         self._task = asyncio.create_task(every(1.0, self._count_dropped, "tracing_dropped_count"))
 
     async def shutdown(self) -> None:
@@ -112,7 +130,11 @@ class Tracing:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         # The last spans go out within the export timeout, in a thread: the loop is not held.
-        await asyncio.to_thread(self.provider.shutdown)
+        for processor in self.processors:
+            if isinstance(processor, LoopExporter):
+                await processor.stop()
+            else:
+                await asyncio.to_thread(processor.shutdown)
         self._count_dropped()
 
     def _count_dropped(self) -> None:

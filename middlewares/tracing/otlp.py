@@ -75,25 +75,52 @@ def _any(value: Any) -> bytes:
     return _bytes(1, str(value).encode("utf-8", "replace"))
 
 
+# Attributes whose values repeat from request to request (methods, models, deployments,
+# statuses...): their whole KeyValue is kept once written. Keys with a value per request
+# (ids, token counts, times) or chosen by a client (a path) are not, so the table holds
+# the configuration's cardinality, and never more than _CACHED pairs.
+REPEATING = frozenset({
+    "http.request.method", "http.response.status_code", "llmproxy.api", "llmproxy.model", "llmproxy.deployment",
+    "llmproxy.key_alias", "llmproxy.team_id", "llmproxy.error.code", "error.type", "gen_ai.operation.name",
+    "gen_ai.provider.name", "gen_ai.request.model", "gen_ai.response.model", "server.address", "server.port",
+    "gen_ai.request.max_tokens", "gen_ai.request.temperature", "gen_ai.request.top_p"})
+_PAIRS: dict[tuple[str, type, Any], bytes] = {}
+
+
+def _pair(k: str, v: Any) -> bytes:
+    key = _KEYS.get(k)
+    if key is None:
+        key = _bytes(1, k.encode("utf-8", "replace"))
+        if len(_KEYS) < _CACHED:
+            _KEYS[k] = key
+    value = _any(v)
+    return key + b"\x12" + _varint(len(value)) + value
+
+
 def _attributes(field: int, attrs: Mapping[str, Any] | None) -> bytes:
     if not attrs:
         return b""
     tag = _tag(field, 2)
     out = []
     for k, v in attrs.items():
-        key = _KEYS.get(k)
-        if key is None:
-            key = _bytes(1, k.encode("utf-8", "replace"))
-            if len(_KEYS) < _CACHED:
-                _KEYS[k] = key
-        value = _any(v)
-        body = key + b"\x12" + _varint(len(value)) + value
+        if k in REPEATING:
+            slot = (k, type(v), v)
+            body = _PAIRS.get(slot)
+            if body is None:
+                body = _pair(k, v)
+                if len(_PAIRS) < _CACHED:
+                    _PAIRS[slot] = body
+        else:
+            body = _pair(k, v)
         out.append(tag + _varint(len(body)) + body)
     return b"".join(out)
 
 
 def _trace_state(state: Any) -> str:
-    return ",".join(f"{k}={v}" for k, v in state.items()) if state else ""
+    """A W3C tracestate: kept as the header's text by our spans, a TraceState in the SDK's."""
+    if not state or isinstance(state, str):
+        return state or ""
+    return ",".join(f"{k}={v}" for k, v in state.items())
 
 
 def _flags(context: Any) -> int:
@@ -146,6 +173,25 @@ def _span(span: Any) -> bytes:
         parts.append(_len(b"\x7a", body))
     parts += (b"\x85\x01", _FIXED32.pack(_flags(parent)))
     return b"".join(parts)
+
+
+def span_entry(span: Any) -> bytes:
+    """One span as an entry of `ScopeSpans.spans`, ready for `request_of`."""
+    return _len(b"\x12", _span(span))
+
+
+def request_of(resource: Any, scope: Any, entries: Sequence[bytes]) -> bytes:
+    """ExportTraceServiceRequest of spans of one resource and scope, each already written
+    by `span_entry` (so that a span is bytes from its end on: no object the garbage
+    collector walks waits in the export queue)."""
+    scope_msg = _str(1, scope.name) + _str(2, scope.version or "") + _attributes(3, scope.attributes)
+    chunk = _bytes(1, scope_msg) + b"".join(entries)
+    if scope.schema_url:
+        chunk += _str(3, scope.schema_url)
+    body = _bytes(1, _attributes(1, resource.attributes)) + _bytes(2, chunk)
+    if resource.schema_url:
+        body += _str(3, resource.schema_url)
+    return _bytes(1, body)
 
 
 def encode(spans: Sequence[Any]) -> bytes:

@@ -2,6 +2,15 @@
 the spans of the middlewares' work (`RequestTracer.span`), and one CLIENT span per
 upstream attempt (`Attempt`) with the OpenTelemetry GenAI attributes.
 
+A span here is a small object of our own (`Span`) rather than the SDK's: the SDK's costs
+about 20 µs of CPU to make and end (attribute validation under a lock, a Context object,
+processors), and a request makes two to five. Ours holds what the OTLP export needs, under
+the names the SDK's `ReadableSpan` uses (`context`, `parent`, `kind`, `attributes`,
+`events`, `links`, `status`, `resource`, `instrumentation_scope`, `start_time`,
+`end_time`), so that SDK span processors and exporters (a `BatchSpanProcessor`, the test
+suite's `InMemorySpanExporter`) take it as it is. The W3C `traceparent` is read and
+written here too (a regex and an f-string, not the propagator's Context machinery).
+
 What the answer says (`gen_ai.response.id`, `.model`, `.finish_reasons`) is read from the
 first and last 4 KB of the bytes that passed (JSON or SSE), never from the whole answer:
 the id and model come first in every provider's answer and stream, the finish reason
@@ -10,14 +19,15 @@ last. A value from upstream is cut to 256 characters.
 
 from __future__ import annotations
 
+import os
+import random
 import re
 import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlsplit
 
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode, get_current_span, set_span_in_context
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
 
 from llmproxy.errors import ProxyError
 
@@ -25,57 +35,188 @@ if TYPE_CHECKING:
     from llmproxy.context import Context
     from llmproxy.usage import Usage
 
-PROPAGATOR = TraceContextTextMapPropagator()
 OPERATIONS = {"chat": "chat", "messages": "chat", "completions": "text_completion", "embeddings": "embeddings"}
 REQUEST_PARAMS = (("max_tokens", "gen_ai.request.max_tokens"), ("max_completion_tokens", "gen_ai.request.max_tokens"),
                   ("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p"))
 DEFAULT_ADDRESSES = {"openai": ("api.openai.com", 443), "anthropic": ("api.anthropic.com", 443)}
 HEAD = TAIL = 4096
+MAX_TRACESTATE = 512  # characters of a client's tracestate kept (W3C: 32 members of at most 256)
 _ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 _FINISH = re.compile(rb'"(?:finish_reason|stop_reason)"\s*:\s*"([^"\\]{1,64})"')
+# W3C traceparent: version (not ff), trace id (not zero), parent id (not zero), flags
+_TRACEPARENT = re.compile(r"\s*(?!ff)([0-9a-f]{2})-(?!0{32})([0-9a-f]{32})-(?!0{16})([0-9a-f]{16})-([0-9a-f]{2})")
+SAMPLED, NOT_SAMPLED = TraceFlags(1), TraceFlags(0)
+_UNSET = Status(StatusCode.UNSET)
+_ERROR = Status(StatusCode.ERROR)
+_ids = random.Random(os.urandom(16))
+
+
+class SpanContext:
+    """Ids and flags of a span (the SDK's `SpanContext` fields the export reads)."""
+
+    __slots__ = ("trace_id", "span_id", "trace_flags", "trace_state", "is_remote")
+    is_valid = True
+
+    def __init__(self, trace_id: int, span_id: int, trace_flags: TraceFlags, trace_state: str = "",
+                 is_remote: bool = False) -> None:
+        self.trace_id, self.span_id, self.trace_flags = trace_id, span_id, trace_flags
+        self.trace_state, self.is_remote = trace_state, is_remote
+
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{int(self.trace_flags):02x}"
+
+
+def client_context(headers: Any) -> SpanContext | None:
+    """The client's W3C trace context, or None when it sent none (or a malformed one)."""
+    raw = headers.get("traceparent")
+    if raw is None:
+        return None
+    m = _TRACEPARENT.match(raw)
+    if m is None or (m[1] == "00" and len(raw.strip()) != 55):
+        return None
+    state = headers.get("tracestate") or ""
+    return SpanContext(int(m[2], 16), int(m[3], 16), TraceFlags(int(m[4], 16) & 0xFF),
+                       state[:MAX_TRACESTATE] if len(state) > MAX_TRACESTATE else state, True)
+
+
+class Event:
+    __slots__ = ("name", "timestamp", "attributes")
+    dropped_attributes = 0
+
+    def __init__(self, name: str, timestamp: int, attributes: dict[str, Any]) -> None:
+        self.name, self.timestamp, self.attributes = name, timestamp, attributes
+
+
+class Link:
+    __slots__ = ("context", "attributes")
+    dropped_attributes = 0
+
+    def __init__(self, context: SpanContext) -> None:
+        self.context, self.attributes = context, {}
+
+
+class Span:
+    """One span, recorded (see the module docstring); `end()` hands it to the processors."""
+
+    __slots__ = ("owner", "name", "context", "parent", "kind", "start_time", "end_time", "attributes",
+                 "events", "links", "status")
+    dropped_attributes = dropped_events = dropped_links = 0
+
+    def __init__(self, owner: Any, name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind,
+                 attributes: dict[str, Any], links: list[Link] | tuple = ()) -> None:
+        self.owner, self.name, self.context, self.parent, self.kind = owner, name, context, parent, kind
+        self.attributes = attributes
+        self.start_time = time.time_ns()
+        self.end_time: int | None = None
+        self.events: list[Event] = []
+        self.links = links
+        self.status = _UNSET
+
+    @property
+    def resource(self) -> Any:
+        return self.owner.resource
+
+    @property
+    def instrumentation_scope(self) -> Any:
+        return self.owner.scope
+
+    def get_span_context(self) -> SpanContext:
+        return self.context
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = value
+
+    def set_attributes(self, attributes: dict[str, Any]) -> None:
+        self.attributes.update(attributes)
+
+    def add_event(self, name: str, attributes: dict[str, Any] | None = None) -> None:
+        self.events.append(Event(name, time.time_ns(), attributes or {}))
+
+    def set_status(self, status: Status) -> None:
+        self.status = status
+
+    def end(self) -> None:
+        if self.end_time is None:
+            self.end_time = time.time_ns()
+            self.owner.on_end(self)
+
+
+class _Unrecorded:
+    """A span the sampler left out: it keeps its ids (for the upstream's traceparent) and
+    records nothing."""
+
+    __slots__ = ("context", "parent")
+
+    def __init__(self, context: SpanContext, parent: SpanContext | None) -> None:
+        self.context, self.parent = context, parent
+
+    def get_span_context(self) -> SpanContext:
+        return self.context
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        pass
+
+    def set_attributes(self, attributes: dict[str, Any]) -> None:
+        pass
+
+    def add_event(self, name: str, attributes: dict[str, Any] | None = None) -> None:
+        pass
+
+    def set_status(self, status: Any) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+def start_span(owner: Any, name: str, parent: SpanContext | None, kind: SpanKind, attributes: dict[str, Any],
+               links: list[Link] | tuple = (), root: bool = False) -> Span | _Unrecorded:
+    """A new span: a child of `parent` (same trace, its sampling decision), or with
+    `root` (or no parent) the first of a new trace, sampled by the owner's sampler."""
+    if parent is None or root:
+        trace_id = _ids.getrandbits(128) or 1
+        sampled = owner.sampler(None, trace_id)
+        state = ""
+    else:
+        trace_id = parent.trace_id
+        sampled = owner.sampler(parent, trace_id)
+        state = parent.trace_state
+    context = SpanContext(trace_id, _ids.getrandbits(64) or 1, SAMPLED if sampled else NOT_SAMPLED, state)
+    if not sampled:
+        return _Unrecorded(context, None if root else parent)
+    return Span(owner, name, context, None if root else parent, kind, attributes, links)
 
 
 class RequestTracer:
     """`ctx.tracer` for one request: its SERVER span, and the parent of every other."""
 
-    __slots__ = ("owner", "ctx", "server", "context", "error")
+    __slots__ = ("owner", "ctx", "server", "error")
 
     def __init__(self, owner: Any, ctx: "Context", span: Any) -> None:
         self.owner, self.ctx, self.server = owner, ctx, span
-        self.context = set_span_in_context(span)
         self.error: str | None = None
 
     @classmethod
     def start(cls, owner: Any, ctx: "Context") -> "RequestTracer":
-        parent = links = None
-        headers = ctx.headers
-        if "traceparent" in headers:
-            extracted = PROPAGATOR.extract(headers)
-            if owner.options.link_client_trace:  # a trace of our own, pointing at the client's
-                client = get_current_span(extracted).get_span_context()
-                if client.is_valid:
-                    links = [Link(client)]
-            else:
-                parent = extracted
+        client = client_context(ctx.headers) if "traceparent" in ctx.headers else None
+        link = owner.options.link_client_trace and client is not None
         method = ctx.request.method if ctx.request is not None else "POST"
         path = owner.path_of(ctx)
         name = method if ctx.api == "unknown" else f"{method} {path}"  # an unknown path is no route
-        span = owner.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, links=links, attributes={
+        span = start_span(owner, name, client, SpanKind.SERVER, {
             "http.request.method": method, "url.path": path, "llmproxy.request_id": ctx.record.request_id,
-            "llmproxy.api": ctx.api})
-        sc = span.get_span_context()
-        if sc.is_valid:
-            ctx.record.trace_id = format(sc.trace_id, "032x")
+            "llmproxy.api": ctx.api}, links=[Link(client)] if link else (), root=link)
+        ctx.record.trace_id = f"{span.context.trace_id:032x}"
         return cls(owner, ctx, span)
 
     @contextmanager
     def span(self, name: str, attributes: dict[str, Any] | None = None) -> Iterator[Any]:
-        span = self.owner.tracer.start_span(name, context=self.context, attributes=attributes)
+        span = start_span(self.owner, name, self.server.context, SpanKind.INTERNAL, dict(attributes or {}))
         try:
             yield span
         except BaseException as exc:
-            span.set_status(Status(StatusCode.ERROR))
+            span.set_status(_ERROR)
             span.set_attribute("error.type", _error_type(exc))
             raise
         finally:
@@ -86,8 +227,10 @@ class RequestTracer:
 
     def finish(self) -> None:
         """The request is over (a cleanup: after the last byte, after the forwarder's usage)."""
-        record = self.ctx.record
         span = self.server
+        if not isinstance(span, Span):
+            return
+        record = self.ctx.record
         status = 499 if record.client_disconnected else (record.status or 500)
         attrs: dict[str, Any] = {"http.response.status_code": status}
         for attr, value in (("llmproxy.key_alias", record.key_alias), ("llmproxy.team_id", record.team_id),
@@ -100,7 +243,7 @@ class RequestTracer:
             attrs["llmproxy.error.code"] = code
         if status >= 500:
             attrs["error.type"] = code or str(status)
-            span.set_status(Status(StatusCode.ERROR))
+            span.set_status(_ERROR)
         span.set_attributes(attrs)
         span.end()
 
@@ -123,27 +266,35 @@ class Attempt:
     def start(cls, tracer: RequestTracer, ctx: "Context", dep: Any, model: Any) -> "Attempt":
         operation = OPERATIONS.get(ctx.api, ctx.api)
         requested = dep.model or model.name
-        attrs: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.provider.name": dep.provider,
-                                 "gen_ai.request.model": requested, "llmproxy.deployment": dep.id,
-                                 "llmproxy.model": model.name}
-        body = ctx.body or {}
-        for key, attr in REQUEST_PARAMS:
-            value = body.get(key)
-            if type(value) in (int, float):
-                attrs[attr] = value
-        address = _address(dep)
-        if address is not None:
-            attrs["server.address"], attrs["server.port"] = address
-        span = tracer.owner.tracer.start_span(f"{operation} {requested}", context=tracer.context,
-                                              kind=SpanKind.CLIENT, attributes=attrs)
-        headers: dict[str, str] = {}
-        PROPAGATOR.inject(headers, context=set_span_in_context(span))
-        return cls(span, headers)
+        span = start_span(tracer.owner, "", tracer.server.context, SpanKind.CLIENT, {})
+        if isinstance(span, Span):  # recorded: name and attributes (left out of a span not kept)
+            span.name = f"{operation} {requested}"
+            attrs = span.attributes
+            attrs.update({"gen_ai.operation.name": operation, "gen_ai.provider.name": dep.provider,
+                          "gen_ai.request.model": requested, "llmproxy.deployment": dep.id,
+                          "llmproxy.model": model.name})
+            body = ctx.body or {}
+            for key, attr in REQUEST_PARAMS:
+                value = body.get(key)
+                if type(value) in (int, float):
+                    attrs[attr] = value
+            address = _address(dep)
+            if address is not None:
+                attrs["server.address"], attrs["server.port"] = address
+        context = span.context
+        headers = {"traceparent": context.traceparent()}
+        if context.trace_state:
+            headers["tracestate"] = context.trace_state
+        attempt = cls(span, headers)
+        attempt.ended = not isinstance(span, Span)
+        return attempt
 
     def answered(self, status: int) -> None:
         self.span.set_attribute("http.response.status_code", status)
 
     def chunk(self, data: bytes) -> None:
+        if self.ended:  # a span not kept ends at once: nothing to read from the answer
+            return
         if not self.size:
             elapsed = time.perf_counter() - self.started
             self.span.add_event("gen_ai.first_chunk", {"llmproxy.time_to_first_chunk_s": elapsed})
@@ -168,7 +319,7 @@ class Attempt:
             attrs.update(_response_info(self.head, self.tail, self.size))
         if outcome != "ok":
             attrs["error.type"] = outcome
-            span.set_status(Status(StatusCode.ERROR))
+            span.set_status(_ERROR)
         span.set_attributes(attrs)
         span.end()
 
@@ -187,8 +338,7 @@ def _response_info(head: bytes, tail: bytes, size: int) -> dict[str, Any]:
         m_value = m[1] if m else None
     if m_value:
         out["gen_ai.response.model"] = m_value.decode("utf-8", "replace")
-    reasons = _FINISH.findall(head if whole else tail)
-    reasons = [r.decode("utf-8", "replace") for r in dict.fromkeys(reasons)]
+    reasons = [r.decode("utf-8", "replace") for r in dict.fromkeys(_FINISH.findall(head if whole else tail))]
     if reasons:
         out["gen_ai.response.finish_reasons"] = reasons
     return out

@@ -70,15 +70,20 @@ def _key_parsers(sub: Any) -> None:
     create.add_argument("--user")
     create.add_argument("--models", help="comma-separated model names (default: every model)")
     create.add_argument("--duration", help="lifetime such as 30s, 10m, 24h, 7d (default: no expiry)")
+    _limit_arguments(create, "/key/generate")
+    listing.add_argument("--team")
+    listing.add_argument("--user")
+    revoke.add_argument("refs", nargs="+", metavar="KEY_OR_ID")
+
+
+def _limit_arguments(create: Any, endpoint: str) -> None:
+    """The budget and rate-limit options keys and teams share, and --json."""
     create.add_argument("--max-budget", type=float, help="USD")
     create.add_argument("--budget-duration", help="budget period such as 1d, 30d")
     create.add_argument("--rpm", type=int)
     create.add_argument("--tpm", type=int)
     create.add_argument("--max-parallel", type=int)
-    create.add_argument("--json", action="store_true", help="print the /key/generate answer as JSON")
-    listing.add_argument("--team")
-    listing.add_argument("--user")
-    revoke.add_argument("refs", nargs="+", metavar="KEY_OR_ID")
+    create.add_argument("--json", action="store_true", help=f"print the {endpoint} answer as JSON")
 
 
 def _team_parsers(sub: Any) -> None:
@@ -92,12 +97,7 @@ def _team_parsers(sub: Any) -> None:
     create.add_argument("--id", help="the team id (default: a new uuid)")
     create.add_argument("--alias")
     create.add_argument("--models", help="comma-separated model names (default: every model)")
-    create.add_argument("--max-budget", type=float, help="USD")
-    create.add_argument("--budget-duration", help="budget period such as 1d, 30d")
-    create.add_argument("--rpm", type=int)
-    create.add_argument("--tpm", type=int)
-    create.add_argument("--max-parallel", type=int)
-    create.add_argument("--json", action="store_true", help="print the /team/new answer as JSON")
+    _limit_arguments(create, "/team/new")
     delete.add_argument("team_ids", nargs="+", metavar="TEAM_ID")
 
 

@@ -330,69 +330,65 @@ async def _level(admin, dep) -> float:
     return float((await admin.hget(f"llmproxy:rl:dep:{dep.id}:requests", "l")).decode())
 
 
-async def test_a_heartbeat_that_finds_redis_empty_writes_the_buckets_back(private_redis):
+@pytest.fixture
+async def three_replicas(private_redis):
+    """(dep, model, a, b, c, admin): three replicas' Redis buckets for one deployment (4 at
+    once, 6 a minute), and a plain client on the same private Redis."""
     import redis.asyncio as aioredis
 
     dep, model = _dep_and_model(rpm=6, burst=4, max_queue_size=0)
-    a, b, c = await _replicas_on(private_redis.url, 3, dep)
+    replicas = await _replicas_on(private_redis.url, 3, dep)
     admin = aioredis.from_url(private_redis.url)
-    try:
-        for remote in (a, b, c):
-            await remote.beat()
-        assert [x.replicas for x in (a, b, c)] == [3, 3, 3]
-        await _drain(a, dep, model, 4)  # the whole shared burst, taken on a
-        await admin.flushall()  # what a restart without persistence does to the state
-        await a.beat()
-        assert a.reseeds == 1
-        assert await _level(admin, dep) < 1  # written back as empty as it was, not refilled to 4
-        with pytest.raises(Exception) as refused:  # b's own view is stale-full: Redis holds it
-            await b.sched.acquire(_ctx_for(model), dep)
-        assert refused.value.status == 429
-        # The replica set holds one mark again, but the count stays 3 for the fallback share
-        assert a.replicas == 3
-        a._failed(ConnectionError("test"))
-        assert a.sched.table.share == pytest.approx(1 / 3)
-        bucket = a.sched.table.buckets[f"dep:{dep.id}:requests"]
-        assert bucket.capacity == pytest.approx(4 / 3) and bucket.level < 1 / 3  # not refilled
-        await a.beat()  # Redis answers again: back to the shared buckets, still not refilled
-        assert not a.fallback and a.sched.table.share == 1.0
-        assert a.sched.table.buckets[f"dep:{dep.id}:requests"].level < 1
-        assert await _level(admin, dep) < 1
-    finally:
-        for remote in (a, b, c):
-            await remote.stop()
-            await remote.redis.aclose()
-        await admin.aclose()
+    yield (dep, model, *replicas, admin)
+    for remote in replicas:
+        await remote.stop()
+        await remote.redis.aclose()
+    await admin.aclose()
 
 
-async def test_an_admission_that_finds_redis_empty_takes_nothing_until_written_back(private_redis):
+async def test_a_heartbeat_that_finds_redis_empty_writes_the_buckets_back(three_replicas):
+    dep, model, a, b, c, admin = three_replicas
+    for remote in (a, b, c):
+        await remote.beat()
+    assert [x.replicas for x in (a, b, c)] == [3, 3, 3]
+    await _drain(a, dep, model, 4)  # the whole shared burst, taken on a
+    await admin.flushall()  # what a restart without persistence does to the state
+    await a.beat()
+    assert a.reseeds == 1
+    assert await _level(admin, dep) < 1  # written back as empty as it was, not refilled to 4
+    with pytest.raises(Exception) as refused:  # b's own view is stale-full: Redis holds it
+        await b.sched.acquire(_ctx_for(model), dep)
+    assert refused.value.status == 429
+    # The replica set holds one mark again, but the count stays 3 for the fallback share
+    assert a.replicas == 3
+    a._failed(ConnectionError("test"))
+    assert a.sched.table.share == pytest.approx(1 / 3)
+    bucket = a.sched.table.buckets[f"dep:{dep.id}:requests"]
+    assert bucket.capacity == pytest.approx(4 / 3) and bucket.level < 1 / 3  # not refilled
+    await a.beat()  # Redis answers again: back to the shared buckets, still not refilled
+    assert not a.fallback and a.sched.table.share == 1.0
+    assert a.sched.table.buckets[f"dep:{dep.id}:requests"].level < 1
+    assert await _level(admin, dep) < 1
+
+
+async def test_an_admission_that_finds_redis_empty_takes_nothing_until_written_back(three_replicas):
     """The replica that notices writes back first; the others at their next heartbeat (the
     new epoch tells them), each leaving the buckets at most as full as it saw them."""
-    import redis.asyncio as aioredis
-
-    dep, model = _dep_and_model(rpm=6, burst=4, max_queue_size=0)
-    a, b, c = await _replicas_on(private_redis.url, 3, dep)
-    admin = aioredis.from_url(private_redis.url)
-    try:
-        await _drain(a, dep, model, 4)
-        await _drain(b, dep, model, 0)
-        await admin.flushall()
-        lease = await b.sched.acquire(_ctx_for(model), dep)  # b saw the bucket full: its view is all it has
-        lease.release(None)
-        assert b.reseeds == 1 and await admin.exists("llmproxy:epoch")
-        await a.beat()  # a sees the new epoch and writes back what it saw: empty
-        assert a.reseeds == 1
-        assert await _level(admin, dep) < 1
-        with pytest.raises(Exception) as refused:
-            await c.sched.acquire(_ctx_for(model), dep)
-        assert refused.value.status == 429
-        await c.beat()  # c knew the first epoch too; its view (full) changes nothing
-        assert await _level(admin, dep) < 1
-    finally:
-        for remote in (a, b, c):
-            await remote.stop()
-            await remote.redis.aclose()
-        await admin.aclose()
+    dep, model, a, b, c, admin = three_replicas
+    await _drain(a, dep, model, 4)
+    await _drain(b, dep, model, 0)
+    await admin.flushall()
+    lease = await b.sched.acquire(_ctx_for(model), dep)  # b saw the bucket full: its view is all it has
+    lease.release(None)
+    assert b.reseeds == 1 and await admin.exists("llmproxy:epoch")
+    await a.beat()  # a sees the new epoch and writes back what it saw: empty
+    assert a.reseeds == 1
+    assert await _level(admin, dep) < 1
+    with pytest.raises(Exception) as refused:
+        await c.sched.acquire(_ctx_for(model), dep)
+    assert refused.value.status == 429
+    await c.beat()  # c knew the first epoch too; its view (full) changes nothing
+    assert await _level(admin, dep) < 1
 
 
 async def test_heartbeat_finds_the_state_lost_and_writes_back_slots(private_redis):

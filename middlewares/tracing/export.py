@@ -142,8 +142,10 @@ class LoopExporter:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         try:
-            while self.queue:
-                await self._send_batch()
+            while self.queue and await self._send_batch():
+                pass
+            self.dropped += len(self.queue)  # the collector failed at shutdown: counted, not waited for
+            self.queue.clear()
         finally:
             if self._session is not None:
                 await self._session.close()
@@ -158,13 +160,17 @@ class LoopExporter:
             self._wake.clear()
             while self.queue:
                 try:
-                    await self._send_batch()
+                    sent = await self._send_batch()
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # a bug in encoding: these spans are lost, the loop goes on
+                except Exception:  # a bug of ours: these spans are lost, the loop goes on
                     log.exception("tracing_export_crashed")
+                    sent = False
+                if not sent:  # the collector is down or refusing: try again after a pause, not at once
+                    break
 
-    async def _send_batch(self) -> None:
+    async def _send_batch(self) -> bool:
+        """POST one batch; False when it failed (its spans are dropped and counted)."""
         import aiohttp
 
         queue = self.queue
@@ -180,7 +186,7 @@ class LoopExporter:
             error = f"{type(exc).__name__}: {exc}"
         if error is None:
             self.exported += len(batch)
-            return
+            return True
         self.dropped += len(batch)
         self._failures_unlogged += 1
         now = asyncio.get_running_loop().time()
@@ -188,6 +194,7 @@ class LoopExporter:
             log.warning("tracing_export_failed", endpoint=self.url, error=error, failures=self._failures_unlogged,
                         detail="these spans are dropped and counted in " + DROPPED)
             self._failed_logged_at, self._failures_unlogged = now, 0
+        return False
 
     def shutdown(self) -> None:  # (the SDK processor interface; `stop()` is the real one)
         pass

@@ -380,6 +380,11 @@ ROWS: list[TargetSpec] = [
                config={"spend": {"enabled": False},
                        "middlewares": [{"tracing": {"endpoint": "os.environ/BENCH_UPSTREAM_URL"}}]},
                ratio_vs="proxy"),
+    # issue 13: usage events appended to a file (the jsonl sink, flushed in a thread every 0.5 s)
+    TargetSpec("proxy-jsonl", "proxy", "proxy + the jsonl usage-event sink writing to a file (spend log off); "
+               "second ratio against proxy",
+               config={"spend": {"enabled": False}, "event_sinks": [{"jsonl": {"path": "events.jsonl"}}]},
+               ratio_vs="proxy"),
 ]
 
 
@@ -408,8 +413,9 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
            "chat-1m-adversarial"),
           "pii mask on a 2 KB prompt without and with 5 entities, every prompt new; streamed TTFB; "
           "a conversation's next turn (issue 6); a 1 MB adversarial prompt (issue 12)"),
-    Suite("tracing", ("proxy", "proxy-tracing"), ("chat", "chat-stream"),
-          "tracing on, exporting to a local OTLP receiver, against the same proxy without it (issue 13)"),
+    Suite("tracing", ("proxy", "proxy-tracing", "proxy-jsonl"), ("chat", "chat-stream"),
+          "tracing on, exporting to a local OTLP receiver, and the jsonl usage-event sink, against the "
+          "same proxy without them (issue 13)"),
     Suite("pipeline", ("floor", "proxy", "proxy-full"),
           ("chat", "chat-stream", "chat-100k", "chat-100k-stream"),
           "the whole chain (auth, pii, scheduler, spend log) on small and ~100 KB conversations (issue 11)"),

@@ -69,13 +69,14 @@ async def test_a_streamed_chat_through_the_chain_makes_every_span(make_proxy, up
     config["models"][0]["deployments"][0]["model"] = "gpt-upstream"
     proxy = await make_proxy(config)
     exporter = spans_of(proxy)
-    key = await make_key(proxy, key_alias="ci-bot", team_id="org-1")
+    key = await make_key(proxy, key_alias="ci-bot", team_id="org-1", user_id="user-7")
     exporter.clear()
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0)
     try:
         stream = await client.chat.completions.create(
             model="gpt-test", messages=[{"role": "user", "content": "mail jane.doe@example.com"}], stream=True,
-            max_tokens=64, temperature=0.2, top_p=0.9, stream_options={"include_usage": True})
+            max_tokens=64, temperature=0.2, top_p=0.9, stream_options={"include_usage": True},
+            metadata={"session_id": "chat-42"})
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     finally:
         await client.close()
@@ -96,6 +97,9 @@ async def test_a_streamed_chat_through_the_chain_makes_every_span(make_proxy, up
         span = spans[name]
         assert span.context.trace_id == server.context.trace_id and span.parent.span_id == server.context.span_id
     assert spans["llmproxy.pii"].attributes["llmproxy.pii.found"] == 1
+    # Langfuse's trace user and session, and its generation type on the attempt
+    assert (server.attributes["langfuse.user.id"], server.attributes["langfuse.session.id"]) == ("user-7", "chat-42")
+    assert attempt.attributes["langfuse.observation.type"] == "generation"
     assert spans["llmproxy.scheduler.wait"].attributes["llmproxy.scheduler.wait_seconds"] >= 0
     a = attempt.attributes
     assert (a["gen_ai.operation.name"], a["gen_ai.provider.name"], a["gen_ai.request.model"]) == \
@@ -453,3 +457,16 @@ async def test_sampling_keeps_the_trace_moving_without_recording(make_proxy, ups
     assert int(sent[3], 16) & 1 == (1 if recorded else 0)  # the upstream is told whether it is sampled
     if traceparent:
         assert sent[1] == CLIENT_TRACE  # same trace either way
+
+
+@pytest.mark.parametrize("key_user, body, expected", [
+    ("u-key", {"user": "u-body", "metadata": {"session_id": "s1"}}, ("u-key", "s1")),  # the key's wins
+    (None, {"user": "u-body"}, ("u-body", None)),  # OpenAI's user
+    (None, {"metadata": {"user_id": "u-meta"}}, ("u-meta", None)),  # Anthropic's metadata.user_id
+    (None, {"user": "x" * 201, "metadata": {"session_id": ["not", "text"]}}, (None, None)),  # what Langfuse drops
+    (None, None, (None, None)),
+])
+def test_langfuse_user_and_session(key_user, body, expected):
+    from llmproxy.middlewares.tracing.spans import _langfuse_ids
+
+    assert _langfuse_ids(key_user, body) == expected

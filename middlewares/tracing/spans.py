@@ -241,6 +241,11 @@ class RequestTracer:
         code = record.error_code or self.error
         if code:
             attrs["llmproxy.error.code"] = code
+        user, session = _langfuse_ids(record.user_id, self.ctx.body)
+        if user:
+            attrs["langfuse.user.id"] = user
+        if session:
+            attrs["langfuse.session.id"] = session
         if status >= 500:
             attrs["error.type"] = code or str(status)
             span.set_status(_ERROR)
@@ -272,7 +277,8 @@ class Attempt:
             attrs = span.attributes
             attrs.update({"gen_ai.operation.name": operation, "gen_ai.provider.name": dep.provider,
                           "gen_ai.request.model": requested, "llmproxy.deployment": dep.id,
-                          "llmproxy.model": model.name})
+                          "llmproxy.model": model.name,
+                          "langfuse.observation.type": "embedding" if operation == "embeddings" else "generation"})
             body = ctx.body or {}
             for key, attr in REQUEST_PARAMS:
                 value = body.get(key)
@@ -322,6 +328,21 @@ class Attempt:
             span.set_status(_ERROR)
         span.set_attributes(attrs)
         span.end()
+
+
+MAX_LANGFUSE_ID = 200  # Langfuse drops a user or session id longer than this
+
+
+def _langfuse_ids(key_user: str | None, body: Any) -> tuple[str | None, str | None]:
+    """Langfuse's user and session of a request: the key's `user_id`, else the request's own
+    (OpenAI's `user`, Anthropic's `metadata.user_id`); the session from `metadata.session_id`
+    (OpenAI's chat `metadata`). The client's text, so only strings Langfuse would keep."""
+    meta = body.get("metadata") if isinstance(body, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    user = key_user or (body.get("user") if isinstance(body, dict) else None) or meta.get("user_id")
+    session = meta.get("session_id")
+    ok = lambda v: v if isinstance(v, str) and 0 < len(v) <= MAX_LANGFUSE_ID else None  # noqa: E731
+    return ok(user), ok(session)
 
 
 def _response_info(head: bytes, tail: bytes, size: int) -> dict[str, Any]:

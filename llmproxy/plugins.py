@@ -165,10 +165,14 @@ def _middleware_options(spec: MiddlewareSpec, cls: type, config: Config, errors:
             errors.append(f"{spec.path}: takes no options (got {', '.join(map(str, spec.options))})")
         return None
     try:
-        return build(opts_cls, spec.options, spec.path, unset_env=config.unset_env)
+        options = build(opts_cls, spec.options, spec.path, unset_env=config.unset_env)
     except ConfigError as exc:
         errors.extend(exc.messages)
         return None
+    check = getattr(cls, "check_config", None)  # what depends on the rest of the config
+    if check is not None:
+        errors.extend(f"{spec.path}.{problem}" for problem in check(options, config))
+    return options
 
 
 _DEPLOYMENT_KEYS = known_keys(Deployment)

@@ -470,3 +470,91 @@ def test_langfuse_user_and_session(key_user, body, expected):
     from llmproxy.middlewares.tracing.spans import _langfuse_ids
 
     assert _langfuse_ids(key_user, body) == expected
+
+
+# --- capture_content ---------------------------------------------------------------------------
+
+
+def _events_of(span) -> list[tuple[str, dict]]:
+    return [(e.name, dict(e.attributes)) for e in span.events if e.name != "gen_ai.first_chunk"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_capture_content_records_prompts_and_answers_as_events(make_proxy, upstream, stream):
+    proxy = await make_proxy(openai_config(upstream, middlewares=[{"tracing": {"capture_content": True}}]))
+    exporter = spans_of(proxy)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=MASTER, max_retries=0)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    try:
+        if stream:
+            async for _ in await client.chat.completions.create(model="gpt-test", messages=messages, stream=True):
+                pass
+        else:
+            await client.chat.completions.create(model="gpt-test", messages=messages)
+    finally:
+        await client.close()
+    attempt = by_name(await finished(exporter, 2))["chat gpt-upstream"]
+    events = _events_of(attempt)
+    assert events[:2] == [("gen_ai.system.message", {"content": "be brief"}),
+                          ("gen_ai.user.message", {"content": "hello there"})]
+    name, choice = events[2]
+    assert name == "gen_ai.choice" and (choice["index"], choice["finish_reason"]) == (0, "stop")
+    assert json.loads(choice["message"]) == {"role": "assistant", "content": upstream.answer_text()}
+    assert "llmproxy.content_truncated" not in attempt.attributes
+
+
+async def test_capture_content_anthropic_and_bounded(make_proxy, upstream):
+    proxy = await make_proxy(openai_config(upstream, middlewares=[{"tracing": {"capture_content": True}}]))
+    exporter = spans_of(proxy)
+    import anthropic
+
+    from llmproxy.middlewares.tracing.content import MAX_CHARS
+
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key=MASTER, max_retries=0)
+    try:
+        await client.messages.create(model="claude-test", max_tokens=10, system="sys",
+                                     messages=[{"role": "user", "content": "y" * (MAX_CHARS + 5000)}])
+    finally:
+        await client.close()
+    attempt = by_name(await finished(exporter, 2))["chat claude-upstream"]
+    events = _events_of(attempt)
+    assert events[0] == ("gen_ai.system.message", {"content": "sys"})
+    assert len(events[1][1]["content"]) == MAX_CHARS - 3  # the span's bound, after "sys"
+    assert attempt.attributes["llmproxy.content_truncated"] is True
+    assert events[2][0] == "gen_ai.choice" and events[2][1]["finish_reason"] == "end_turn"
+
+
+@needs("pii")
+async def test_capture_content_with_pii_is_masked_or_refused(make_proxy, upstream):
+    from llmproxy.config import ConfigError, parse_config
+    from llmproxy.plugins import Registry, check_config
+
+    mws = [{"tracing": {"capture_content": True}}, {"pii": {"mode": "mask"}}]
+    with pytest.raises(ConfigError) as refused:
+        check_config(parse_config(openai_config(upstream, middlewares=mws)), Registry.from_entry_points())
+    assert "middlewares[0].tracing.capture_content: true would record" in str(refused.value)
+    assert "capture_content: masked" in str(refused.value)
+
+    proxy = await make_proxy(openai_config(upstream, middlewares=[{"tracing": {"capture_content": "masked"}},
+                                                                  {"pii": {"mode": "mask"}}]))
+    exporter = spans_of(proxy)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", headers=AUTH, json={
+                "model": "gpt-test", "messages": [{"role": "user", "content": "mail jane.doe@example.com"}]}) as r:
+            assert r.status == 200
+    attempt = by_name(await finished(exporter, 2))["chat gpt-upstream"]
+    (user,) = [a for n, a in _events_of(attempt) if n == "gen_ai.user.message"]
+    assert user["content"] == "mail <EMAIL_ADDRESS_1>"  # what the upstream saw, never the address
+    assert "jane.doe" not in json.dumps([dict(e.attributes) for e in attempt.events])
+
+
+async def test_no_content_is_recorded_by_default(make_proxy, upstream):
+    proxy = await make_proxy(openai_config(upstream, middlewares=["tracing"]))
+    exporter = spans_of(proxy)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", headers=AUTH, json={
+                "model": "gpt-test", "messages": [{"role": "user", "content": "private words"}]}) as r:
+            assert r.status == 200
+    spans = await finished(exporter, 2)
+    assert all(not _events_of(s) for s in spans)
+    assert "private words" not in json.dumps([dict(s.attributes) for s in spans])

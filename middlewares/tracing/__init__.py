@@ -60,6 +60,10 @@ class Options:
     sampler: str | None = None  # OTEL_TRACES_SAMPLER, default parentbased_always_on
     sampler_arg: str | None = None  # OTEL_TRACES_SAMPLER_ARG (the ratio of the *traceidratio samplers)
     link_client_trace: bool = False  # a trace of our own per request, linked to the client's
+    # Prompts and answers as span events: false; true (refused with pii configured: the
+    # trace would hold what pii keeps from the upstream); masked (the text as the upstream
+    # sees it, after pii). Bounded per span (content.MAX_CHARS).
+    capture_content: bool | Literal["masked"] = False
     max_queue_size: int = field(default=2048, metadata={"min": 1})  # spans waiting for export
     export_timeout: float = field(default=5.0, metadata={"gt": 0})  # seconds per export call
     schedule_delay: float = field(default=1.0, metadata={"gt": 0})  # seconds between exports
@@ -105,6 +109,25 @@ class Tracing:
                                 "failed (the collector down or slow).", ())
         self._reported = 0
         self._task: asyncio.Task | None = None
+
+    @staticmethod
+    def check_config(options: Options, config: Any) -> list[str]:
+        """`check-config` and the start: what the options cannot be with the rest."""
+        problems = []
+        if options.capture_content is True and any(m.name == "pii" for m in config.middlewares):
+            problems.append("capture_content: true would record the prompts and answers that pii keeps from "
+                            "the upstream, unmasked; use capture_content: masked to record them as the upstream "
+                            "sees them")
+        try:
+            sampler_for(options.sampler or os.environ.get("OTEL_TRACES_SAMPLER"),
+                        options.sampler_arg or os.environ.get("OTEL_TRACES_SAMPLER_ARG"))
+        except ValueError as exc:
+            problems.append(str(exc))
+        return problems
+
+    @property
+    def capture(self) -> bool:
+        return bool(self.options.capture_content)
 
     def add_span_processor(self, processor: Any) -> None:
         """Another SDK span processor for every span (a test's in-memory exporter)."""

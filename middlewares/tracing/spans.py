@@ -31,6 +31,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
 
 from llmproxy.errors import ProxyError
 
+from . import content
+
 if TYPE_CHECKING:
     from llmproxy.context import Context
     from llmproxy.usage import Usage
@@ -256,7 +258,7 @@ class RequestTracer:
 class Attempt:
     """One upstream attempt's CLIENT span (the forwarder's `AttemptTrace`)."""
 
-    __slots__ = ("span", "headers", "head", "tail", "size", "started", "ended")
+    __slots__ = ("span", "headers", "head", "tail", "size", "started", "ended", "captured", "content")
 
     def __init__(self, span: Any, headers: dict[str, str]) -> None:
         self.span = span
@@ -266,6 +268,8 @@ class Attempt:
         self.size = 0
         self.started = time.perf_counter()
         self.ended = False
+        self.captured: list[bytes] | None = None  # the answer's first bytes, with capture_content
+        self.content: Any = None  # (api, stream, content.Budget) with capture_content
 
     @classmethod
     def start(cls, tracer: RequestTracer, ctx: "Context", dep: Any, model: Any) -> "Attempt":
@@ -293,6 +297,11 @@ class Attempt:
             headers["tracestate"] = context.trace_state
         attempt = cls(span, headers)
         attempt.ended = not isinstance(span, Span)
+        if tracer.owner.capture and not attempt.ended:
+            budget = content.Budget()
+            for name, event_attrs in content.input_events(ctx.api, ctx.body, budget):
+                span.add_event(name, event_attrs)
+            attempt.captured, attempt.content = [], (ctx.api, ctx.stream, budget)
         return attempt
 
     def answered(self, status: int) -> None:
@@ -305,6 +314,8 @@ class Attempt:
             elapsed = time.perf_counter() - self.started
             self.span.add_event("gen_ai.first_chunk", {"llmproxy.time_to_first_chunk_s": elapsed})
             self.span.set_attribute("llmproxy.time_to_first_chunk_s", elapsed)
+        if self.captured is not None and self.size < content.MAX_ANSWER_BYTES:
+            self.captured.append(data[:content.MAX_ANSWER_BYTES - self.size])
         if self.size < HEAD:
             self.head += data[:HEAD - self.size]
         self.tail = (self.tail + data)[-TAIL:] if len(data) < TAIL else data[-TAIL:]
@@ -323,6 +334,12 @@ class Attempt:
                 attrs["llmproxy.usage.estimated"] = True
         if self.size:
             attrs.update(_response_info(self.head, self.tail, self.size))
+        if self.content is not None:
+            api, stream, budget = self.content
+            for name, event_attrs in content.output_events(api, stream, b"".join(self.captured or ()), budget):
+                span.add_event(name, event_attrs)
+            if budget.cut or self.size > content.MAX_ANSWER_BYTES:
+                attrs["llmproxy.content_truncated"] = True
         if outcome != "ok":
             attrs["error.type"] = outcome
             span.set_status(_ERROR)

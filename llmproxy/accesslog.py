@@ -78,9 +78,12 @@ class _Factory:
 
 def configure_logging(stream: Any = None) -> LineWriter:
     """structlog to JSON lines on stdout (bytes, orjson), set once by the CLI at start."""
+    from .errorreports import report_errors
+
     writer = LineWriter(stream or sys.stdout.buffer)
     structlog.configure(
         processors=[
+            report_errors,  # idle unless SENTRY_DSN started error reports (errorreports.install)
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

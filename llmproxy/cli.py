@@ -383,6 +383,9 @@ def _serve(args: argparse.Namespace) -> int:
     workers = config.server.workers
     if workers > 1 and not args.worker:
         return _supervise(args, config, host, port)
+    from .errorreports import install
+
+    install(config)  # with SENTRY_DSN: 500s and error lines reported, scrubbed
     try:
         import uvloop
 

@@ -255,7 +255,7 @@ class Gateway:
             except Exception:
                 # A bug (ours or a plugin's), never the client's fault: a 500 in the API's shape,
                 # logged with its traceback, and counted as such.
-                log.exception("request_failed", request_id=rid, path=request.path)
+                log.exception("request_failed", request_id=rid, trace_id=record.trace_id, path=request.path)
                 exc = ProxyError(500, "The proxy failed to handle this request.", "api_error", "internal_error")
                 reply = _error_reply(exc, err_api)
                 record.error_type, record.error_code = exc.type, exc.code

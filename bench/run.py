@@ -385,6 +385,11 @@ ROWS: list[TargetSpec] = [
                "second ratio against proxy",
                config={"spend": {"enabled": False}, "event_sinks": [{"jsonl": {"path": "events.jsonl"}}]},
                ratio_vs="proxy"),
+    TargetSpec("proxy-webhook", "proxy", "proxy + the webhook usage-event sink POSTing batches to the bench "
+               "upstream (spend log off); second ratio against proxy",
+               config={"spend": {"enabled": False},
+                       "event_sinks": [{"webhook": {"url": "os.environ/BENCH_WEBHOOK_URL"}}]},
+               ratio_vs="proxy"),
 ]
 
 
@@ -413,7 +418,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
            "chat-1m-adversarial"),
           "pii mask on a 2 KB prompt without and with 5 entities, every prompt new; streamed TTFB; "
           "a conversation's next turn (issue 6); a 1 MB adversarial prompt (issue 12)"),
-    Suite("tracing", ("proxy", "proxy-tracing", "proxy-jsonl"), ("chat", "chat-stream"),
+    Suite("tracing", ("proxy", "proxy-tracing", "proxy-jsonl", "proxy-webhook"), ("chat", "chat-stream"),
           "tracing on, exporting to a local OTLP receiver, and the jsonl usage-event sink, against the "
           "same proxy without them (issue 13)"),
     Suite("pipeline", ("floor", "proxy", "proxy-full"),
@@ -1006,6 +1011,7 @@ def start_target(spec: TargetSpec, args, tmp: Path, upstream_port: int,
     env = dict(os.environ)
     env["BENCH_UPSTREAM_URL"] = upstream_root
     env["BENCH_UPSTREAM_API_BASE"] = upstream_root + "/v1"
+    env["BENCH_WEBHOOK_URL"] = upstream_root + "/bench/ingest"
     config_path = None
     keys_file, seed = None, None
     if spec.seed_keys:

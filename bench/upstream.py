@@ -262,6 +262,12 @@ def make_app(api_key: str | None) -> web.Application:
     async def liveliness(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def ingest(request: web.Request) -> web.Response:
+        """A stand-in usage-event receiver for the webhook row: takes the batch, counts it."""
+        stats["webhook_batches"] = stats.get("webhook_batches", 0) + 1
+        await request.read()
+        return web.json_response({"ok": True})
+
     async def otlp_traces(request: web.Request) -> web.Response:
         """A stand-in OTLP/HTTP collector for the tracing rows: takes the export, counts it."""
         stats["otlp_exports"] = stats.get("otlp_exports", 0) + 1
@@ -278,6 +284,7 @@ def make_app(api_key: str | None) -> web.Application:
     app.router.add_get("/health/liveliness", liveliness)
     app.router.add_get("/bench/stats", bench_stats)
     app.router.add_post("/v1/traces", otlp_traces)
+    app.router.add_post("/bench/ingest", ingest)
     return app
 
 

@@ -1,5 +1,5 @@
 """Usage events: one per request to a model API, for a warehouse, a billing service or a
-log shipper. The fields of its spend row plus the trace id, the key's alias, the attempts
+log shipper, through the event sinks `jsonl` (a file) and `webhook` (POSTed batches). The fields of its spend row plus the trace id, the key's alias, the attempts
 and the error; never prompt or answer text (`usage_event`).
 
 `JsonlSink` (event sink `jsonl`) appends them to a file, one JSON object per line,
@@ -25,7 +25,7 @@ import structlog
 
 from .context import BODY_APIS
 from .periodic import every
-from .spend import storable
+from .spend import SpendWriter, storable
 
 if TYPE_CHECKING:
     from .context import Record
@@ -176,3 +176,96 @@ class JsonlSink:
                 _rotate(o.path, o.backups)
             with open(o.path, "ab") as f:
                 f.write(data)
+
+
+# --------------------------------------------------------------------------- webhook
+
+
+@dataclass(frozen=True)
+class WebhookOptions:
+    url: str = field(metadata={"min_len": 1})  # where batches are POSTed (a warehouse's ingest, a billing service)
+    headers: dict[str, str] | None = None  # sent with each batch (an auth header)
+    batch_size: int = field(default=100, metadata={"min": 1})  # events per POST
+    flush_interval: float = field(default=1.0, metadata={"gt": 0})  # seconds a partial batch waits
+    queue_size: int = field(default=20_000, metadata={"min": 1})  # events waiting in memory; past it, the spill file
+    spill_path: str = "./llmproxy-webhook-spill.jsonl"  # per worker, like the spend log's
+    timeout: float = field(default=10.0, metadata={"gt": 0})  # seconds per POST
+
+
+class WebhookSink(SpendWriter):
+    """Event sink `webhook`: usage events POSTed in batches as `{"events": [...]}` with an
+    `Idempotency-Key` (the same for a batch sent again). It is the spend log's writer
+    with another destination, so it has the same guarantees: batches off the request path,
+    retried with backoff while the receiver fails (a connection error, a timeout, 408, 425,
+    429 or 5xx), spilled to `spill_path` past `queue_size` and at shutdown, replayed when
+    the receiver is back (also after a restart), an event a receiver refuses alone (4xx) set
+    apart in `<spill_path>.rejected`. Delivery is at least once: a receiver dedupes by each
+    event's `request_id`."""
+
+    Options = WebhookOptions
+    kind = "webhook"
+    readiness_key = "webhook"
+    rejected_metric = "llmproxy_webhook_events_rejected_total"
+    rejected_help = "Usage events the webhook receiver refused (kept in <spill_path>.rejected)."
+    row_type = dict
+
+    def __init__(self, options: WebhookOptions, services: "Services") -> None:
+        self.options = options
+        super().__init__(options, services)
+        self._session: Any = None
+        m = services.metrics
+        m.define(QUEUE_DEPTH, "gauge", "Events waiting in an event sink's queue.", ("sink",))
+        m.define(FAILURES, "counter", "Failed writes or deliveries of an event sink (retried).", ("sink",))
+        m.gauge_from(QUEUE_DEPTH, lambda: len(self.queue) + len(self._overflow), ("webhook",))
+
+    def settings(self, options: Any) -> Any:
+        return options
+
+    def convert(self, record: "Record") -> dict[str, Any]:
+        return usage_event(record)
+
+    def encode(self, row: dict[str, Any]) -> bytes:
+        return orjson.dumps(row)
+
+    def decode(self, line: bytes) -> dict[str, Any]:
+        row = orjson.loads(line)
+        if not isinstance(row, dict) or not isinstance(row.get("request_id"), str):
+            raise ValueError("not a usage event")
+        return row
+
+    async def startup(self) -> None:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.options.timeout))
+        await super().startup()
+
+    async def shutdown(self) -> None:
+        try:
+            await super().shutdown()
+        finally:
+            if self._session is not None:
+                await self._session.close()
+
+    async def write(self, rows: list[dict[str, Any]]) -> None:
+        import hashlib
+
+        import aiohttp
+
+        from .store import StoreUnavailable
+
+        body = orjson.dumps({"events": rows})
+        key = hashlib.sha256(",".join(r["request_id"] for r in rows).encode()).hexdigest()
+        headers = {**(self.options.headers or {}), "Content-Type": "application/json", "Idempotency-Key": key}
+        try:
+            async with self._session.post(self.options.url, data=body, headers=headers) as resp:
+                await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            self.services.metrics.inc(FAILURES, ("webhook",))
+            raise StoreUnavailable(f"the webhook receiver did not answer ({type(exc).__name__})") from None
+        if 200 <= status < 300:
+            return
+        self.services.metrics.inc(FAILURES, ("webhook",))
+        if status in (408, 425, 429) or status >= 500:
+            raise StoreUnavailable(f"the webhook receiver answered HTTP {status}")
+        raise ValueError(f"the webhook receiver refused it: HTTP {status}")

@@ -87,8 +87,11 @@ def row_of(r: "Record") -> SpendRow:
 
 def _rejected_json(item: Any, reason: str) -> bytes:
     """A rejected record or row as one JSON object, with why: whatever its fields hold."""
-    fields = getattr(item, "__dataclass_fields__", None) or item.__slots__
-    data = {name: getattr(item, name, None) for name in fields}
+    if isinstance(item, dict):  # a row that is already JSON-shaped (a usage event)
+        data = dict(item)
+    else:
+        fields = getattr(item, "__dataclass_fields__", None) or item.__slots__
+        data = {name: getattr(item, name, None) for name in fields}
     for name, value in data.items():
         if type(value) is int and not -(2**63) <= value < 2**63:  # orjson writes 64-bit ints only
             data[name] = str(value)
@@ -103,15 +106,16 @@ class _Unreadable:
     request_id: str
 
 
-def _read_spill(path: str) -> tuple[list[SpendRow], list[tuple[int, str]]]:
+def _read_spill(path: str, decode: Any = None) -> tuple[list[Any], list[tuple[int, str]]]:
     """The rows of a spill file, and (line number, why) for each line that is none."""
+    decode = decode or _from_json
     rows, bad = [], []
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(_from_json(line))
+                rows.append(decode(line))
             except (ValueError, TypeError, KeyError) as exc:
                 bad.append((n, f"{type(exc).__name__}: {exc}"))
     return rows, bad
@@ -175,17 +179,50 @@ def _from_json(line: bytes) -> SpendRow:
 
 
 class SpendWriter:
-    """Event sink: request records to the spend log (see the module's docstring)."""
+    """Event sink: request records to the spend log (see the module's docstring).
+
+    The machinery (queue, batches, backoff, spill and replay, rejected rows, WAL) is for
+    any destination of rows: a subclass names itself (`kind`: its log events, readiness
+    and files say so), says where its settings are (`settings`), what a record becomes
+    (`convert`), how rows are written (`write`: raise StoreUnavailable to be retried, any
+    other error for the batch to be tried row by row) and how a row is kept in a file
+    (`encode`, `decode`). The `webhook` usage-event sink is one (`llmproxy.events`)."""
+
+    kind = "spend"  # log events `spend_...`; readiness `spend_log`
+    readiness_key = "spend_log"
+    rejected_metric = REJECTED
+    rejected_help = "Spend rows no database takes (kept in <spill_path>.rejected)."
+    row_type: type = SpendRow
+
+    def settings(self, options: Any) -> Any:
+        """batch_size, flush_interval, queue_size, spill_path, retention_days, durability,
+        wal_sync_interval."""
+        return self.services.config.spend
+
+    def convert(self, record: "Record") -> Any:
+        return row_of(record)
+
+    async def write(self, rows: list[Any]) -> None:
+        await self.services.store.write_spend(rows)
+
+    def encode(self, row: Any) -> bytes:
+        return _to_json(row)
+
+    def decode(self, line: bytes) -> Any:
+        return _from_json(line)
+
+    def _row(self, item: Any) -> Any:
+        return item if isinstance(item, self.row_type) else self.convert(item)
 
     def __init__(self, options: Any, services: "Services") -> None:
         self.services = services
-        cfg = services.config.spend
+        cfg = self.settings(options)
         self.batch_size = cfg.batch_size
         self.interval = cfg.flush_interval
         self.queue_size = cfg.queue_size
         self.spill_path = spill_stem(cfg.spill_path, services.worker)
         self._spill_base = cfg.spill_path
-        self.retention_days = cfg.retention_days
+        self.retention_days = getattr(cfg, "retention_days", None)
         self.queue: deque[Any] = deque()  # records, or rows back from a failed write
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -194,8 +231,8 @@ class SpendWriter:
         # (found by the first replay, in a thread) before it.
         self._spill_pending = False
         self._leftovers: list[str] | None = None
-        self.wal = cfg.durability == "wal"
-        self._wal_interval = cfg.wal_sync_interval
+        self.wal = getattr(cfg, "durability", "memory") == "wal"
+        self._wal_interval = getattr(cfg, "wal_sync_interval", 0.05)
         self._run_id = os.urandom(4).hex()  # this run's WAL segments are not leftovers
         self._wal_seq = 0
         self._wal_buf: list[Any] = []  # records not yet in the current segment
@@ -209,8 +246,7 @@ class SpendWriter:
         self._spilled_unlogged = 0
         self.written = 0
         self.spilled = 0
-        services.metrics.define(REJECTED, "counter",
-                                "Spend rows no database takes (kept in <spill_path>.rejected).", ())
+        services.metrics.define(self.rejected_metric, "counter", self.rejected_help, ())
 
     # --- the request path --------------------------------------------------------------
 
@@ -229,7 +265,8 @@ class SpendWriter:
 
     def health(self) -> dict[str, Any]:
         """For /health/readiness: how the spend log is doing."""
-        return {"spend_log": {"state": self.services.readiness.get("spend_log", "ok"), "queued": len(self.queue),
+        return {self.readiness_key: {"state": self.services.readiness.get(self.readiness_key, "ok"),
+                                     "queued": len(self.queue),
                               "spilling": len(self._overflow), "spilled": self.spilled, "written": self.written,
                               "spill_file": self._spill_pending or bool(self._leftovers)}}
 
@@ -252,13 +289,13 @@ class SpendWriter:
             while self.queue:
                 await asyncio.wait_for(self._write_batch(), 5)
         except Exception as exc:  # whatever failed, the rows go to the spill file below
-            log.warning("spend_flush_failed", error=f"{type(exc).__name__}: {exc}", rows=len(self.queue))
+            log.warning(f"{self.kind}_flush_failed", error=f"{type(exc).__name__}: {exc}", rows=len(self.queue))
         if self._spiller is not None:
             await asyncio.gather(self._spiller, return_exceptions=True)
         if self.queue or self._overflow:
             await self._spill([*self._overflow, *self._drain()])
             self._overflow.clear()
-            log.warning("spend_spilled_at_shutdown", path=self.spill_path)
+            log.warning(f"{self.kind}_spilled_at_shutdown", path=self.spill_path)
         if self.wal:  # every row is in the database, set apart or spilled
             await self._wal_caught_up()
 
@@ -286,9 +323,9 @@ class SpendWriter:
                         and (self._spiller is None or self._spiller.done())):
                     await self._wal_caught_up()
                 if self._failures:
-                    log.info("spend_log_recovered", after_failures=self._failures)
+                    log.info(f"{self.kind}_log_recovered", after_failures=self._failures)
                     self._failures = 0
-                    self.services.readiness["spend_log"] = "ok"
+                    self.services.readiness[self.readiness_key] = "ok"
                 if self._spill_pending or self._leftovers is None or self._leftovers:
                     self._spill_pending = False  # set again by a spill (or a failed replay) meanwhile
                     try:
@@ -303,9 +340,9 @@ class SpendWriter:
                 raise
             except Exception as exc:  # the database failed: keep the rows, back off
                 self._failures += 1
-                self.services.readiness["spend_log"] = "retrying"
+                self.services.readiness[self.readiness_key] = "retrying"
                 delay = min(30.0, 0.5 * 2 ** min(self._failures - 1, 6))
-                log.warning("spend_write_failed", error=f"{type(exc).__name__}: {exc}", queued=len(self.queue),
+                log.warning(f"{self.kind}_write_failed", error=f"{type(exc).__name__}: {exc}", queued=len(self.queue),
                             retry_in=delay)
                 await asyncio.sleep(delay)
 
@@ -316,16 +353,16 @@ class SpendWriter:
         rejected: list[tuple[Any, str]] = []
         for item in batch:  # one record no row can hold is set apart; the rest goes on
             try:
-                rows.append(item if isinstance(item, SpendRow) else row_of(item))
+                rows.append(self._row(item))
             except (TypeError, ValueError, OverflowError) as exc:
                 rejected.append((item, f"{type(exc).__name__}: {exc}"))
         try:
-            await self.services.store.write_spend(rows)
+            await self.write(rows)
         except StoreUnavailable:
             self.queue.extendleft(reversed(rows))  # back at the front, in order
             raise
         except Exception as exc:  # the database refused the data: find the rows it refuses
-            log.warning("spend_batch_refused", rows=len(rows), error=f"{type(exc).__name__}: {exc}")
+            log.warning(f"{self.kind}_batch_refused", rows=len(rows), error=f"{type(exc).__name__}: {exc}")
             await self._write_one_by_one(rows, rejected)
         except BaseException:
             self.queue.extendleft(reversed(rows))
@@ -339,12 +376,11 @@ class SpendWriter:
         """Each row alone: the ones the database refuses are set apart. When not one row of
         several lands, the database is failing, not the data (an error no store maps to
         StoreUnavailable): they all go back to the queue to be retried, none is set apart."""
-        store = self.services.store
         refused: list[tuple[Any, str]] = []
         landed = 0
         for i, row in enumerate(rows):
             try:
-                await store.write_spend([row])
+                await self.write([row])
                 landed += 1
             except StoreUnavailable:
                 self.queue.extendleft(reversed([r for r, _ in refused] + rows[i:]))
@@ -367,9 +403,10 @@ class SpendWriter:
         lines = [_rejected_json(item, reason) + b"\n" for item, reason in rejected]
         path = self.spill_path + ".rejected"
         await asyncio.to_thread(_append, path, lines)
-        self.services.metrics.inc(REJECTED, (), len(lines))
+        self.services.metrics.inc(self.rejected_metric, (), len(lines))
         for item, reason in rejected:
-            log.error("spend_row_rejected", request_id=item.request_id, reason=reason, path=path)
+            rid = item["request_id"] if isinstance(item, dict) else item.request_id
+            log.error(f"{self.kind}_row_rejected", request_id=rid, reason=reason, path=path)
 
     def _drain(self) -> Any:
         while self.queue:
@@ -386,14 +423,14 @@ class SpendWriter:
                 await self._spill(items)
             except OSError as exc:  # the disk is full or gone: keep them, try again shortly
                 self._overflow[:0] = items
-                log.error("spend_spill_failed", error=f"{type(exc).__name__}: {exc}", rows=len(self._overflow),
+                log.error(f"{self.kind}_spill_failed", error=f"{type(exc).__name__}: {exc}", rows=len(self._overflow),
                           path=self.spill_path)
                 await asyncio.sleep(1.0)
                 continue
             now = asyncio.get_running_loop().time()
             self._spilled_unlogged += len(items)
             if now - self._spill_logged_at >= SPILL_LOG_EVERY:
-                log.warning("spend_rows_spilled", rows=self._spilled_unlogged, path=self.spill_path,
+                log.warning(f"{self.kind}_rows_spilled", rows=self._spilled_unlogged, path=self.spill_path,
                             reason=f"more than spend.queue_size ({self.queue_size}) rows waiting")
                 self._spill_logged_at, self._spilled_unlogged = now, 0
 
@@ -401,14 +438,14 @@ class SpendWriter:
         rows, rejected = [], []
         for item in items:
             try:
-                rows.append(item if isinstance(item, SpendRow) else row_of(item))
+                rows.append(self._row(item))
             except (TypeError, ValueError, OverflowError) as exc:
                 rejected.append((item, f"{type(exc).__name__}: {exc}"))
         if rejected:
             await self._reject(rejected)
         if not rows:
             return
-        lines = [_to_json(row) + b"\n" for row in rows]
+        lines = [self.encode(row) + b"\n" for row in rows]
         async with self._spill_lock:
             await asyncio.to_thread(_append, self.spill_path, lines)
         self.spilled += len(lines)
@@ -433,23 +470,23 @@ class SpendWriter:
 
     async def _replay_file(self, path: str, left: bool = False) -> None:
         try:
-            rows, bad = await asyncio.to_thread(_read_spill, path)
+            rows, bad = await asyncio.to_thread(_read_spill, path, self.decode)
         except FileNotFoundError:  # written back by an earlier try (its rows are in the spill file)
             return
         if bad:
             await self._reject([(_Unreadable(f"{path}:{n}"), reason) for n, reason in bad])
         try:
             for i in range(0, len(rows), self.batch_size):
-                await self.services.store.write_spend(rows[i:i + self.batch_size])
+                await self.write(rows[i:i + self.batch_size])
         except BaseException:
             # Not written: into this run's spill file, nothing lost, tried again later.
             async with self._spill_lock:
-                await asyncio.to_thread(_append, self.spill_path, [_to_json(row) + b"\n" for row in rows])
+                await asyncio.to_thread(_append, self.spill_path, [self.encode(row) + b"\n" for row in rows])
                 await asyncio.to_thread(os.remove, path)
             self._spill_pending = True
             raise
         await asyncio.to_thread(os.remove, path)
-        log.info("spend_spill_replayed", rows=len(rows), path=path, left_by_an_earlier_run=left)
+        log.info(f"{self.kind}_spill_replayed", rows=len(rows), path=path, left_by_an_earlier_run=left)
 
     # --- the write-ahead file (durability: wal) -------------------------------------------
 
@@ -465,7 +502,7 @@ class SpendWriter:
         lines = []
         for r in records:
             try:
-                lines.append(_to_json(r if isinstance(r, SpendRow) else row_of(r)) + b"\n")
+                lines.append(self.encode(self._row(r)) + b"\n")
             except (TypeError, ValueError, OverflowError):  # the writer sets it apart, with its reason
                 pass
         async with self._wal_lock:

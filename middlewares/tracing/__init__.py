@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -92,6 +93,8 @@ class Tracing:
             self.exporter, self.where = exporter_for(o, env)
         except ValueError as exc:
             raise ConfigError([f"tracing: {exc}"]) from None
+        self.ids = random.Random(os.urandom(16))  # trace and span ids
+        self.addresses: dict[str, Any] = {}  # deployment id -> (server.address, server.port)
         self.resource = Resource.create({"service.name": name})
         self.scope = InstrumentationScope("llmproxy", __version__)
         self.processors: list[Any] = []

@@ -2,7 +2,7 @@
 sampler, and the bounded queue in front of the export.
 
 `http/protobuf` (the default) is exported from the event loop (`LoopExporter`): each
-span is written as OTLP bytes when it ends (`otlp.span_entry`) and waits in a bounded
+span is written as OTLP bytes when it ends (`otlp.Encoder.span_entry`) and waits in a bounded
 queue; a task POSTs batches with aiohttp, `export_timeout` at most. The SDK's exporter would run in a thread of its own,
 and its Python work there fights the loop for the GIL: measured, that contention cost
 more than the work. `grpc` uses the SDK's exporter (its package installed) behind the
@@ -24,7 +24,7 @@ import structlog
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from .otlp import request_of, span_entry
+from .otlp import Encoder
 
 log = structlog.get_logger("llmproxy.tracing")
 DROPPED = "llmproxy_tracing_spans_dropped_total"
@@ -105,6 +105,7 @@ class LoopExporter:
                  export_timeout: float, schedule_delay: float) -> None:
         self.url = url
         self.resource, self.scope = resource, scope
+        self.encoder = Encoder()
         self.headers = {**headers, "content-type": "application/x-protobuf"}
         self.limit = max_queue_size
         self.timeout = export_timeout
@@ -125,7 +126,7 @@ class LoopExporter:
         if len(queue) >= self.limit:
             self.dropped += 1
             return
-        queue.append(span_entry(span))  # bytes from here on (see otlp.request_of)
+        queue.append(self.encoder.span_entry(span))  # bytes from here on (see Encoder.request_of)
         if len(queue) >= self.BATCH and self._wake is not None:
             self._wake.set()
 
@@ -175,7 +176,7 @@ class LoopExporter:
 
         queue = self.queue
         batch = [queue.popleft() for _ in range(min(self.BATCH, len(queue)))]
-        data = request_of(self.resource, self.scope, batch)
+        data = self.encoder.request_of(self.resource, self.scope, batch)
         error = None
         try:
             async with self._session.post(self.url, data=data, headers=self.headers) as resp:

@@ -19,8 +19,6 @@ last. A value from upstream is cut to 256 characters.
 
 from __future__ import annotations
 
-import os
-import random
 import re
 import time
 from contextlib import contextmanager
@@ -51,7 +49,6 @@ _TRACEPARENT = re.compile(r"\s*(?!ff)([0-9a-f]{2})-(?!0{32})([0-9a-f]{32})-(?!0{
 SAMPLED, NOT_SAMPLED = TraceFlags(1), TraceFlags(0)
 _UNSET = Status(StatusCode.UNSET)
 _ERROR = Status(StatusCode.ERROR)
-_ids = random.Random(os.urandom(16))
 
 
 class SpanContext:
@@ -177,14 +174,14 @@ def start_span(owner: Any, name: str, parent: SpanContext | None, kind: SpanKind
     """A new span: a child of `parent` (same trace, its sampling decision), or with
     `root` (or no parent) the first of a new trace, sampled by the owner's sampler."""
     if parent is None or root:
-        trace_id = _ids.getrandbits(128) or 1
+        trace_id = owner.ids.getrandbits(128) or 1
         sampled = owner.sampler(None, trace_id)
         state = ""
     else:
         trace_id = parent.trace_id
         sampled = owner.sampler(parent, trace_id)
         state = parent.trace_state
-    context = SpanContext(trace_id, _ids.getrandbits(64) or 1, SAMPLED if sampled else NOT_SAMPLED, state)
+    context = SpanContext(trace_id, owner.ids.getrandbits(64) or 1, SAMPLED if sampled else NOT_SAMPLED, state)
     if not sampled:
         return _Unrecorded(context, None if root else parent)
     return Span(owner, name, context, None if root else parent, kind, attributes, links)
@@ -288,7 +285,7 @@ class Attempt:
                 value = body.get(key)
                 if type(value) in (int, float):
                     attrs[attr] = value
-            address = _address(dep)
+            address = _address(tracer.owner.addresses, dep)
             if address is not None:
                 attrs["server.address"], attrs["server.port"] = address
         context = span.context
@@ -382,22 +379,19 @@ def _response_info(head: bytes, tail: bytes, size: int) -> dict[str, Any]:
     return out
 
 
-_ADDRESSES: dict[str, tuple[str, int] | None] = {}
-
-
-def _address(dep: Any) -> tuple[str, int] | None:
+def _address(known: dict[str, Any], dep: Any) -> tuple[str, int] | None:
     """`server.address`/`server.port` of a deployment (its api_base, or the provider's
-    public API), worked out once per deployment."""
+    public API), worked out once per deployment (`known`: the owner's table)."""
     key = dep.id
-    if key in _ADDRESSES:
-        return _ADDRESSES[key]
+    if key in known:
+        return known[key]
     found = DEFAULT_ADDRESSES.get(dep.provider)
     if dep.api_base:
         parts = urlsplit(dep.api_base)
         if parts.hostname:
             found = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-    if len(_ADDRESSES) < 4096:
-        _ADDRESSES[key] = found
+    if len(known) < 4096:
+        known[key] = found
     return found
 
 

@@ -228,7 +228,7 @@ class Context:
     started: float = field(default_factory=time.perf_counter)
     cleanups: list[Callable[[], Any]] = field(default_factory=list)
     tracer: Tracer | None = None  # the tracing middleware's, for this request
-    upstream_headers: dict[str, str] | None = None  # added to the next upstream request (traceparent)
+    upstream_headers: dict[str, str] | None = None  # the next upstream request's trace context (replaces the client's)
     _prompt: str | None = field(default=None, repr=False)
 
     def trace(self, name: str, attributes: dict[str, Any] | None = None) -> ContextManager[Any]:

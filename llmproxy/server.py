@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import re
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable
 
@@ -33,12 +32,11 @@ from .plugins import Registry, check_config
 from .router import DeploymentState, Router
 from .services import Services, open_redis
 from .store import open_store
-from .validate import client_key
+from .validate import client_key, parse_traceparent
 
 if TYPE_CHECKING:
     from .config import Config
 
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # W3C, level 1
 log = structlog.get_logger("llmproxy.server")
 
 API_PATHS = {
@@ -237,9 +235,10 @@ class Gateway:
         self._seq += 1
         rid = f"{self._rid_prefix}{self._seq:08x}"
         record = Record(rid, client_rid, api, request.path, time.time())
-        tp = headers.get("traceparent")
-        if tp and _TRACEPARENT.match(tp):  # the client's trace, when it is a W3C one (else none)
-            record.trace_id = tp[3:35]
+        if "traceparent" in headers:  # the client's trace, when it is a W3C one (else none)
+            client_trace = parse_traceparent(headers.get("traceparent"))
+            if client_trace is not None:
+                record.trace_id = f"{client_trace[0]:032x}"
         ctx = Context(api, request.path, headers, None, record, api_key=client_key(headers), started=started,
                       request=request)
         self.inflight += 1

@@ -3,6 +3,7 @@ untouched, so new API parameters work without a release."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .errors import invalid_request
@@ -78,3 +79,19 @@ def client_key(headers: Any) -> str | None:
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
     return headers.get("x-api-key") or headers.get("api-key") or None
+
+
+# W3C Trace Context `traceparent`: version (not ff), trace id (not zero), parent id (not zero),
+# flags; version 00 is exactly this long, later versions may add fields after it.
+_TRACEPARENT = re.compile(r"\s*(?!ff)([0-9a-f]{2})-(?!0{32})([0-9a-f]{32})-(?!0{16})([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def parse_traceparent(value: str | None) -> tuple[int, int, int] | None:
+    """(trace id, parent span id, flags) of a client's `traceparent`, or None when it is
+    absent or not a W3C one (the record's trace id and the tracing middleware read it)."""
+    if not value:
+        return None
+    m = _TRACEPARENT.match(value)
+    if m is None or (m[1] == "00" and len(value.strip()) != 55):
+        return None
+    return int(m[2], 16), int(m[3], 16), int(m[4], 16)

@@ -79,7 +79,7 @@ async def test_the_file_rotates_by_size_keeping_backups(make_proxy, upstream, tm
     files = sorted(p.name for p in tmp_path.glob("events.jsonl*"))
     assert files == ["events.jsonl", "events.jsonl.1", "events.jsonl.2"]  # no more than `backups` old ones
     assert all(p.stat().st_size <= 2048 for p in tmp_path.glob("events.jsonl*"))
-    newest = _events(path) + []
+    newest = _events(path)
     assert newest and all(e["status"] == 200 for e in newest)
     assert sink.written == 12
 

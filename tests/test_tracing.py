@@ -91,7 +91,9 @@ async def test_a_streamed_chat_through_the_chain_makes_every_span(make_proxy, up
     assert server.attributes["http.request.method"] == "POST"
     assert server.attributes["url.path"] == "/v1/chat/completions"
     assert server.attributes["llmproxy.key_alias"] == "ci-bot" and server.attributes["llmproxy.team_id"] == "org-1"
-    assert server.attributes["llmproxy.request_id"].startswith("req_") or server.attributes["llmproxy.request_id"]
+    import re
+
+    assert re.fullmatch(r"[0-9a-f]{24}", server.attributes["llmproxy.request_id"])  # the server's own id
     assert key not in json.dumps([dict(s.attributes) for s in spans.values()])  # never a key
     for name in ("llmproxy.auth", "llmproxy.pii", "llmproxy.scheduler.wait", "chat gpt-upstream"):
         span = spans[name]
@@ -558,3 +560,33 @@ async def test_no_content_is_recorded_by_default(make_proxy, upstream):
     spans = await finished(exporter, 2)
     assert all(not _events_of(s) for s in spans)
     assert "private words" not in json.dumps([dict(s.attributes) for s in spans])
+
+
+@pytest.mark.parametrize("value, parsed", [
+    (TRACEPARENT, (int(CLIENT_TRACE, 16), int(CLIENT_PARENT, 16), 1)),
+    (" " + TRACEPARENT, (int(CLIENT_TRACE, 16), int(CLIENT_PARENT, 16), 1)),
+    (TRACEPARENT + "-extra", None),  # version 00 has exactly four fields
+    ("01" + TRACEPARENT[2:] + "-extra", (int(CLIENT_TRACE, 16), int(CLIENT_PARENT, 16), 1)),  # a later version may add
+    ("ff" + TRACEPARENT[2:], None),
+    (f"00-{'0' * 32}-{CLIENT_PARENT}-01", None),
+    (f"00-{CLIENT_TRACE}-{'0' * 16}-01", None),
+    ("00-" + "z" * 32 + "-" + "1" * 16 + "-01", None),
+    ("", None), (None, None),
+])
+def test_traceparent_is_read_as_w3c_says(value, parsed):
+    """One reading for the record's trace id and for the tracing middleware's parent."""
+    from llmproxy.validate import parse_traceparent
+
+    assert parse_traceparent(value) == parsed
+
+
+async def test_a_tracestate_too_long_is_left_out_not_cut(make_proxy, upstream):
+    proxy = await make_proxy(openai_config(upstream, middlewares=["tracing"]))
+    spans_of(proxy)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions",
+                          headers={**AUTH, "traceparent": TRACEPARENT, "tracestate": "a=" + "b" * 600},
+                          json={"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]}) as r:
+            assert r.status == 200
+    sent = upstream.requests[-1].headers
+    assert sent["traceparent"].split("-")[1] == CLIENT_TRACE and "tracestate" not in sent

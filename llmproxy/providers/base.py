@@ -116,7 +116,9 @@ class HTTPProvider(Provider):
             if value is not None:
                 headers[name] = value
         extra = ctx.upstream_headers
-        if extra:  # the attempt's own traceparent replaces the client's
+        if extra:  # the attempt's own trace context replaces the client's, both headers
+            headers.pop("traceparent", None)
+            headers.pop("tracestate", None)
             headers.update(extra)
         headers.update(self.fixed_headers)
         return headers

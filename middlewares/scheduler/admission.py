@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Awaitable, Iterable
 
 from llmproxy.errors import ProxyError
 
@@ -157,12 +157,16 @@ class RateScheduler:
                 return False
         return True
 
-    async def acquire(self, ctx: "Context", dep: "Deployment") -> Lease | _NoLease:
+    def acquire(self, ctx: "Context", dep: "Deployment") -> Awaitable[Lease | _NoLease]:
         """Runs before each upstream attempt on `dep`; returns when it may start. Raises
         the 429 when it may not; a cancellation (the client left) leaves the queue. Traced
-        as a span of its own (`llmproxy.scheduler.wait`, with the seconds waited)."""
+        as a span of its own (`llmproxy.scheduler.wait`, with the seconds waited); untraced,
+        the admission's own coroutine is what the caller awaits (no frame more)."""
         if ctx.tracer is None:
-            return await self._acquire(ctx, dep)
+            return self._acquire(ctx, dep)
+        return self._traced(ctx, dep)
+
+    async def _traced(self, ctx: "Context", dep: "Deployment") -> Lease | _NoLease:
         t0 = self.clock()
         with ctx.trace("llmproxy.scheduler.wait", {"llmproxy.deployment": dep.id}) as span:
             try:

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
 
 from llmproxy.errors import ProxyError
+from llmproxy.validate import parse_traceparent
 
 from . import content
 
@@ -44,8 +45,6 @@ MAX_TRACESTATE = 512  # characters of a client's tracestate kept (W3C: 32 member
 _ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 _FINISH = re.compile(rb'"(?:finish_reason|stop_reason)"\s*:\s*"([^"\\]{1,64})"')
-# W3C traceparent: version (not ff), trace id (not zero), parent id (not zero), flags
-_TRACEPARENT = re.compile(r"\s*(?!ff)([0-9a-f]{2})-(?!0{32})([0-9a-f]{32})-(?!0{16})([0-9a-f]{16})-([0-9a-f]{2})")
 SAMPLED, NOT_SAMPLED = TraceFlags(1), TraceFlags(0)
 _UNSET = Status(StatusCode.UNSET)
 _ERROR = Status(StatusCode.ERROR)
@@ -67,16 +66,15 @@ class SpanContext:
 
 
 def client_context(headers: Any) -> SpanContext | None:
-    """The client's W3C trace context, or None when it sent none (or a malformed one)."""
-    raw = headers.get("traceparent")
-    if raw is None:
+    """The client's W3C trace context, or None when it sent none (or a malformed one). A
+    tracestate longer than MAX_TRACESTATE is left out whole (cut, it would not be one)."""
+    parsed = parse_traceparent(headers.get("traceparent"))
+    if parsed is None:
         return None
-    m = _TRACEPARENT.match(raw)
-    if m is None or (m[1] == "00" and len(raw.strip()) != 55):
-        return None
+    trace_id, span_id, flags = parsed
     state = headers.get("tracestate") or ""
-    return SpanContext(int(m[2], 16), int(m[3], 16), TraceFlags(int(m[4], 16) & 0xFF),
-                       state[:MAX_TRACESTATE] if len(state) > MAX_TRACESTATE else state, True)
+    return SpanContext(trace_id, span_id, TraceFlags(flags & 0xFF), state if len(state) <= MAX_TRACESTATE else "",
+                       True)
 
 
 class Event:

@@ -28,6 +28,7 @@ from llmproxy.store import (
     AuditRow,
     KeyInfo,
     NotFound,
+    SubscriptionInfo,
     SpendRow,
     Store,
     StoreUnavailable,
@@ -161,7 +162,8 @@ def spend_row(n: int, **fields) -> SpendRow:
 
 
 def test_every_dialect_has_the_same_versions() -> None:
-    assert VERSIONS == ["0001_init", "0002_audit_served_model", "0003_key_tags_soft_budget", "0004_spend_trace_id"]
+    assert VERSIONS == ["0001_init", "0002_audit_served_model", "0003_key_tags_soft_budget", "0004_spend_trace_id",
+                        "0005_subscriptions"]
     for dialect in DIALECTS:
         assert [m.version for m in migrations(dialect)] == VERSIONS
 
@@ -374,6 +376,60 @@ async def test_list_teams_pages(store) -> None:
     assert await store.list_teams() == teams
     assert await store.list_teams(page=2, page_size=2) == teams[2:4]
     assert await store.list_teams(page=9, page_size=2) == []
+
+
+# ---------------------------------------------------------------------------- subscriptions
+
+
+async def test_subscription_crud(store) -> None:
+    assert await store.subscription("sub-1") is None and await store.team_subscription("org-1") is None
+    sub = await store.create_subscription(SubscriptionInfo(
+        subscription_id="sub-1", team_id="org-1", enabled=True, models=["gpt-4o", "claude"],
+        limits={"gpt-4o": {"rpm": 10, "tpm": 1000, "max_parallel_requests": 2}, "*": {"rpm": 5, "tpm": 0}},
+        max_budget=Decimal("12.000000001"), budget_duration="30d", metadata={"plan": "pro"}))
+    assert sub.created_at is not None and sub.updated_at == sub.created_at
+    assert sub.limits == {"gpt-4o": {"rpm": 10, "tpm": 1000, "max_parallel_requests": 2}, "*": {"rpm": 5}}
+    assert sub.max_budget == Decimal("12.000000001") and sub.models == ("gpt-4o", "claude")
+    assert await store.subscription("sub-1") == sub
+    assert await store.team_subscription("org-1") == sub
+    with pytest.raises(AlreadyExists):  # one per team
+        await store.create_subscription(SubscriptionInfo(subscription_id="sub-2", team_id="org-1"))
+    with pytest.raises(AlreadyExists):
+        await store.create_subscription(SubscriptionInfo(subscription_id="sub-1", team_id="org-2"))
+    updated = await store.update_subscription("sub-1", enabled=False, limits={"*": {"rpm": 1}}, max_budget=None)
+    assert (updated.enabled, updated.limits, updated.max_budget) == (False, {"*": {"rpm": 1}}, None)
+    assert updated.created_at == sub.created_at and updated.updated_at >= sub.updated_at
+    assert await store.team_subscription("org-1") == updated
+    with pytest.raises(TypeError):
+        await store.update_subscription("sub-1", team_id="org-2")
+    with pytest.raises(NotFound):
+        await store.update_subscription("sub-9", enabled=True)
+    assert await store.delete_subscriptions(["sub-9", "sub-1", "sub-1"]) == [updated]
+    assert await store.subscription("sub-1") is None
+    assert await store.create_subscription(SubscriptionInfo(subscription_id="sub-3", team_id="org-1"))
+
+
+def test_subscription_limits_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown limit 'rpd'"):
+        SubscriptionInfo(subscription_id="s", team_id="t", limits={"*": {"rpd": 1}})
+    with pytest.raises(ValueError, match="rpm"):
+        SubscriptionInfo(subscription_id="s", team_id="t", limits={"*": {"rpm": -1}})
+    with pytest.raises(TypeError):
+        SubscriptionInfo(subscription_id="s", team_id="t", limits={"*": 5})
+    sub = SubscriptionInfo(subscription_id="s", team_id="t", models=["a"],
+                           limits={"a": {}, "*": {"tpm": 7}})
+    assert sub.limits_for("a") == ("a", {}) and sub.limits_for("b") == ("*", {"tpm": 7})
+    assert sub.allows_model("a") and not sub.allows_model("b")
+    assert SubscriptionInfo(subscription_id="s", team_id="t").allows_model("b")
+
+
+async def test_list_subscriptions_pages_and_filters(store) -> None:
+    subs = [await store.create_subscription(SubscriptionInfo(
+        subscription_id=f"s{n}", team_id=f"t{n}", created_at=T0 + timedelta(minutes=n))) for n in range(5)]
+    assert await store.list_subscriptions() == subs
+    assert await store.list_subscriptions(page=2, page_size=2) == subs[2:4]
+    assert await store.list_subscriptions(team_id="t3") == [subs[3]]
+    assert await store.list_subscriptions(team_id="none") == []
 
 
 # ---------------------------------------------------------------------------- spend

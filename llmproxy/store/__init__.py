@@ -1,4 +1,4 @@
-"""Keys, teams, the spend log and the audit log: one `Store` interface (base.py), on PostgreSQL or SQLite.
+"""Keys, teams, subscriptions, the spend log and the audit log: one `Store` interface (base.py), on PostgreSQL or SQLite.
 
     store = await open_store(config.database_url)   # None: SQLite at ./llmproxy.db
     await store.migrate()
@@ -15,6 +15,7 @@ from .base import (
     Store,
     StoreError,
     StoreUnavailable,
+    SubscriptionInfo,
     TeamInfo,
     hash_key,
     mask_key,
@@ -29,6 +30,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "SubscriptionInfo",
     "TeamInfo",
     "hash_key",
     "mask_key",

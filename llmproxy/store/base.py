@@ -1,4 +1,4 @@
-"""The store's contract: keys, teams, the spend log and the audit log, whatever database holds them.
+"""The store's contract: keys, teams, subscriptions, the spend log and the audit log, whatever database holds them.
 
 `Store` is implemented once, in SQL, by `SqlStore` (sql.py) over a small dialect object:
 `PostgresStore` (asyncpg) and `SqliteStore` (aiosqlite) add only what really differs. One
@@ -52,11 +52,12 @@ class StoreError(Exception):
 
 
 class NotFound(StoreError):
-    """The key or team does not exist."""
+    """The key, team or subscription does not exist."""
 
 
 class AlreadyExists(StoreError):
-    """A key (same id or hash) or team (same id) is already there."""
+    """A key (same id or hash), team (same id) or subscription (same id, or one for the
+    same team) is already there."""
 
 
 class StoreUnavailable(StoreError):
@@ -116,7 +117,7 @@ def check_key_hash(key_hash: str) -> None:
         raise ValueError("key_hash must be the key's SHA-256 hex digest (hash_key), never the key")
 
 
-def stamped(info: "KeyInfo | TeamInfo") -> "Any":
+def stamped(info: "KeyInfo | TeamInfo | SubscriptionInfo") -> "Any":
     """`info` with its timestamps for creation: now, unless the caller gave them."""
     created = info.created_at or datetime.now(UTC)
     return replace(info, created_at=created, updated_at=info.updated_at or created)
@@ -199,6 +200,83 @@ class TeamInfo:
         _normalize_limits(self)
 
 
+LIMIT_NAMES = ("rpm", "tpm", "max_parallel_requests")
+MAX_LIMIT = 2**53  # rpm and tpm stay exact in JSON; max_parallel_requests fits an INTEGER anyway
+
+
+def _normalize_model_limits(value: Any) -> dict[str, dict[str, int]]:
+    """A subscription's `limits`: model name (or "*") -> {rpm, tpm, max_parallel_requests},
+    each a positive integer; absent, null or 0 means no such limit (and is left out)."""
+    if not isinstance(value, dict):
+        raise TypeError("limits: an object of model name -> {rpm, tpm, max_parallel_requests}")
+    out: dict[str, dict[str, int]] = {}
+    for model, limits in value.items():
+        if not isinstance(model, str) or not model:
+            raise ValueError("limits: model names must be non-empty strings")
+        if not isinstance(limits, dict):
+            raise TypeError(f"limits[{model!r}]: an object with rpm, tpm, max_parallel_requests")
+        unknown = sorted(set(limits) - set(LIMIT_NAMES))
+        if unknown:
+            raise ValueError(f"limits[{model!r}]: unknown limit {unknown[0]!r}; known: {', '.join(LIMIT_NAMES)}")
+        kept = {}
+        for name in LIMIT_NAMES:
+            n = limits.get(name)
+            if n is None:
+                continue
+            if type(n) is not int or not 0 <= n <= MAX_LIMIT:
+                raise ValueError(f"limits[{model!r}].{name}: an integer between 0 and {MAX_LIMIT}")
+            if n:
+                kept[name] = n
+        out[model] = kept
+    return out
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SubscriptionInfo:
+    """A team's subscription (at most one per team): whether its keys may be served at all
+    (`enabled`), which models (`models`, empty: every model), rate limits per model or
+    `"*"` for every model not named (`limits`: {model: {rpm, tpm, max_parallel_requests}}),
+    and a budget over the team's spend since the subscription began (`max_budget`, reset
+    every `budget_duration` counted from `created_at`). Same conventions as KeyInfo."""
+
+    subscription_id: str
+    team_id: str
+    enabled: bool = True
+    models: tuple[str, ...] = ()
+    limits: dict[str, dict[str, int]] = field(default_factory=dict)
+    max_budget: Decimal | None = None
+    budget_duration: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.models, str):
+            raise TypeError("models: a sequence of model names, not a string")
+        _set(self, "models", tuple(self.models or ()))
+        _set(self, "enabled", bool(self.enabled))
+        _set(self, "limits", _normalize_model_limits(self.limits or {}))
+        if self.max_budget is not None:
+            _set(self, "max_budget", money(self.max_budget, "max_budget"))
+        _set(self, "metadata", dict(self.metadata or {}))
+        for name in ("created_at", "updated_at"):
+            value = getattr(self, name)
+            if value is not None:
+                _set(self, name, utc(value, name))
+
+    def allows_model(self, name: str) -> bool:
+        return not self.models or "*" in self.models or name in self.models
+
+    def limits_for(self, model: str) -> tuple[str, dict[str, int]] | None:
+        """(the entry that applies, its limits) for `model`: its own entry, else `"*"`'s;
+        None when neither is set."""
+        own = self.limits.get(model)
+        if own is not None:
+            return model, own
+        star = self.limits.get("*")
+        return ("*", star) if star is not None else None
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SpendRow:
     """One request in the spend log, keyed by the server's own `request_id` (unique: a
@@ -256,14 +334,19 @@ class AuditRow:
 
 KEY_UPDATABLE = frozenset(f.name for f in fields(KeyInfo)) - {"id", "created_at", "updated_at"}
 TEAM_UPDATABLE = frozenset(f.name for f in fields(TeamInfo)) - {"team_id", "created_at", "updated_at"}
-_KEY_TEMPLATE = KeyInfo(id="", key_prefix="")
-_TEAM_TEMPLATE = TeamInfo(team_id="")
+SUBSCRIPTION_UPDATABLE = frozenset(f.name for f in fields(SubscriptionInfo)) - {
+    "subscription_id", "team_id", "created_at", "updated_at"}
+_TEMPLATES = {
+    "key": (KEY_UPDATABLE, KeyInfo(id="", key_prefix="")),
+    "team": (TEAM_UPDATABLE, TeamInfo(team_id="")),
+    "subscription": (SUBSCRIPTION_UPDATABLE, SubscriptionInfo(subscription_id="", team_id="")),
+}
 
 
 def clean_updates(kind: str, updates: dict[str, Any]) -> dict[str, Any]:
-    """`updates` for `update_key`/`update_team`, checked and normalized like the data class
-    would (unknown or read-only field: TypeError)."""
-    allowed, template = (KEY_UPDATABLE, _KEY_TEMPLATE) if kind == "key" else (TEAM_UPDATABLE, _TEAM_TEMPLATE)
+    """`updates` for `update_key`/`update_team`/`update_subscription`, checked and
+    normalized like the data class would (unknown or read-only field: TypeError)."""
+    allowed, template = _TEMPLATES[kind]
     unknown = sorted(set(updates) - allowed)
     if unknown:
         raise TypeError(f"update_{kind}() cannot set {', '.join(unknown)}")
@@ -361,9 +444,10 @@ class Store(abc.ABC):
         """The key whose `column` (id or key_hash) equals `value`."""
 
     @abc.abstractmethod
-    async def _update_record(self, kind: str, ident: str, updates: dict[str, Any]) -> "KeyInfo | TeamInfo | None":
-        """Apply checked `updates` (plus updated_at) to the key or team `ident` in one
-        statement; the record after the update, or None when there is none."""
+    async def _update_record(self, kind: str, ident: str,
+                             updates: dict[str, Any]) -> "KeyInfo | TeamInfo | SubscriptionInfo | None":
+        """Apply checked `updates` (plus updated_at) to the key, team or subscription `ident`
+        in one statement; the record after the update, or None when there is none."""
 
     @abc.abstractmethod
     async def delete_team(self, team_id: str) -> None:
@@ -372,6 +456,39 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_teams(self, page: int = 1, page_size: int = 100) -> list[TeamInfo]:
         """Teams, oldest first."""
+
+    # -- subscriptions
+
+    @abc.abstractmethod
+    async def create_subscription(self, info: SubscriptionInfo) -> SubscriptionInfo:
+        """Store a new subscription; returns it with its timestamps. AlreadyExists when the
+        id is taken or the team already has one. The team is not checked here."""
+
+    @abc.abstractmethod
+    async def subscription(self, subscription_id: str) -> SubscriptionInfo | None:
+        ...
+
+    @abc.abstractmethod
+    async def team_subscription(self, team_id: str) -> SubscriptionInfo | None:
+        """The team's subscription (the `db` subscription source's lookup)."""
+
+    async def update_subscription(self, subscription_id: str, **fields: Any) -> SubscriptionInfo:
+        """Like `update_key` (the team cannot change). NotFound."""
+        updates = clean_updates("subscription", fields)
+        found = (await self._update_record("subscription", subscription_id, updates) if updates
+                 else await self.subscription(subscription_id))
+        if found is None:
+            raise NotFound(f"subscription {subscription_id} not found")
+        return found
+
+    @abc.abstractmethod
+    async def delete_subscriptions(self, ids: Sequence[str]) -> list[SubscriptionInfo]:
+        """Delete subscriptions; returns those that existed, in the order given."""
+
+    @abc.abstractmethod
+    async def list_subscriptions(self, team_id: str | None = None, page: int = 1,
+                                 page_size: int = 100) -> list[SubscriptionInfo]:
+        """Subscriptions (of one team, when given), oldest first."""
 
     # -- spend
 

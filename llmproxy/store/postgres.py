@@ -54,7 +54,7 @@ _INSERT_SPEND = (
     + ") ON CONFLICT (request_id) DO NOTHING"
 )
 _spend_values = attrgetter(*SPEND_FIELDS)
-_JSON_FIELDS = frozenset({"metadata"})
+_JSON_FIELDS = frozenset({"metadata", "limits"})
 _ARRAY_FIELDS = frozenset({"models", "changes", "tags"})
 
 

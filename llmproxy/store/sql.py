@@ -1,4 +1,4 @@
-"""The one implementation of the `Store` records (keys, teams, the spend and audit logs) in SQL, over
+"""The one implementation of the `Store` records (keys, teams, subscriptions, the spend and audit logs) in SQL, over
 a `Dialect`: the little that PostgreSQL (postgres.py) and SQLite (sqlite.py) really do
 differently. Opening, migrating and closing stay with each backend.
 
@@ -24,6 +24,7 @@ from .base import (
     NotFound,
     SpendRow,
     Store,
+    SubscriptionInfo,
     TeamInfo,
     check_key_hash,
     check_page,
@@ -35,10 +36,15 @@ KEYS = "llmproxy_keys"
 TEAMS = "llmproxy_teams"
 SPEND = "llmproxy_spend_logs"
 AUDIT = "llmproxy_audit_log"
+SUBSCRIPTIONS = "llmproxy_subscriptions"
 KEY_FIELDS = tuple(f.name for f in fields(KeyInfo))
 TEAM_FIELDS = tuple(f.name for f in fields(TeamInfo))
 SPEND_FIELDS = tuple(f.name for f in fields(SpendRow))
 AUDIT_FIELDS = tuple(f.name for f in fields(AuditRow))
+SUBSCRIPTION_FIELDS = tuple(f.name for f in fields(SubscriptionInfo))
+# kind -> (record class, table, id column) of the records `_update_record` changes
+_RECORDS = {"key": (KeyInfo, KEYS, "id"), "team": (TeamInfo, TEAMS, "team_id"),
+            "subscription": (SubscriptionInfo, SUBSCRIPTIONS, "subscription_id")}
 
 
 class Dialect(Protocol):
@@ -115,6 +121,9 @@ class SqlStore(Store):
         self._team_select = select(TEAM_FIELDS)
         self._spend_select = select(SPEND_FIELDS)
         self._audit_select = select(AUDIT_FIELDS)
+        self._subscription_select = select(SUBSCRIPTION_FIELDS)
+        self._selects = {"key": self._key_select, "team": self._team_select,
+                         "subscription": self._subscription_select}
 
     async def ping(self) -> None:
         await self._d.fetch("SELECT 1")
@@ -151,10 +160,10 @@ class SqlStore(Store):
         )
         return found[0] if found else None
 
-    async def _update_record(self, kind: str, ident: str, updates: dict[str, Any]) -> KeyInfo | TeamInfo | None:
-        make, table, id_column, select = (
-            (KeyInfo, KEYS, "id", self._key_select) if kind == "key" else (TeamInfo, TEAMS, "team_id", self._team_select)
-        )
+    async def _update_record(self, kind: str, ident: str,
+                             updates: dict[str, Any]) -> KeyInfo | TeamInfo | SubscriptionInfo | None:
+        make, table, id_column = _RECORDS[kind]
+        select = self._selects[kind]
         params = Params(self._d)
         updates = updates | {"updated_at": datetime.now(UTC)}
         sets = ", ".join(f"{self._d.column(name)} = {params.field(name, value)}" for name, value in updates.items())
@@ -218,6 +227,53 @@ class SqlStore(Store):
             f" LIMIT {params.add(page_size)} OFFSET {params.add(offset)}"
         )
         return await self._select(TeamInfo, sql, params)
+
+    # -- subscriptions
+
+    async def create_subscription(self, info: SubscriptionInfo) -> SubscriptionInfo:
+        info = stamped(info)
+        values = {name: getattr(info, name) for name in SUBSCRIPTION_FIELDS}
+        try:
+            row = await self._insert(SUBSCRIPTIONS, values, self._subscription_select)
+        except AlreadyExists:
+            raise AlreadyExists(f"subscription {info.subscription_id} or one for team {info.team_id} "
+                                "already exists") from None
+        return SubscriptionInfo(**self._d.decode(row))
+
+    async def _subscriptions(self, column: str, value: str) -> list[SubscriptionInfo]:
+        params = Params(self._d)
+        sql = f"SELECT {self._subscription_select} FROM {SUBSCRIPTIONS} WHERE {column} = {params.add(value)}"
+        return await self._select(SubscriptionInfo, sql, params)
+
+    async def subscription(self, subscription_id: str) -> SubscriptionInfo | None:
+        found = await self._subscriptions("subscription_id", subscription_id)
+        return found[0] if found else None
+
+    async def team_subscription(self, team_id: str) -> SubscriptionInfo | None:
+        found = await self._subscriptions("team_id", team_id)
+        return found[0] if found else None
+
+    async def delete_subscriptions(self, ids: Sequence[str]) -> list[SubscriptionInfo]:
+        unique = list(dict.fromkeys(ids))
+        if not unique:
+            return []
+        params = Params(self._d)
+        sql = (f"DELETE FROM {SUBSCRIPTIONS} WHERE {self._d.in_list('subscription_id', unique, params)}"
+               f" RETURNING {self._subscription_select}")
+        deleted = {s.subscription_id: s for s in await self._select(SubscriptionInfo, sql, params)}
+        return [deleted[i] for i in unique if i in deleted]
+
+    async def list_subscriptions(self, team_id: str | None = None, page: int = 1,
+                                 page_size: int = 100) -> list[SubscriptionInfo]:
+        offset = check_page(page, page_size)
+        params = Params(self._d)
+        where = params.where(("team_id", "=", team_id))
+        sql = (
+            f"SELECT {self._subscription_select} FROM {SUBSCRIPTIONS} {where}"
+            f" ORDER BY {self._d.column('created_at')}, subscription_id"
+            f" LIMIT {params.add(page_size)} OFFSET {params.add(offset)}"
+        )
+        return await self._select(SubscriptionInfo, sql, params)
 
     # -- spend
 

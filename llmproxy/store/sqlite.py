@@ -87,6 +87,8 @@ _ENCODINGS: dict[str, tuple[str, Callable[[Any], Any], Callable[[Any], Any]]] = 
     "metadata": ("metadata", _json, orjson.loads),
     "changes": ("changes", lambda v: _json(list(v)), orjson.loads),
     "blocked": ("blocked", int, bool),
+    "enabled": ("enabled", int, bool),
+    "limits": ("limits", _json, orjson.loads),
     "tokens_estimated": ("tokens_estimated", int, bool),
     "cache_hit": ("cache_hit", int, bool),
 }

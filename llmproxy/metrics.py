@@ -63,6 +63,8 @@ class Metrics:
                     ("action", "status"))
         self.define("llmproxy_upstream_errors_total", "counter", "Failed upstream attempts.",
                     ("deployment", "outcome"))
+        self.define("llmproxy_cache_requests_total", "counter", "Requests a response cache saw, by result.",
+                    ("result",))
         self.registry.register(_Collector(self))
 
     def define(self, name: str, kind: str, help: str, labels: tuple[str, ...],
@@ -255,6 +257,8 @@ class MetricsSink:
             m.inc("llmproxy_tokens_total", ("completion",) + short, record.completion_tokens)
         if record.spend:
             m.inc("llmproxy_spend_usd_total", short, float(record.spend))
+        if record.cache is not None:  # hit | miss | bypass, set by a cache middleware
+            m.inc("llmproxy_cache_requests_total", (record.cache,))
         for attempt in record.attempts:
             outcome = attempt.outcome
             if outcome != "ok" and not outcome.startswith("http_4"):

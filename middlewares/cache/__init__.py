@@ -2,9 +2,9 @@
 
 Per request of the model APIs, in this order:
 1. Controls (`llmproxy.middlewares.cache.key`): `Cache-Control` and the body's `cache` field,
-   which is removed here so it never reaches the provider. A request that samples (`n` > 1,
-   a temperature that is not 0, or none: the provider's default is 1) is not cached unless
-   `cache_nondeterministic: true`: it is a `bypass`, and so is `no-cache` (no lookup).
+   which is removed here so it never reaches the provider. A request that asks for samples
+   (`n` > 1, a `temperature` other than 0) is not cached unless `cache_nondeterministic:
+   true`: it is a `bypass`, and so is `no-cache` (no lookup).
 2. The key: SHA-256 of a canonical JSON of what changes the answer, scoped to the tenant
    (`scope: team` by default), so one team never reads another's answer.
 3. Lookup: this process's LRU, then, on a miss, Redis (when there is one: the cache's own
@@ -58,7 +58,7 @@ class Options:
     ttl: float = field(default=3600.0, metadata={"gt": 0})  # seconds an answer is served
     scope: Literal["team", "key", "global"] = "team"
     max_entry_bytes: int = field(default=1024 * 1024, metadata={"min": 1})  # larger answers are not stored
-    cache_nondeterministic: bool = False  # also cache n > 1 and temperature != 0 (or unset)
+    cache_nondeterministic: bool = False  # also cache n > 1 and a temperature other than 0
     max_bytes: int = field(default=64 * 1024 * 1024, metadata={"min": 0})  # this process's LRU; 0: none
     redis_url: str | None = None  # a Redis of the cache's own; default: the gateway's redis_url
     redis_prefix: str = "llmproxy:cache:"
@@ -73,7 +73,7 @@ class Cache:
         self.options = opts = options or Options()
         self.services = services
         self.wall = services.wall if services is not None else time.time
-        self.local = LocalStore(opts.max_bytes, self.wall) if opts.max_bytes > 0 else None
+        self.local = LocalStore(opts.max_bytes) if opts.max_bytes > 0 else None
         self.remote: RedisStore | None = None
         self._own_redis: Any = None
         self.flights: dict[bytes, _Flight] = {}  # key -> the request on its way upstream for it
@@ -101,7 +101,7 @@ class Cache:
         elif s.redis is not None:
             redis = s.redis
         if redis is not None:
-            self.remote = RedisStore(redis, self.options.redis_prefix, wall=self.wall, clock=s.clock)
+            self.remote = RedisStore(redis, self.options.redis_prefix, clock=s.clock)
 
     async def shutdown(self) -> None:
         if self._writes:
@@ -132,7 +132,7 @@ class Cache:
             capture = _Capture(self, ctx, key, controls, None)
             ctx.cleanups.append(capture)
             return await self._onward(ctx, call_next, "bypass", capture)
-        entry = self.local.get(key, controls.max_age) if self.local is not None else None
+        entry = self.local.get(key, self.wall(), controls.max_age) if self.local is not None else None
         if entry is None:
             flight = self.flights.get(key)
             if flight is not None:  # the same request is on its way upstream: wait for its answer
@@ -177,8 +177,8 @@ class Cache:
         after it, with the record's usage filled)."""
         try:
             reply = await call_next(ctx)
-        except ProxyError as exc:
-            exc.headers.setdefault(HEADER, result)
+        except ProxyError as exc:  # an error answer says so too (a copy: the dict may be shared)
+            exc.headers = {**exc.headers, HEADER: result}
             raise
         headers = reply.headers + [(HEADER, result)]
         if capture is None or reply.status != 200 or not capture.controls.store:

@@ -119,16 +119,18 @@ def _seconds(field: dict, name: str) -> float | None:
 
 
 def nondeterministic(body: dict[str, Any], api: str) -> bool:
-    """Whether the answer is a sample (several would differ): `n` above 1, or a temperature
-    that is not 0. No temperature is the provider's default, 1 for OpenAI and Anthropic
-    alike, so it samples too. Embeddings are always deterministic."""
+    """Whether the request asks for a sample (several answers would differ): `n` above 1,
+    or a `temperature` that is not 0. What the request does not say is not read into it: a
+    request without `temperature` is cached (Anthropic's current SDK has no such parameter,
+    and an answer is what the client asked for); an operator who wants only temperature-0
+    answers cached can have clients send it. Embeddings are always deterministic."""
     if api == "embeddings":
         return False
     n = body.get("n")
     if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 1:
         return True
     temperature = body.get("temperature")
-    return not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 0)
+    return temperature is not None and temperature != 0
 
 
 def tenant(ctx: "Context", scope: str) -> str:

@@ -79,18 +79,18 @@ class Entry:
 class LocalStore:
     """This process's entries, most recently used last, at most `max_bytes` of them."""
 
-    def __init__(self, max_bytes: int, wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.wall = wall
         self.entries: OrderedDict[bytes, Entry] = OrderedDict()
         self.bytes = 0
 
-    def get(self, key: bytes, max_age: float | None = None) -> Entry | None:
+    def get(self, key: bytes, now: float, max_age: float | None = None) -> Entry | None:
+        """The entry if it is fresh at `now` (and at most `max_age` old); an expired one is dropped."""
         entry = self.entries.get(key)
         if entry is None:
             return None
-        if not entry.fresh(self.wall(), max_age):
-            if entry.expires_at <= self.wall():
+        if not entry.fresh(now, max_age):
+            if entry.expires_at <= now:
                 self._drop(key)
             return None
         self.entries.move_to_end(key)
@@ -122,11 +122,10 @@ class RedisStore:
     """Entries in Redis, shared by every replica; any failure is a miss (logged, at most
     once every `quiet` seconds so that an outage does not flood the log)."""
 
-    def __init__(self, redis: Any, prefix: str, wall: Callable[[], float] = time.time,
-                 clock: Callable[[], float] = time.monotonic, quiet: float = 10.0) -> None:
+    def __init__(self, redis: Any, prefix: str, clock: Callable[[], float] = time.monotonic,
+                 quiet: float = 10.0) -> None:
         self.redis = redis
         self.prefix = prefix.encode()
-        self.wall = wall
         self.clock = clock
         self.quiet = quiet
         self.failures = 0  # calls that failed, since start
@@ -150,7 +149,8 @@ class RedisStore:
         return Entry.loads(data)
 
     async def put(self, key: bytes, entry: Entry) -> None:
-        ttl_ms = int((entry.expires_at - self.wall()) * 1000)
+        """Store a new entry, for its lifetime (it is stored as soon as it is made)."""
+        ttl_ms = int((entry.expires_at - entry.stored_at) * 1000)
         if ttl_ms <= 0:
             return
         data = entry.dumps()

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """llmproxy benchmark: CPU per request of the proxy against a bare aiohttp floor.
 
-    .venv/bin/python bench/run.py                       # --suite all: core, scheduler, pii, pipeline
+    .venv/bin/python bench/run.py                       # --suite all: core, scheduler, pii, tracing, cache, pipeline
     .venv/bin/python bench/run.py --suite core          # floor, proxy, proxy-spend, proxy-auth
     .venv/bin/python bench/run.py --suite scheduler     # proxy, proxy-scheduler, proxy-scheduler-redis...
     .venv/bin/python bench/run.py --suite pii           # proxy, proxy-pii on 2 KB prompts; streamed TTFB
+    .venv/bin/python bench/run.py --suite cache         # floor, proxy, proxy-cache: hits and misses
     .venv/bin/python bench/run.py --suite pipeline      # floor, proxy, proxy-full (whole chain); 100 KB chats
     .venv/bin/python bench/run.py --suite streams       # memory per open stream, 1000 at once (not in all)
     .venv/bin/python bench/run.py --targets floor,floor-b   # harness self-check, ratio ~1.0
@@ -229,6 +230,9 @@ def prompt_adversarial(size: int = ADVERSARIAL_SIZE, block: int = ADVERSARIAL_BL
 
 CHAT_1M_ADVERSARIAL = [{"role": "user", "content": prompt_adversarial()}]
 
+# The cache suite's misses: "hello" with the VARY word, so that every request is new.
+CHAT_NEW = [{"role": "user", "content": f"Ref {VARY}. hello"}]
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("chat", "/v1/chat/completions",
              {"model": "bench-model", "messages": CHAT_MESSAGES},
@@ -281,6 +285,14 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
               "bench_chunk_delay_ms": 200},
              "openai-sse", "openai", True,
              "OpenAI chat, stream, 200 ms between events (~4.6 s a stream): the streams suite only"),
+    # the cache suite (issue 14): chat and chat-stream send the same request every time (a
+    # cache answers all but the first); these send a new one every time (a cache misses all)
+    Scenario("chat-new", "/v1/chat/completions",
+             {"model": "bench-model", "messages": CHAT_NEW},
+             "openai-json", "openai", False, "OpenAI chat, non-stream, a new short prompt every request"),
+    Scenario("chat-new-stream", "/v1/chat/completions",
+             {"model": "bench-model", "messages": CHAT_NEW, "stream": True},
+             "openai-sse", "openai", True, "OpenAI chat, stream, a new short prompt every request"),
     Scenario("messages", "/v1/messages",
              {"model": "bench-claude", "max_tokens": 64, "messages": CHAT_MESSAGES},
              "anthropic-json", "anthropic", False, "Anthropic messages, non-stream"),
@@ -385,6 +397,12 @@ ROWS: list[TargetSpec] = [
                "second ratio against proxy",
                config={"spend": {"enabled": False}, "event_sinks": [{"jsonl": {"path": "events.jsonl"}}]},
                ratio_vs="proxy"),
+    # issue 14: the response cache, in-process LRU (no Redis); on chat / chat-stream every
+    # measured request is a hit (the warm-up stored the answer), on chat-new(-stream) a miss
+    TargetSpec("proxy-cache", "proxy", "proxy + the cache middleware, in-process LRU (spend log off); "
+               "second ratio against proxy",
+               config={"spend": {"enabled": False}, "middlewares": [{"cache": {}}]},
+               ratio_vs="proxy"),
     TargetSpec("proxy-webhook", "proxy", "proxy + the webhook usage-event sink POSTing batches to the bench "
                "upstream (spend log off); second ratio against proxy",
                config={"spend": {"enabled": False},
@@ -421,6 +439,9 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
     Suite("tracing", ("proxy", "proxy-tracing", "proxy-jsonl", "proxy-webhook"), ("chat", "chat-stream"),
           "tracing on, exporting to a local OTLP receiver, and the jsonl usage-event sink, against the "
           "same proxy without them (issue 13)"),
+    Suite("cache", ("floor", "proxy", "proxy-cache"), ("chat", "chat-stream", "chat-new", "chat-new-stream"),
+          "the response cache: hits (the same request every time) against the floor's pass-through, "
+          "misses (a new request every time) against the proxy without it (issue 14)"),
     Suite("pipeline", ("floor", "proxy", "proxy-full"),
           ("chat", "chat-stream", "chat-100k", "chat-100k-stream"),
           "the whole chain (auth, pii, scheduler, spend log) on small and ~100 KB conversations (issue 11)"),
@@ -429,7 +450,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
           "memory per open stream: --streams-c concurrent ~4.6 s streams per row, RSS sampled "
           "every 50 ms, and their time to first byte (issue 11)", kind="streams"),
 ]}
-ALL_SUITES = ("core", "scheduler", "pii", "tracing", "pipeline")
+ALL_SUITES = ("core", "scheduler", "pii", "tracing", "cache", "pipeline")
 DEFAULT_SUITE = "all"   # `make bench`; see bench/README.md for its duration
 DEFAULT_TARGETS = ",".join(SUITES["core"].targets)
 
@@ -1068,6 +1089,7 @@ def seed_keys(spec: TargetSpec, args, tmp: Path) -> tuple[Path, dict]:
 
 _LOOKUP_LINE = re.compile(r'^llmproxy_auth_lookups_total\{[^}]*source="(\w+)"[^}]*\}\s+(\S+)', re.M)
 _PII_LINE = re.compile(r'^llmproxy_pii_redactions_total\{[^}]*entity="(\w+)"[^}]*\}\s+(\S+)', re.M)
+_CACHE_LINE = re.compile(r'^llmproxy_cache_requests_total\{[^}]*result="(\w+)"[^}]*\}\s+(\S+)', re.M)
 
 
 def scrape_metrics(port: int) -> str | None:
@@ -1145,6 +1167,7 @@ def measure(load: LoadClient, target: Target, sc: Scenario, n: int, args,
     text0 = scrape_metrics(target.port) if target.spec.kind == "proxy" else None
     look0 = _by_label(text0, _LOOKUP_LINE, "llmproxy_auth_lookups_total")
     pii0 = _by_label(text0, _PII_LINE, "llmproxy_pii_redactions_total")
+    cache0 = _by_label(text0, _CACHE_LINE, "llmproxy_cache_requests_total")
     rds = target.redis
     r0 = redis_window_start(rds) if rds is not None and rds.probe is not None else None
     up0 = upstream_requests(upstream_port)
@@ -1164,6 +1187,10 @@ def measure(load: LoadClient, target: Target, sc: Scenario, n: int, args,
     if pii is not None:
         run["pii_redactions"] = pii  # entities found during this run, by type
         run["pii_entities_per_req"] = sum(pii.values()) / n
+    cached = _delta(cache0, _by_label(text1, _CACHE_LINE, "llmproxy_cache_requests_total"))
+    if cached:  # requests the cache middleware saw during this run, by result (none: it is not on)
+        run["cache_results"] = cached
+        run["cache_hits_per_req"] = cached.get("hit", 0.0) / n
     if r0 is not None:
         rd = redis_window_end(rds, r0, script_names(args.python))
         rd["cpu_us_per_req"] = ((rcpu1["ns"] - rcpu0["ns"]) / 1000.0 / n if args.clock_has_ns
@@ -1231,8 +1258,9 @@ def summarize(runs: list[dict], targets: list[Target], scenarios: list[Scenario]
             mine = [r for r in runs if r["scenario"] == sc.name and r["target"] == t.name]
             measured = [r for r in mine if not r["warmup"]]
             errors = sum(r["errors"] for r in mine)
-            calls_off = [r for r in measured
-                         if r.get("upstream_calls") is not None and r["upstream_calls"] != r["n"]]
+            # a cache hit makes no upstream call: the upstream must see the others, no more
+            calls_off = [r for r in measured if r.get("upstream_calls") is not None
+                         and r["upstream_calls"] != r["n"] - round(r.get("cache_results", {}).get("hit", 0.0))]
             rows[t.name] = {
                 "cpu_us_per_req_median": median([r.get("cpu_us_per_req") for r in measured]),
                 "cpu_us_per_req_rounds": [r.get("cpu_us_per_req") for r in measured],
@@ -1269,6 +1297,12 @@ def summarize(runs: list[dict], targets: list[Target], scenarios: list[Scenario]
                 rows[t.name]["pii_redactions_per_req"] = {
                     e: sum(r["pii_redactions"].get(e, 0.0) for r in piid) / total_n
                     for e in sorted({k for r in piid for k in r["pii_redactions"]})}
+            hits = [r for r in measured if r.get("cache_results") is not None]
+            if hits:  # llmproxy_cache_requests_total{result="hit"} over the measured runs, per request
+                rows[t.name]["cache_hits_per_req"] = sum(r["cache_results"].get("hit", 0.0) for r in hits) / \
+                    sum(r["n"] for r in hits)
+                rows[t.name]["upstream_calls_per_req"] = sum(r.get("upstream_calls") or 0 for r in hits) / \
+                    sum(r["n"] for r in hits)
             red = [r for r in measured if r.get("redis") is not None]
             if red:  # Redis commands over the measured runs, per request
                 total_n = sum(r["n"] for r in red)
@@ -1336,6 +1370,7 @@ def print_table(summary: dict, targets: list[Target], args, title: str | None = 
     looked = having("store_lookups_per_req")
     piied = having("pii_entities_per_req")
     redised = having("redis_calls_per_req")
+    cached = having("cache_hits_per_req")
     head = ["scenario"]
     for i, t in enumerate(targets):
         head.append(f"{t.name} µs/req")
@@ -1349,6 +1384,8 @@ def print_table(summary: dict, targets: list[Target], args, title: str | None = 
             head.append("pii entities/req" if len(piied) == 1 else f"{t.name} pii entities/req")
         if t.name in redised:
             head.append("redis calls/req" if len(redised) == 1 else f"{t.name} redis calls/req")
+        if t.name in cached:
+            head.append("cache hits/req" if len(cached) == 1 else f"{t.name} cache hits/req")
     head.append("status")
     lines = []
     all_ok = True
@@ -1368,6 +1405,8 @@ def print_table(summary: dict, targets: list[Target], args, title: str | None = 
                 cells.append(fmt(row.get("pii_entities_per_req"), 3))
             if t.name in redised:
                 cells.append(fmt(row.get("redis_calls_per_req"), 3))
+            if t.name in cached:
+                cells.append(fmt(row.get("cache_hits_per_req"), 3))
             if row["status"] != "ok":
                 bad.append(f"{t.name}: {row['errors']} errors" if row["errors"]
                            else f"{t.name}: no runs")
@@ -1511,6 +1550,12 @@ def print_table(summary: dict, targets: list[Target], args, title: str | None = 
                                  f"{_lookups_text(other)} over the {len(rounds)} runs (hello, ping: "
                                  "redis-py setting up a new pool connection or checking an idle one; "
                                  "not scheduler state, not in calls/req)")
+            hit = r.get("cache_hits_per_req")
+            # the cache suite's scenarios: the same request every time, or a new one every time
+            if hit is not None and sc_name in ("chat", "chat-stream", "chat-new", "chat-new-stream"):
+                want_hit = 0.0 if sc_name.startswith("chat-new") else 1.0
+                if abs(hit - want_hit) > 1e-9:
+                    notes.append(f"{sc_name}/{t.name}: {hit:.3f} cache hits per request, expected {want_hit:.0f}")
             want = len(PII_SNIPPETS) if sc_name.startswith(("chat-2k-pii", "chat-history-pii")) else 0
             got = r.get("pii_entities_per_req")
             # every other scenario's prompt holds none (hello, the 100 KB conversation, ...)

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 pytest.importorskip("llmproxy.middlewares.cache", reason="the cache middleware is not installed")
-from llmproxy.middlewares.cache import Cache, _Capture, _Tap
+from llmproxy.middlewares.cache import Cache, _Capture, _tap
 from llmproxy.middlewares.cache import key as cache_key
 from llmproxy.middlewares.cache.convert import (json_to_sse, openai_stream_for, sse_to_json,
                                                 usage_chunk_span)
@@ -287,7 +287,7 @@ def _put_all(arg: tuple[LocalStore, list[bytes]]) -> None:
         store.put(k, e)
 
 
-async def _drain(tap: _Tap) -> None:
+async def _drain(tap: Any) -> None:
     async for _ in tap:
         pass
 
@@ -302,7 +302,7 @@ def _run_tap(chunks: list[bytes]) -> None:
             yield c
     cache = Cache(None, None)
     capture = _Capture(cache, make_context(CHAT), b"k", Controls(), None)
-    asyncio.run(_drain(_Tap(body(), capture)))
+    asyncio.run(_drain(_tap(body(), capture)))
     assert capture.complete and capture.parts is not None
 
 

@@ -14,7 +14,7 @@ Per request of the model APIs, in this order:
 4. Single-flight: while one request for a key is on its way upstream, identical ones wait
    for it and are answered from what it stored (one upstream call per replica for a stampede).
    If it stores nothing, each of them goes upstream itself.
-5. A miss goes on; its answer is copied as it passes (`_Tap`, at most `max_entry_bytes`) and
+5. A miss goes on; its answer is copied as it passes (`_tap`, at most `max_entry_bytes`) and
    stored when the request ends (a cleanup, after the forwarder's has filled the record): only
    a whole 200 answer, never a cut, failed or partial one.
 
@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field, replace
+from hashlib import sha256
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
 
 import structlog
@@ -40,7 +41,8 @@ import structlog
 from llmproxy.context import Reply
 from llmproxy.errors import ProxyError
 from llmproxy.middlewares.cache import convert
-from llmproxy.middlewares.cache.key import Controls, nondeterministic, request_key, take_controls
+from llmproxy.middlewares.cache.key import (OFF_LOOP_BYTES, Controls, canonical, hash_in_thread, nondeterministic,
+                                            take_controls)
 from llmproxy.middlewares.cache.store import Entry, LocalStore, RedisStore
 
 if TYPE_CHECKING:
@@ -126,7 +128,8 @@ class Cache:
         if not self.options.cache_nondeterministic and nondeterministic(ctx.body, ctx.api):
             record.cache = "bypass"
             return await self._onward(ctx, call_next, "bypass", None)
-        key = await request_key(ctx, self.options.scope, controls.namespace)
+        data = canonical(ctx, self.options.scope, controls.namespace)
+        key = sha256(data).digest() if len(data) < OFF_LOOP_BYTES else await hash_in_thread(data)
         if not controls.lookup:  # no-cache: answer from upstream, and store that
             record.cache = "bypass"
             capture = _Capture(self, ctx, key, controls, None)
@@ -136,7 +139,7 @@ class Cache:
         if entry is None:
             flight = self.flights.get(key)
             if flight is not None:  # the same request is on its way upstream: wait for its answer
-                await flight.done.wait()
+                await flight.wait()
                 entry = flight.entry
                 if entry is not None and not entry.fresh(self.wall(), controls.max_age):
                     entry = None
@@ -191,7 +194,7 @@ class Cache:
         if isinstance(body, (bytes, bytearray)):
             capture.parts, capture.complete = [bytes(body)], True
             return reply.with_headers(headers)
-        return replace(reply, headers=headers, body=_Tap(body, capture))  # same bytes: the length still holds
+        return Reply(reply.status, headers, _tap(body, capture), reply.content_length)  # same bytes, same length
 
     def _hit(self, ctx: "Context", entry: Entry) -> Reply | None:
         """The answer from `entry` in the form this request asks for; None when the entry
@@ -230,47 +233,48 @@ class Cache:
 
 
 class _Flight:
-    """A request on its way upstream that identical ones wait for."""
+    """A request on its way upstream that identical ones wait for (the event is made only
+    when one does: most misses have no company)."""
 
-    __slots__ = ("done", "entry")
+    __slots__ = ("event", "entry", "ended")
 
     def __init__(self) -> None:
-        self.done = asyncio.Event()
-        self.entry: Entry | None = None  # what it stored, once done
+        self.event: asyncio.Event | None = None
+        self.entry: Entry | None = None  # what it stored, once ended
+        self.ended = False
+
+    async def wait(self) -> None:
+        if not self.ended:
+            if self.event is None:
+                self.event = asyncio.Event()
+            await self.event.wait()
+
+    def end(self, entry: Entry | None) -> None:
+        self.entry, self.ended = entry, True
+        if self.event is not None:
+            self.event.set()
 
 
-class _Tap:
+async def _tap(body: AsyncIterator[bytes], capture: "_Capture") -> AsyncIterator[bytes]:
     """A reply body passed through unchanged while a copy is kept for the cache, up to
-    `max_entry_bytes` (past that the copy is dropped). `complete` only once the body has
-    ended on its own; closing it closes the body it wraps."""
-
-    __slots__ = ("body", "capture", "size")
-
-    def __init__(self, body: AsyncIterator[bytes], capture: "_Capture") -> None:
-        self.body = body
-        self.capture = capture
-        self.size = 0
-
-    def __aiter__(self) -> "_Tap":
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            chunk = await self.body.__anext__()
-        except StopAsyncIteration:
-            self.capture.complete = True
-            raise
-        parts = self.capture.parts
-        if parts is not None:
-            self.size += len(chunk)
-            if self.size > self.capture.limit:
-                self.capture.parts = None
-            else:
-                parts.append(chunk)
-        return chunk
-
-    async def aclose(self) -> None:
-        aclose = getattr(self.body, "aclose", None)
+    `max_entry_bytes` (past that the copy is dropped). `capture.complete` only once the body
+    has ended on its own; closing this closes the body it wraps (an async generator: resuming
+    one costs less than a Python `__anext__`, and this runs for every chunk of every miss)."""
+    parts = capture.parts
+    limit = capture.limit
+    size = 0
+    try:
+        async for chunk in body:
+            if parts is not None:
+                size += len(chunk)
+                if size > limit:
+                    parts = capture.parts = None
+                else:
+                    parts.append(chunk)
+            yield chunk
+        capture.complete = True
+    finally:
+        aclose = getattr(body, "aclose", None)
         if aclose is not None:
             await aclose()
 
@@ -300,8 +304,7 @@ class _Capture:
             self.flight = None
             if self.cache.flights.get(self.key) is flight:
                 del self.cache.flights[self.key]
-            flight.entry = entry
-            flight.done.set()
+            flight.end(entry)
 
     def __call__(self) -> None:
         entry = None

@@ -16,7 +16,8 @@ import orjson
 import pytest
 
 pytest.importorskip("llmproxy.middlewares.cache", reason="the cache middleware is not installed")
-from llmproxy.middlewares.cache import Cache, _Capture, _tap
+from llmproxy.middlewares.cache import Cache
+from llmproxy.middlewares.cache.capture import Capture, tap
 from llmproxy.middlewares.cache import key as cache_key
 from llmproxy.middlewares.cache.convert import (json_to_sse, openai_stream_for, sse_to_json,
                                                 usage_chunk_span)
@@ -301,8 +302,8 @@ def _run_tap(chunks: list[bytes]) -> None:
         for c in chunks:
             yield c
     cache = Cache(None, None)
-    capture = _Capture(cache, make_context(CHAT), b"k", Controls(), None)
-    asyncio.run(_drain(_tap(body(), capture)))
+    capture = Capture(cache, make_context(CHAT), b"k", Controls(), None)
+    asyncio.run(_drain(tap(body(), capture)))
     assert capture.complete and capture.parts is not None
 
 

@@ -14,7 +14,7 @@ Per request of the model APIs, in this order:
 4. Single-flight: while one request for a key is on its way upstream, identical ones wait
    for it and are answered from what it stored (one upstream call per replica for a stampede).
    If it stores nothing, each of them goes upstream itself.
-5. A miss goes on; its answer is copied as it passes (`_tap`, at most `max_entry_bytes`) and
+5. A miss goes on; its answer is copied as it passes (`capture.tap`, at most `max_entry_bytes`) and
    stored when the request ends (a cleanup, after the forwarder's has filled the record): only
    a whole 200 answer, never a cut, failed or partial one.
 
@@ -34,13 +34,14 @@ import asyncio
 import time
 from hashlib import sha256
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
 from llmproxy.context import Reply
 from llmproxy.errors import ProxyError
 from llmproxy.middlewares.cache import convert
+from llmproxy.middlewares.cache.capture import Capture, Flight, tap
 from llmproxy.middlewares.cache.key import (OFF_LOOP_BYTES, Controls, canonical, hash_in_thread, nondeterministic,
                                             take_controls)
 from llmproxy.middlewares.cache.store import Entry, LocalStore, RedisStore
@@ -78,16 +79,13 @@ class Cache:
         self.local = LocalStore(opts.max_bytes) if opts.max_bytes > 0 else None
         self.remote: RedisStore | None = None
         self._own_redis: Any = None
-        self.flights: dict[bytes, _Flight] = {}  # key -> the request on its way upstream for it
+        self.flights: dict[bytes, Flight] = {}  # key -> the request on its way upstream for it
         self._writes: set[asyncio.Task] = set()
 
-    @staticmethod
-    def check_config(options: Options, config: Any) -> list[str]:
-        """Nothing to refuse; listing `pii` after `cache` is allowed (SPEC §3) but logged
-        at start, since answers are then keyed and stored with the personal data in them."""
-        return []
-
     async def startup(self) -> None:
+        """Connect the Redis store (the cache's own `redis_url`, else the gateway's). Listing
+        `pii` after `cache` is allowed (SPEC §3) but logged: requests are then keyed and
+        answers stored with the personal data in them."""
         s = self.services
         if s is None:
             return
@@ -132,7 +130,7 @@ class Cache:
         key = sha256(data).digest() if len(data) < OFF_LOOP_BYTES else await hash_in_thread(data)
         if not controls.lookup:  # no-cache: answer from upstream, and store that
             record.cache = "bypass"
-            capture = _Capture(self, ctx, key, controls, None)
+            capture = Capture(self, ctx, key, controls, None)
             ctx.cleanups.append(capture)
             return await self._onward(ctx, call_next, "bypass", capture)
         entry = self.local.get(key, self.wall(), controls.max_age) if self.local is not None else None
@@ -154,8 +152,8 @@ class Cache:
         it), looks in Redis, and on a miss there too goes upstream."""
         flight = None
         if controls.store and key not in self.flights:
-            flight = self.flights[key] = _Flight()
-        capture = _Capture(self, ctx, key, controls, flight)
+            flight = self.flights[key] = Flight()
+        capture = Capture(self, ctx, key, controls, flight)
         ctx.cleanups.append(capture)  # before anything that may fail: the flight always ends
         if self.remote is not None:
             try:
@@ -174,7 +172,7 @@ class Cache:
         return await self._onward(ctx, call_next, "miss", capture)
 
     async def _onward(self, ctx: "Context", call_next: "Next", result: str,
-                      capture: "_Capture | None") -> Reply:
+                      capture: "Capture | None") -> Reply:
         """Call the rest of the chain; the answer carries the header, and a miss's is copied
         for storing by `capture` (a cleanup registered before the forwarder's, so it runs
         after it, with the record's usage filled)."""
@@ -194,7 +192,7 @@ class Cache:
         if isinstance(body, (bytes, bytearray)):
             capture.parts, capture.complete = [bytes(body)], True
             return reply.with_headers(headers)
-        return Reply(reply.status, headers, _tap(body, capture), reply.content_length)  # same bytes, same length
+        return Reply(reply.status, headers, tap(body, capture), reply.content_length)  # same bytes, same length
 
     def _hit(self, ctx: "Context", entry: Entry) -> Reply | None:
         """The answer from `entry` in the form this request asks for; None when the entry
@@ -230,124 +228,3 @@ class Cache:
             task = asyncio.get_running_loop().create_task(self.remote.put(key, entry))
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
-
-
-class _Flight:
-    """A request on its way upstream that identical ones wait for (the event is made only
-    when one does: most misses have no company)."""
-
-    __slots__ = ("event", "entry", "ended")
-
-    def __init__(self) -> None:
-        self.event: asyncio.Event | None = None
-        self.entry: Entry | None = None  # what it stored, once ended
-        self.ended = False
-
-    async def wait(self) -> None:
-        if not self.ended:
-            if self.event is None:
-                self.event = asyncio.Event()
-            await self.event.wait()
-
-    def end(self, entry: Entry | None) -> None:
-        self.entry, self.ended = entry, True
-        if self.event is not None:
-            self.event.set()
-
-
-async def _tap(body: AsyncIterator[bytes], capture: "_Capture") -> AsyncIterator[bytes]:
-    """A reply body passed through unchanged while a copy is kept for the cache, up to
-    `max_entry_bytes` (past that the copy is dropped). `capture.complete` only once the body
-    has ended on its own; closing this closes the body it wraps (an async generator: resuming
-    one costs less than a Python `__anext__`, and this runs for every chunk of every miss)."""
-    parts = capture.parts
-    limit = capture.limit
-    size = 0
-    try:
-        async for chunk in body:
-            if parts is not None:
-                size += len(chunk)
-                if size > limit:
-                    parts = capture.parts = None
-                else:
-                    parts.append(chunk)
-            yield chunk
-        capture.complete = True
-    finally:
-        aclose = getattr(body, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-class _Capture:
-    """One miss's answer on its way to the cache; called as a cleanup when the request
-    ends: stores a whole 200 answer, and ends the request's flight whatever happened."""
-
-    __slots__ = ("cache", "ctx", "key", "controls", "flight", "parts", "complete", "limit", "content_type")
-
-    def __init__(self, cache: Cache, ctx: "Context", key: bytes, controls: Controls,
-                 flight: "_Flight | None") -> None:
-        self.cache = cache
-        self.ctx = ctx
-        self.key = key
-        self.controls = controls
-        self.flight = flight
-        self.parts: list[bytes] | None = []
-        self.complete = False
-        self.limit = cache.options.max_entry_bytes
-        self.content_type: str | None = None
-
-    def release(self, entry: Entry | None) -> None:
-        """End the flight (once): the requests waiting for it take `entry` (None: go upstream)."""
-        flight = self.flight
-        if flight is not None:
-            self.flight = None
-            if self.cache.flights.get(self.key) is flight:
-                del self.cache.flights[self.key]
-            flight.end(entry)
-
-    def __call__(self) -> None:
-        entry = None
-        try:
-            entry = self.entry()
-            if entry is not None:
-                self.cache._store(self.key, entry)
-        finally:
-            self.release(entry)
-
-    def entry(self) -> Entry | None:
-        """The entry to store, or None: not stored when the answer is not whole and 200,
-        was cut, failed mid-stream, passed `max_entry_bytes`, or the client went away."""
-        ctx, record, parts = self.ctx, self.ctx.record, self.parts
-        if (not self.complete or not parts or not self.controls.store or record.status != 200
-                or record.error_code is not None or record.client_disconnected):
-            return None
-        ttl = self.controls.ttl if self.controls.ttl is not None else self.cache.options.ttl
-        if ttl <= 0:
-            return None
-        body = parts[0] if len(parts) == 1 else b"".join(parts)
-        span = None
-        if ctx.stream:
-            if not _whole_stream(body, ctx.api):
-                return None
-            kind, ctype = "sse", self.content_type or convert.SSE
-            if ctx.api != "messages" and ctx.client_wants_usage:
-                span = convert.usage_chunk_span(body)
-        else:
-            stripped = body.strip()
-            if stripped[:1] != b"{" or stripped[-1:] != b"}":
-                return None
-            kind, ctype = "json", self.content_type or convert.JSON
-        now = self.cache.wall()
-        usage = (record.prompt_tokens, record.completion_tokens, record.cached_tokens,
-                 record.cache_creation_tokens, record.reasoning_tokens)
-        return Entry(kind, body, ctype, now, now + ttl, usage, span)
-
-
-def _whole_stream(body: bytes, api: str) -> bool:
-    """Whether a stream ended as a whole answer does: OpenAI's last event is `[DONE]`,
-    Anthropic's `message_stop` (an error event, ours or upstream's, is never last but one)."""
-    tail = body[-256:].rstrip()
-    if api == "messages":
-        return b"message_stop" in tail[-96:] and b"event: error" not in tail
-    return tail.endswith(b"[DONE]")

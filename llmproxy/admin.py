@@ -1,5 +1,5 @@
-"""The admin API (SPEC §4): virtual keys, teams, the spend log and the audit log, behind
-the master key.
+"""The admin API (SPEC §4): virtual keys, teams, subscriptions, the spend log and the
+audit log, behind the master key.
 
 Shapes follow LiteLLM's key-management endpoints, so code written for them works
 unchanged. Each endpoint is one row of `Admin.routes`: method, path, the field spec its
@@ -36,7 +36,11 @@ Semantics worth knowing:
 - `/spend/logs`: `start_date`/`end_date` take `YYYY-MM-DD` or ISO 8601 (naive = UTC); a
   date-only `end_date` includes that day, a datetime one is exclusive.
 - Every write publishes an invalidation (`services.invalidator`), so the auth caches of
-  every replica drop the key or team at once.
+  every replica drop the key or team at once, and the subscription caches the team's
+  subscription (the subscription middleware also drops its Redis copy first).
+- A team has at most one subscription (`/subscription/new` for a team that has one is a
+  400); deleting the team deletes it. `/subscription/refresh {team_id}` re-reads it from
+  the subscription middleware's source at once (503 when the source cannot answer).
 """
 
 from __future__ import annotations
@@ -56,8 +60,9 @@ from aiohttp import web
 from . import errors, keys
 from .context import Reply
 from .errors import ProxyError
-from .store import AlreadyExists, AuditRow, KeyInfo, NotFound, SpendRow, Store, StoreUnavailable, TeamInfo
-from .store.base import money
+from .store import (AlreadyExists, AuditRow, KeyInfo, NotFound, SpendRow, Store, StoreUnavailable,
+                    SubscriptionInfo, TeamInfo)
+from .store.base import LIMIT_NAMES, money
 
 if TYPE_CHECKING:
     from .context import Context
@@ -210,6 +215,27 @@ def json_object(name: str, value: Any) -> dict[str, Any]:
     return value
 
 
+def model_limits(name: str, value: Any) -> dict[str, dict[str, int | None]]:
+    """A subscription's `limits`: model name (or "*") -> {rpm, tpm, max_parallel_requests}."""
+    if not isinstance(value, dict):
+        raise bad(name, "must be an object of model name (or \"*\") -> {rpm, tpm, max_parallel_requests}")
+    if len(value) > 1000:
+        raise bad(name, "must name at most 1000 models")
+    out: dict[str, dict[str, int | None]] = {}
+    for model, limits in value.items():
+        model = text()(f"{name} key", model)
+        where = f"{name}.{errors.shown(model)}"
+        if not isinstance(limits, dict):
+            raise bad(where, "must be an object with rpm, tpm and/or max_parallel_requests")
+        for limit in limits:
+            if limit not in LIMIT_NAMES:
+                raise bad(f"{where}.{errors.shown(str(limit))}", f"is not a limit; use {', '.join(LIMIT_NAMES)}")
+        out[model] = {limit: None if limits[limit] is None else
+                      count(MAX_INT4 if limit == "max_parallel_requests" else MAX_INT8)(f"{where}.{limit}", limits[limit])
+                      for limit in limits}
+    return out
+
+
 # Query strings carry text: these checkers parse it.
 
 def query_int(low: int, high: int) -> Check:
@@ -268,6 +294,17 @@ TEAM_NEW = {"team_id": Field(text(), nullable=False), **TEAM_FIELDS}
 TEAM_UPDATE = {"team_id": _TEAM_REF, **TEAM_FIELDS}
 TEAM_REF = {"team_id": _TEAM_REF}
 TEAM_DELETE = {"team_ids": Field(text_list(100), nullable=False), "team_id": Field(text(), nullable=False)}
+SUBSCRIPTION_FIELDS = {"enabled": Field(flag, nullable=False), "models": Field(text_list()),
+                       "limits": Field(model_limits), "max_budget": Field(amount),
+                       "budget_duration": Field(duration), "metadata": Field(json_object)}
+_SUBSCRIPTION_REF = Field(text(), required=True, nullable=False)
+SUBSCRIPTION_NEW = {"subscription_id": Field(text(), nullable=False), "team_id": _TEAM_REF, **SUBSCRIPTION_FIELDS}
+SUBSCRIPTION_UPDATE = {"subscription_id": _SUBSCRIPTION_REF, **SUBSCRIPTION_FIELDS}
+SUBSCRIPTION_INFO = {"subscription_id": Field(text(), nullable=False), "team_id": Field(text(), nullable=False)}
+SUBSCRIPTION_DELETE = {"subscription_ids": Field(text_list(100), nullable=False),
+                       "subscription_id": Field(text(), nullable=False)}
+SUBSCRIPTION_LIST = {"team_id": _NAME, "page": Field(count(10**6)), "page_size": Field(count(1000))}
+SUBSCRIPTION_REFRESH = {"team_id": _TEAM_REF}
 SPEND_LOGS = {"api_key": Field(text(512)), "team_id": _NAME, "user_id": _NAME,
               "start_date": Field(query_time(end=False)), "end_date": Field(query_time(end=True)),
               "page": _PAGE, "page_size": Field(query_int(1, 1000))}
@@ -349,9 +386,10 @@ async def create_team(store: Store, fields: dict[str, Any], now: datetime, inval
 
 
 async def delete_teams(store: Store, team_ids: list[str], invalidator: Any) -> list[str]:
-    """Delete teams and their keys (every team must exist, else nothing is deleted): the
-    team's keys first, then the team, then keys made meanwhile, so that a failure half way
-    leaves the team in place and the call can be repeated. Returns the deleted key ids."""
+    """Delete teams with their keys and subscriptions (every team must exist, else nothing
+    is deleted): the team's keys first, then the team, then keys made meanwhile and its
+    subscription, so that a failure half way leaves the team in place and the call can be
+    repeated. Returns the deleted key ids."""
     missing = [t for t in team_ids if await store.team(t) is None]
     if missing:
         raise ProxyError(404, f"Team not found: {', '.join(missing)}; nothing was deleted.",
@@ -365,6 +403,10 @@ async def delete_teams(store: Store, team_ids: list[str], invalidator: Any) -> l
             pass  # deleted meanwhile by another call
         await _told(invalidator, "team", team_id)
         deleted_keys += await _delete_team_keys(store, team_id, invalidator)
+        sub = await store.team_subscription(team_id)
+        if sub is not None:
+            await store.delete_subscriptions([sub.subscription_id])
+            await _told(invalidator, "subscription", team_id)
     return deleted_keys
 
 
@@ -418,6 +460,17 @@ def key_view(info: KeyInfo, now: datetime, spend: Decimal | None = None) -> dict
 
 def team_view(info: TeamInfo, now: datetime, spend: Decimal) -> dict[str, Any]:
     return {"team_id": info.team_id, "team_alias": info.team_alias, **_limits(info, now), "spend": float(spend)}
+
+
+def subscription_view(info: SubscriptionInfo, now: datetime, spend: Decimal | None = None) -> dict[str, Any]:
+    _, reset = budget_period(info.created_at, info.budget_duration, now)
+    view = {"subscription_id": info.subscription_id, "team_id": info.team_id, "enabled": info.enabled,
+            "models": list(info.models), "limits": info.limits, "max_budget": _usd(info.max_budget),
+            "budget_duration": info.budget_duration, "budget_reset_at": _iso(reset), "metadata": info.metadata,
+            "created_at": _iso(info.created_at), "updated_at": _iso(info.updated_at)}
+    if spend is not None:
+        view["spend"] = float(spend)
+    return view
 
 
 def spend_view(row: SpendRow) -> dict[str, Any]:
@@ -480,7 +533,15 @@ def _none(args: dict[str, Any], result: Any) -> list[str]:
 
 
 def _team_ids(args: dict[str, Any], result: Any) -> list[str]:
-    return list(dict.fromkeys([*args.get("team_ids", ()), *([args["team_id"]] if args.get("team_id") else [])]))
+    return _ids(args, "team_ids", "team_id")
+
+
+def _subscription_ids(args: dict[str, Any], result: Any) -> list[str]:
+    return _ids(args, "subscription_ids", "subscription_id")
+
+
+def _ids(args: dict[str, Any], many: str, one: str) -> list[str]:
+    return list(dict.fromkeys([*args.get(many, ()), *([args[one]] if args.get(one) else [])]))
 
 
 def _key_refs(args: dict[str, Any], result: Any) -> list[str]:
@@ -527,6 +588,17 @@ class Admin:
             Route("GET", "/team/info", TEAM_REF, self.team_info, team, ("team_id",)),
             Route("POST", "/team/update", TEAM_UPDATE, self.team_update, team, ("team_id",)),
             Route("POST", "/team/delete", TEAM_DELETE, self.team_delete, _team_ids, ("team_id", "team_ids")),
+            Route("POST", "/subscription/new", SUBSCRIPTION_NEW, self.subscription_new,
+                  _result("subscription_id", _arg("subscription_id"))),
+            Route("GET", "/subscription/info", SUBSCRIPTION_INFO, self.subscription_info,
+                  _result("subscription_id", _arg("subscription_id")), ("subscription_id", "team_id")),
+            Route("POST", "/subscription/update", SUBSCRIPTION_UPDATE, self.subscription_update,
+                  _arg("subscription_id"), ("subscription_id",)),
+            Route("POST", "/subscription/delete", SUBSCRIPTION_DELETE, self.subscription_delete,
+                  _subscription_ids, ("subscription_id", "subscription_ids")),
+            Route("POST", "/subscription/list", SUBSCRIPTION_LIST, self.subscription_list, _none),
+            Route("POST", "/subscription/refresh", SUBSCRIPTION_REFRESH, self.subscription_refresh, team,
+                  ("team_id",)),
             Route("GET", "/spend/logs", SPEND_LOGS, self.spend_logs, _none),
             Route("GET", "/audit/logs", AUDIT_LOGS, self.audit_logs, _none),
         ]
@@ -759,6 +831,96 @@ class Admin:
         deleted_keys = await delete_teams(self.store, team_ids, self.services.invalidator)
         log.info("admin_teams_deleted", team_ids=team_ids, key_ids=deleted_keys)
         return {"deleted_teams": team_ids, "deleted_keys": deleted_keys}
+
+    # -- subscriptions
+
+    async def _subscription_changed(self, team_id: str) -> None:
+        """Drop every replica's cached copy: the subscription middleware's shared one in
+        Redis first, then the local ones (the invalidation)."""
+        for middleware in self.gateway.middlewares:
+            changed = getattr(middleware, "subscription_changed", None)
+            if changed is not None:
+                await changed(team_id)
+        await self._publish("subscription", team_id)
+
+    async def _subscription_info(self, info: SubscriptionInfo, now: datetime) -> dict[str, Any]:
+        since, _ = budget_period(info.created_at, info.budget_duration, now)
+        if since is None or (info.created_at is not None and since < info.created_at):
+            since = info.created_at
+        return subscription_view(info, now, await self.store.team_spend(info.team_id, since=since))
+
+    async def _subscription(self, ident: str) -> SubscriptionInfo:
+        info = await self.store.subscription(ident)
+        if info is None:
+            raise ProxyError(404, f"Subscription '{ident}' not found.", "invalid_request_error", "not_found",
+                             "subscription_id")
+        return info
+
+    async def subscription_new(self, args: dict[str, Any]) -> dict[str, Any]:
+        now = self._now()
+        await _require_team(self.store, args["team_id"])
+        fields = dict(args)
+        ident = fields.pop("subscription_id", None) or str(uuid.uuid4())
+        info = await self.store.create_subscription(
+            SubscriptionInfo(subscription_id=ident, created_at=now, updated_at=now, **fields))
+        await self._subscription_changed(info.team_id)  # drops a cached "no subscription"
+        log.info("admin_subscription_created", subscription_id=ident, team_id=info.team_id)
+        return await self._subscription_info(info, now)
+
+    async def subscription_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        if "subscription_id" in args:
+            info = await self._subscription(args["subscription_id"])
+        elif "team_id" in args:
+            info = await self.store.team_subscription(args["team_id"])
+            if info is None:
+                raise ProxyError(404, f"Team '{args['team_id']}' has no subscription.", "invalid_request_error",
+                                 "not_found", "team_id")
+        else:
+            raise errors.invalid_request("Give 'subscription_id' or 'team_id'.", "subscription_id")
+        return await self._subscription_info(info, self._now())
+
+    async def subscription_update(self, args: dict[str, Any]) -> dict[str, Any]:
+        ident = args.pop("subscription_id")
+        info = await self.store.update_subscription(ident, **args)
+        await self._subscription_changed(info.team_id)
+        log.info("admin_subscription_updated", subscription_id=ident, team_id=info.team_id, fields=sorted(args))
+        return await self._subscription_info(info, self._now())
+
+    async def subscription_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        ids = _subscription_ids(args, None)
+        if not ids:
+            raise errors.invalid_request("Missing required field 'subscription_ids'.", "subscription_ids")
+        missing = [i for i in ids if await self.store.subscription(i) is None]
+        if missing:
+            raise ProxyError(404, f"Subscription not found: {', '.join(missing)}; nothing was deleted.",
+                             "invalid_request_error", "not_found", "subscription_ids")
+        deleted = await self.store.delete_subscriptions(ids)
+        for info in deleted:
+            await self._subscription_changed(info.team_id)
+        log.info("admin_subscriptions_deleted", subscription_ids=[d.subscription_id for d in deleted])
+        return {"deleted_subscriptions": [d.subscription_id for d in deleted]}
+
+    async def subscription_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        page, size = args.get("page") or 1, args.get("page_size") or 100
+        found = await self.store.list_subscriptions(args.get("team_id"), page=page, page_size=size + 1)
+        now = self._now()
+        return {"subscriptions": [subscription_view(info, now) for info in found[:size]], "page": page,
+                "page_size": size, "has_more": len(found) > size}
+
+    async def subscription_refresh(self, args: dict[str, Any]) -> dict[str, Any]:
+        team_id = args["team_id"]
+        refreshers = [m for m in self.gateway.middlewares if hasattr(m, "refresh_subscription")]
+        if refreshers:
+            info = None
+            for middleware in refreshers:
+                info = await middleware.refresh_subscription(team_id)
+            source = getattr(refreshers[0], "source_name", "db")
+        else:  # no subscription middleware here: nothing is cached to refresh but other replicas'
+            info, source = await self.store.team_subscription(team_id), "db"
+        await self._publish("subscription", team_id)
+        log.info("admin_subscription_refreshed", team_id=team_id, found=info is not None, source=source)
+        return {"team_id": team_id, "source": source,
+                "subscription": None if info is None else subscription_view(info, self._now())}
 
     # -- spend
 

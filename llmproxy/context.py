@@ -47,13 +47,14 @@ if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
 
     from .config import Deployment, Model
-    from .store import TeamInfo
+    from .store import SubscriptionInfo, TeamInfo
     from .usage import Usage
 
 # The APIs of the data plane. `BODY_APIS` take a JSON body naming a model; "models" is
-# `GET /v1/models`; "unknown" any path the gateway does not serve; "admin" the admin API.
+# `GET /v1/models`; "limits" `GET /v1/limits`; "unknown" any path the gateway does not
+# serve; "admin" the admin API.
 BODY_APIS: frozenset[str] = frozenset({"chat", "completions", "embeddings", "messages"})
-ALL_APIS: frozenset[str] = BODY_APIS | {"models", "unknown", "admin"}
+ALL_APIS: frozenset[str] = BODY_APIS | {"models", "limits", "unknown", "admin"}
 
 
 class BodyCut(Exception):
@@ -103,10 +104,14 @@ class Principal(Protocol):
     tpm_limit: int | None
     max_parallel_requests: int | None
     team: "TeamInfo | None"
+    # The team's subscription (a `SubscriptionInfo`), set by the subscription middleware;
+    # None without one. Read with getattr: a principal of another identity plugin may lack it.
+    subscription: "SubscriptionInfo | None"
 
     def allows_model(self, name: str) -> bool:
         """May this caller use the configured model `name`? Asked by the route stage (403)
-        and by the forwarder before each fallback model."""
+        and by the forwarder before each fallback model. A principal may also define
+        `denial(name) -> str`, the 403's message."""
 
 
 class Lease(Protocol):

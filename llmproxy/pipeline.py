@@ -20,7 +20,8 @@ For an API with a body (`BODY_APIS`), in this order:
 7. the terminal: the forwarder.
 
 `GET /v1/models` takes steps 1, 3 and 6 (the middlewares acting on "models") and the
-model list as its terminal; an unknown path takes steps 1 and 2; the admin API takes
+model list as its terminal; `GET /v1/limits` likewise, with the limits report (each
+middleware that has something to say fills its part: `describe_limits`); an unknown path takes steps 1 and 2; the admin API takes
 step 1 and the admin terminal (which checks the master key itself). Which APIs a
 middleware acts on is its `apis` attribute (default `BODY_APIS`), read once here; a
 middleware is never called for another API, so none tests `ctx.api` to opt out.
@@ -153,8 +154,9 @@ class Route:
                 f"The model '{name}' is not served through the {_API_NAMES[api]} API; its deployments speak "
                 f"another API (use {self._endpoint_for(name)}).", "model")
         if not ctx.permits(name):
-            raise errors.ProxyError(403, f"This key is not allowed to use the model '{name}'.",
-                                    "permission_error", None, "model")
+            denial = getattr(ctx.principal, "denial", None)
+            message = denial(name) if denial is not None else f"This key is not allowed to use the model '{name}'."
+            raise errors.ProxyError(403, message, "permission_error", None, "model")
         ctx.model = model
         for hook in self.hooks:
             await hook(ctx)
@@ -186,6 +188,33 @@ class ModelList:
                     "data": [{"id": n, "object": "model", "created": 1700000000, "owned_by": "llmproxy"}
                              for n in names]}
         return Reply(200, [("Content-Type", _JSON)], orjson.dumps(body))
+
+
+class LimitsReport:
+    """The terminal of `GET /v1/limits`: what this caller may use and how much of it is
+    left. The report starts with who is asking and an empty entry per model the caller
+    may use; each middleware with `async describe_limits(ctx, report)` then fills in
+    its part (the scheduler the rate limits, auth the budgets, subscription the
+    subscription), in config order. The shape is in the README."""
+
+    def __init__(self, config: "Config", describers: Sequence[Any]) -> None:
+        self.names = [m.name for m in config.models]
+        self.describers = tuple(describers)
+
+    async def __call__(self, ctx: Context) -> Reply:
+        principal = ctx.principal
+        report: dict[str, Any] = {
+            "object": "limits",
+            "key": None if principal is None else {
+                "key_alias": principal.key_alias, "team_id": principal.team_id, "user_id": principal.user_id,
+                "is_master": principal.is_master},
+            "models": {n: {} for n in self.names if ctx.permits(n)},
+            "budgets": [],
+            "subscription": None,
+        }
+        for describer in self.describers:
+            await describer.describe_limits(ctx, report)
+        return Reply(200, [("Content-Type", _JSON)], orjson.dumps(report))
 
 
 def _writable(body: Any) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -158,7 +159,8 @@ class Checked:
     sink_options: list[tuple[MiddlewareSpec, type, object | None]] = dataclasses.field(default_factory=list)
 
 
-def _middleware_options(spec: MiddlewareSpec, cls: type, config: Config, errors: list[str]) -> Any:
+def _middleware_options(spec: MiddlewareSpec, cls: type, config: Config, errors: list[str],
+                        registry: "Registry | None" = None) -> Any:
     opts_cls = getattr(cls, "Options", None)
     if opts_cls is None:
         if spec.options:
@@ -171,7 +173,11 @@ def _middleware_options(spec: MiddlewareSpec, cls: type, config: Config, errors:
         return None
     check = getattr(cls, "check_config", None)  # what depends on the rest of the config
     if check is not None:
-        errors.extend(f"{spec.path}.{problem}" for problem in check(options, config))
+        # `check_config(options, config)`; one that declares `registry` also gets the
+        # registry (the subscription middleware checks its source plugin's options).
+        wants = "registry" in inspect.signature(check).parameters
+        problems = check(options, config, registry=registry) if wants else check(options, config)
+        errors.extend(f"{spec.path}.{problem}" for problem in problems)
     return options
 
 
@@ -214,7 +220,7 @@ def check_config(config: Config, registry: Registry) -> Checked:
             except ConfigError as exc:
                 errors.extend(exc.messages)
                 continue
-            out.append((spec, cls, _middleware_options(spec, cls, config, errors)))
+            out.append((spec, cls, _middleware_options(spec, cls, config, errors, registry)))
         return out
 
     try:

@@ -27,7 +27,7 @@ from .errors import ProxyError
 from .forwarder import Forwarder
 from .invalidation import Invalidator
 from .metrics import CONTENT_TYPE, Metrics
-from .pipeline import MasterGate, ModelList, ReadBody, Route, chain_for
+from .pipeline import LimitsReport, MasterGate, ModelList, ReadBody, Route, chain_for
 from .plugins import Registry, check_config
 from .router import DeploymentState, Router
 from .services import Services, open_redis
@@ -58,6 +58,8 @@ class Gateway:
         checked = check_config(config, self.registry)
         self.services = services or Services(config=config, metrics=Metrics(config.metrics.team_label))
         s = self.services
+        if s.registry is None:
+            s.registry = self.registry
         self.models = {m.name: m for m in config.models}
         states: dict[str, list[DeploymentState]] = {}
         for model in config.models:
@@ -104,7 +106,9 @@ class Gateway:
         gate = MasterGate(self.config.master_key) if self.config.master_key else None
         hooks = [mw.routed for mw in mws if getattr(mw, "stage", None) == "identity" and hasattr(mw, "routed")]
         read, route = ReadBody(self.max_body), Route(self.models, self.router, hooks)
-        terminals = {"models": ModelList(self.config), "admin": self.admin}
+        describers = [mw for mw in mws if hasattr(mw, "describe_limits")]
+        terminals = {"models": ModelList(self.config), "limits": LimitsReport(self.config, describers),
+                     "admin": self.admin}
         return {api: chain_for(api, mws, terminal=terminals.get(api, self.forwarder), gate=gate, read=read,
                                route=route)
                 for api in ALL_APIS}
@@ -119,6 +123,8 @@ class Gateway:
                 app.router.add_post(path, handler)
         for path in ("/v1/models", "/models"):
             app.router.add_get(path, self._handler("models"))
+        for path in ("/v1/limits", "/limits"):
+            app.router.add_get(path, self._handler("limits"))
         app.router.add_get("/health", self.liveliness)
         app.router.add_get("/health/liveliness", self.liveliness)
         app.router.add_get("/health/liveness", self.liveliness)

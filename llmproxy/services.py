@@ -43,6 +43,7 @@ class Services:
     invalidator: Any = None
     readiness: dict[str, Any] = field(default_factory=dict)  # component -> state, shown on /health/readiness
     worker: tuple[int, int] = field(default_factory=worker_slot)  # (index, workers), see worker_slot
+    registry: Any = None  # the plugin registry (`plugins.Registry`), for plugins that load plugins
 
 
 def open_redis(url: str, max_connections: int = 256, timeout: float = 0.25) -> Any:

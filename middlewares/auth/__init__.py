@@ -86,9 +86,17 @@ class Principal:
     budgets: tuple[Budget, ...] = ()
     expires_at: float | None = None  # epoch seconds
     is_master: bool = False
+    subscription: Any = None  # the team's SubscriptionInfo, set by the subscription middleware
 
     def allows_model(self, name: str) -> bool:
         return self.models is None or name in self.models
+
+    def denial(self, name: str) -> str:
+        """Why `allows_model(name)` is false, for the 403."""
+        sub = self.subscription
+        if sub is not None and not sub.allows_model(name):
+            return f"The model '{name}' is not part of this team's subscription."
+        return f"This key is not allowed to use the model '{name}'."
 
 
 MASTER = Principal(key_id=None, key_alias="master", is_master=True)
@@ -133,7 +141,7 @@ class Auth:
 
     Options = Options
     stage = "identity"
-    apis = BODY_APIS | {"models"}
+    apis = BODY_APIS | {"models", "limits"}
 
     def __init__(self, options: Options | None, services: "Services") -> None:
         self.options = options = options or Options()
@@ -197,6 +205,23 @@ class Auth:
         if isinstance(principal, Principal) and principal.budgets:
             reservation = await self._reserve(ctx, principal)
             ctx.cleanups.append(lambda: self._settle(ctx, reservation))
+
+    async def describe_limits(self, ctx: "Context", report: dict[str, Any]) -> None:
+        """`GET /v1/limits`: the caller's budgets (key, team, subscription) with this
+        period's spend (reservations of running requests included) and when it resets."""
+        principal = ctx.principal
+        if not isinstance(principal, Principal) or self.ledger is None:
+            return
+        now = datetime.fromtimestamp(self.services.wall(), timezone.utc)
+        for budget in principal.budgets:
+            spent = await self.ledger.current(budget)
+            _, end = budget.period(now)
+            report["budgets"].append({
+                "scope": budget.scope, "id": budget.id, "max_budget": float(usd(budget.limit)),
+                "spend": None if spent is None else float(usd(spent)),
+                "remaining": None if spent is None else float(usd(max(0, budget.limit - spent))),
+                "budget_duration": None if budget.duration is None else _duration_text(budget.duration),
+                "resets_at": None if end is None else end.isoformat()})
 
     def _check(self, p: Principal) -> None:
         key, team = p.key, p.team
@@ -338,6 +363,14 @@ async def _read(store: Any, digest: str) -> tuple[KeyInfo | None, TeamInfo | Non
     if key is not None and key.team_id:
         team = await store.team(key.team_id)
     return key, team
+
+
+def _duration_text(length: Any) -> str:
+    seconds = int(length.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _money(amount: int) -> str:

@@ -1,11 +1,12 @@
 """Budgets: spend counters per key and per team and budget period, reserved at admission
 and reconciled when the request ends.
 
-A `Budget` is a limit (`max_budget`) on one key or one team, optionally reset every
-`budget_duration`; periods are counted from the key's or team's `created_at`
-(`keys.period_start`). Its counter holds the period's spend plus the reservations of the
+A `Budget` is a limit (`max_budget`) on one key, one team or one team's subscription,
+optionally reset every `budget_duration`; periods are counted from the key's, team's or
+subscription's `created_at` (`keys.period_start`); a subscription's counts its team's
+spend since the subscription began. Its counter holds the period's spend plus the reservations of the
 requests still running, in integer nano-dollars (exact; `nanos`), under
-`llmproxy:budget:<key|team>:<id>:<period start, epoch seconds>` (`0` for a budget that
+`llmproxy:budget:<key|team|subscription>:<id>:<period start, epoch seconds>` (`0` for a budget that
 never resets). A period's counter expires a day after the period ends; a lifetime
 counter seven days after its last use (it is rebuilt when needed, see below).
 
@@ -59,7 +60,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -75,7 +76,7 @@ _REDIS_REFUSED = (ResponseError,)  # an error reply (a script's), not a lost con
 if TYPE_CHECKING:
     from llmproxy.config import Pricing
     from llmproxy.context import Context
-    from llmproxy.store import KeyInfo, TeamInfo
+    from llmproxy.store import KeyInfo, SubscriptionInfo, TeamInfo
 
 log = structlog.get_logger("llmproxy.middlewares.auth.budgets")
 
@@ -159,11 +160,12 @@ class Budget:
     """A spending limit on one key or team: `limit` nano-dollars per period of `duration`
     counted from `anchor` (None: one period, forever)."""
 
-    scope: str  # "key" | "team"
+    scope: str  # "key" | "team" | "subscription"
     id: str
     limit: int
     anchor: datetime = _EPOCH
     duration: timedelta | None = None
+    team_id: str | None = None  # a subscription's team: its spend since `anchor` is what counts
 
     @classmethod
     def of_key(cls, info: "KeyInfo") -> "Budget | None":
@@ -172,6 +174,14 @@ class Budget:
     @classmethod
     def of_team(cls, info: "TeamInfo") -> "Budget | None":
         return _budget("team", info.team_id, info.max_budget, info.budget_duration, info.created_at)
+
+    @classmethod
+    def of_subscription(cls, info: "SubscriptionInfo") -> "Budget | None":
+        """A subscription's budget: its team's spend since the subscription began, per
+        period counted from then."""
+        budget = _budget("subscription", info.subscription_id, info.max_budget, info.budget_duration,
+                         info.created_at)
+        return None if budget is None else replace(budget, team_id=info.team_id)
 
     def period(self, now: datetime) -> tuple[datetime, datetime | None]:
         """The current period's start and end (end None: it never resets). A lifetime
@@ -183,7 +193,11 @@ class Budget:
 
     def describe(self) -> str:
         """The budget, for messages ("team 'org-2''s budget" would read badly)."""
-        return "this key's budget" if self.scope == "key" else f"the budget of team '{self.id}'"
+        if self.scope == "key":
+            return "this key's budget"
+        if self.scope == "subscription":
+            return f"the budget of team '{self.team_id}''s subscription"
+        return f"the budget of team '{self.id}'"
 
 
 def _budget(scope: str, ident: str, limit: Decimal | None, duration: str | None,
@@ -397,6 +411,14 @@ class Ledger:
         entry = self._local.get(c.name)
         return None if entry is None or entry[1] <= now.timestamp() else entry[0]
 
+    async def current(self, budget: Budget) -> int | None:
+        """The current period's spend (with the reservations of running requests): the
+        counter, else the spend log's total (not stored); None when neither answers."""
+        spent = await self.spent(budget)
+        if spent is not None:
+            return spent
+        return await self._rebuilt(budget, self.counter(budget, datetime.fromtimestamp(self.now(), UTC)))
+
     # -- internals
 
     async def _rebuilt(self, budget: Budget, counter: _Counter) -> int | None:
@@ -411,9 +433,13 @@ class Ledger:
 
     async def _rebuild(self, budget: Budget, counter: _Counter) -> int | None:
         since = counter.start if counter.end is not None else None
-        query = self.store.key_spend if budget.scope == "key" else self.store.team_spend
+        if budget.scope == "subscription":  # the team's spend, never from before the subscription
+            owner, query = budget.team_id, self.store.team_spend
+            since = budget.anchor if since is None or since < budget.anchor else since
+        else:
+            owner, query = budget.id, (self.store.key_spend if budget.scope == "key" else self.store.team_spend)
         try:
-            total = await asyncio.wait_for(query(budget.id, since=since), self.store_timeout)
+            total = await asyncio.wait_for(query(owner, since=since), self.store_timeout)
         except (StoreError, TimeoutError, OSError) as exc:
             log.warning("budget_rebuild_failed", scope=budget.scope, id=budget.id,
                         error=f"{type(exc).__name__}: {exc}", effect="not enforced for this request")

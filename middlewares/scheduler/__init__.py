@@ -25,6 +25,7 @@ buckets with their local fallback (`redis`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,19 @@ from .table import BucketTable
 
 
 log = structlog.get_logger("llmproxy.scheduler")
+
+
+def _local_level(table: BucketTable, lim: Limit, now: float) -> float:
+    """A bucket's level in this process's table, without making one (absent: full)."""
+    b = table.buckets.get(lim.id)
+    return lim.capacity * table.share if b is None else b.refill(now)
+
+
+def _bucket_row(lim: Limit, level: float) -> dict[str, Any]:
+    remaining = max(0, math.floor(level))
+    return {"from": lim.owner, "limit": int(lim.per_minute), "remaining": remaining,
+            "used": max(0, math.ceil(lim.capacity - level)),
+            "resets_in_seconds": round(max(0.0, lim.capacity - level) / lim.rate, 3)}
 
 if TYPE_CHECKING:
     from llmproxy.context import Context, Next, Reply
@@ -61,9 +75,11 @@ class Scheduler:
     def __init__(self, options: Options | None, services: "Services") -> None:
         self.options = options = options or Options()
         self.services = services
-        deployments = [d for m in services.config.models for d in m.deployments] if services.config else []
+        models = services.config.models if services.config else ()
+        deployments = [d for m in models for d in m.deployments]
         self.admission = RateScheduler(deployments, clock=services.clock, wall=services.wall,
-                                       metrics=services.metrics, default_max_tokens=options.default_max_tokens)
+                                       metrics=services.metrics, default_max_tokens=options.default_max_tokens,
+                                       model_of={d.id: m.name for m in models for d in m.deployments})
         self.remote = None
 
     def order_note(self) -> str | None:
@@ -107,6 +123,34 @@ class Scheduler:
         if remote is None:
             return {"scheduler": {"mode": "local", "replicas": 1}}
         return {"scheduler": {"mode": "local-fallback" if remote.fallback else "redis", "replicas": remote.replicas}}
+
+    async def describe_limits(self, ctx: "Context", report: dict[str, Any]) -> None:
+        """`GET /v1/limits`: per model, the caller's rate limits (key, team, subscription)
+        as `rpm`, `tpm` and `max_parallel_requests`, each the binding one of those that
+        apply (the least left; all of them under `all`), with what is left now, what is
+        used (a bucket refills continuously: used is what it lacks of full) and the seconds
+        until it is full again. With Redis, the shared buckets' state; else this process's."""
+        now = self.services.clock()
+        table = self.admission.table
+        for model, entry in report["models"].items():
+            limits, slots = tenant_limits(ctx.principal, model)
+            if not limits and not slots:
+                continue
+            shared = await self.remote.peek(limits, slots) if self.remote is not None else None
+            if shared is not None:
+                levels, in_use = shared
+            else:
+                levels = [_local_level(table, lim, now) for lim in limits]
+                in_use = [table.inflight.get(par.id, 0) for par in slots]
+            for unit, name in (("requests", "rpm"), ("tokens", "tpm")):
+                rows = [_bucket_row(lim, level) for lim, level in zip(limits, levels) if lim.unit == unit]
+                if rows:
+                    entry[name] = {**min(rows, key=lambda r: (r["remaining"], r["limit"])), "all": rows}
+            if slots:
+                rows = [{"from": par.owner, "limit": par.limit, "in_flight": n, "remaining": max(0, par.limit - n)}
+                        for par, n in zip(slots, in_use)]
+                entry["max_parallel_requests"] = {**min(rows, key=lambda r: (r["remaining"], r["limit"])),
+                                                  "all": rows}
 
     async def __call__(self, ctx: "Context", call_next: "Next") -> "Reply":
         """Installs the admission step; the wait, if any, happens when the forwarder asks."""

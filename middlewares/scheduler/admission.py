@@ -119,8 +119,9 @@ class RateScheduler:
     """The `Admission` the scheduler middleware installs on every request's context."""
 
     def __init__(self, deployments: Iterable["Deployment"], *, clock: Any, wall: Any, metrics: "Metrics",
-                 default_max_tokens: int = 4096) -> None:
+                 default_max_tokens: int = 4096, model_of: dict[str, str] | None = None) -> None:
         self.clock = clock
+        self.model_of = dict(model_of or {})  # deployment id -> the configured model it serves
         self.wall = wall
         self.metrics = metrics
         define_metrics(metrics)
@@ -176,10 +177,10 @@ class RateScheduler:
 
     async def _acquire(self, ctx: "Context", dep: "Deployment") -> Lease | _NoLease:
         lane = self.lane(dep)
-        demand = demand_of(ctx, lane.limits, self.default_max_tokens)
+        model = self.model_of.get(dep.id) or (ctx.model.name if ctx.model is not None else dep.id)
+        demand = demand_of(ctx, lane.limits, self.default_max_tokens, model)
         if not demand:
             return NO_LEASE
-        model = ctx.model.name if ctx.model is not None else dep.id
         now = self.clock()
         w: Waiter | None = None
         queued = False  # w has had a place in the queue (and keeps it when turned back)
@@ -279,11 +280,12 @@ class RateScheduler:
         else:
             owner = block.owner
             applied = tuple(lim for lim in demand.limits if lim.owner == owner) or lane.limits
+            who = "this team's subscription" if owner == "subscription" else f"this {owner}"
             if isinstance(block, Parallel):
-                why = f"this {owner} may have at most {block.limit} requests in flight"
+                why = f"{who} may have at most {block.limit} requests in flight"
             else:
                 per = "requests" if block.unit == REQUESTS else "tokens"
-                why = f"this {owner}'s limit of {int(block.per_minute)} {per} per minute is reached"
+                why = f"{who}'s limit of {int(block.per_minute)} {per} per minute is reached"
         headers = {"retry-after": retry_after_seconds(refusal.retry_after)}
         headers.update(self.limit_headers(applied, now))
         return ProxyError(429, f"Rate limit reached for model '{model}': {why}. "

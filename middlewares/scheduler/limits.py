@@ -1,9 +1,12 @@
 """What one upstream attempt must take before it starts: a `Demand` over `Limit`s.
 
-A `Limit` is one bucket: a deployment's `rpm`/`tpm`, or a key's or team's `rpm_limit` /
-`tpm_limit`. A `Parallel` is a cap on requests in flight (`max_parallel_requests`).
-Deployment limits are built once per deployment; tenant limits per request from
-`ctx.principal`, read defensively (any object with the auth middleware's field names).
+A `Limit` is one bucket: a deployment's `rpm`/`tpm`, a key's or team's `rpm_limit` /
+`tpm_limit`, or the `rpm`/`tpm` of the team's subscription for the model (its own entry,
+else `"*"`'s, one bucket shared by every model without an entry). A `Parallel` is a cap
+on requests in flight (`max_parallel_requests`). Deployment limits are built once per
+deployment; tenant limits per request from `ctx.principal`, read defensively (any object
+with the auth middleware's field names). Every applicable limit is taken from, so the
+effective limit is the tightest of key, team and subscription.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ if TYPE_CHECKING:
     from llmproxy.config import Deployment
     from llmproxy.context import Context
 
-DEPLOYMENT, KEY, TEAM = "deployment", "key", "team"
+DEPLOYMENT, KEY, TEAM, SUBSCRIPTION = "deployment", "key", "team", "subscription"
 REQUESTS, TOKENS = "requests", "tokens"
 
 
@@ -26,7 +29,7 @@ class Limit:
     `id` names it across replicas (it is its Redis key)."""
 
     id: str
-    owner: str  # deployment | key | team
+    owner: str  # deployment | key | team | subscription
     unit: str  # requests | tokens
     per_minute: float
     capacity: float
@@ -41,7 +44,7 @@ class Parallel:
     """At most `limit` requests of one key or team in flight at once."""
 
     id: str
-    owner: str  # key | team
+    owner: str  # key | team | subscription
     limit: int
 
 
@@ -92,8 +95,9 @@ def _positive(value: Any) -> int | None:
     return value if type(value) is int and value > 0 else None
 
 
-def tenant_limits(principal: Any) -> tuple[tuple[Limit, ...], tuple[Parallel, ...]]:
-    """The key's and the team's `rpm_limit`, `tpm_limit` and `max_parallel_requests`."""
+def tenant_limits(principal: Any, model: str | None = None) -> tuple[tuple[Limit, ...], tuple[Parallel, ...]]:
+    """The key's and the team's `rpm_limit`, `tpm_limit` and `max_parallel_requests`, and
+    the subscription's for `model` (the configured model the attempt is for)."""
     if principal is None:
         return (), ()
     limits: list[Limit] = []
@@ -116,6 +120,18 @@ def tenant_limits(principal: Any) -> tuple[tuple[Limit, ...], tuple[Parallel, ..
         par = _positive(getattr(src, "max_parallel_requests", None))
         if par is not None:
             slots.append(Parallel(f"{owner}:{ident}:parallel", owner, par))
+    sub = getattr(principal, "subscription", None)
+    found = sub.limits_for(model) if sub is not None and model is not None else None
+    if found:
+        entry, own = found
+        ident = f"{SUBSCRIPTION}:{sub.subscription_id}:{entry}"
+        rpm, tpm, par = (_positive(own.get(n)) for n in ("rpm", "tpm", "max_parallel_requests"))
+        if rpm is not None:
+            limits.append(Limit(f"{ident}:requests", SUBSCRIPTION, REQUESTS, rpm, rpm))
+        if tpm is not None:
+            limits.append(Limit(f"{ident}:tokens", SUBSCRIPTION, TOKENS, tpm, tpm))
+        if par is not None:
+            slots.append(Parallel(f"{ident}:parallel", SUBSCRIPTION, par))
     return tuple(limits), tuple(slots)
 
 
@@ -135,9 +151,13 @@ def estimate_tokens(ctx: "Context", default_max_tokens: int) -> int:
     return prompt + out
 
 
-def demand_of(ctx: "Context", dep_limits: tuple[Limit, ...], default_max_tokens: int) -> Demand:
+def demand_of(ctx: "Context", dep_limits: tuple[Limit, ...], default_max_tokens: int,
+              model: str | None = None) -> Demand:
+    """What an attempt for the configured `model` takes (default: the requested model)."""
     principal = ctx.principal
-    t_limits, slots = tenant_limits(principal)
+    if model is None and ctx.model is not None:
+        model = ctx.model.name
+    t_limits, slots = tenant_limits(principal, model)
     limits = dep_limits + t_limits if t_limits else dep_limits
     tokens = 0
     if any(lim.unit == TOKENS for lim in limits):

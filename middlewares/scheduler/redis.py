@@ -199,6 +199,21 @@ return {tostring(redis.call('ZCARD', KEYS[1])), redis.call('GET', KEYS[2])}
 REPLICA_WINDOW = 10.0  # seconds a heartbeat counts a replica alive
 
 
+# KEYS: bucket hashes (nb), slot sets; ARGV: nb, then cap, rate per bucket
+# -> {level per bucket..., slots in use per set...} (read only, for GET /v1/limits)
+PEEK = _REFILL + """
+local nb = tonumber(ARGV[1])
+local now = now_s()
+local out = {}
+for i = 1, nb do
+  out[i] = tostring(level_of(KEYS[i], tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1]), now))
+end
+local now_ms = math.floor(now * 1000)
+for j = nb + 1, #KEYS do out[j] = tostring(redis.call('ZCOUNT', KEYS[j], now_ms, '+inf')) end
+return out
+"""
+
+
 def _f(v: Any) -> float:
     return float(v.decode() if isinstance(v, bytes) else v)
 
@@ -230,6 +245,7 @@ class RedisBuckets:
         self._settle = redis.register_script(SETTLE)
         self._beat = redis.register_script(HEARTBEAT)
         self._reseed = redis.register_script(RESEED)
+        self._peek = redis.register_script(PEEK)
         self._reseeding: asyncio.Future | None = None
         self.reseeds = 0  # times Redis was found without its state and written back
         self._tasks: set[asyncio.Task] = set()
@@ -348,6 +364,22 @@ class RedisBuckets:
         self.readiness["scheduler"] = "ok"
         log.info("scheduler_redis_restored", replicas=self.replicas)
         self.sched.pump_all()
+
+    async def peek(self, limits: Any, slots: Any) -> tuple[list[float], list[int]] | None:
+        """The shared levels of `limits` and the slots in use of `slots` now (read only);
+        None in the fallback or when Redis does not answer (the caller reads its table)."""
+        if self.fallback:
+            return None
+        p = self.prefix + "rl:"
+        args: list[Any] = [len(limits)]
+        for lim in limits:
+            args += [lim.capacity, lim.rate]
+        try:
+            out = await self._peek(keys=[p + lim.id for lim in limits] + [p + s.id for s in slots], args=args)
+        except Exception:
+            return None
+        values = [_f(v) for v in out]
+        return values[:len(limits)], [int(v) for v in values[len(limits):]]
 
     # -- admission
 

@@ -158,6 +158,42 @@ async def test_models_listing_is_stamped(installed: None, make_proxy) -> None:
     assert proxy.records[0].extra == {"stamp_chunks": 1, "stamp_bytes": len(body)}  # a bytes body
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llmproxy.middlewares.subscription") is None
+                    or importlib.util.find_spec("llmproxy.middlewares.auth") is None,
+                    reason="needs the auth and subscription middlewares")
+async def test_the_plugins_subscription_source_is_found_and_used(installed: None, make_proxy) -> None:
+    info = Registry.from_entry_points().subscription_sources["plans"]
+    assert (info.dist_name, info.value) == (DIST, "llmproxy_stamp.plans:Plans")
+    config = {"master_key": MASTER,
+              "models": [{"name": "mock", "deployments": [{"provider": "mock"}]},
+                         {"name": "other", "deployments": [{"provider": "mock"}]}],
+              "middlewares": ["auth", {"subscription": {"source": "plans", "default": {"enabled": False},
+                                                        "plans": {"org-1": {"models": ["mock"]}}}}]}
+    proxy = await make_proxy(config)
+    admin = {"Authorization": f"Bearer {MASTER}"}
+    async with aiohttp.ClientSession() as s:
+        keys = {}
+        for team in ("org-1", "org-2"):
+            async with s.post(proxy.url + "/team/new", json={"team_id": team}, headers=admin) as r:
+                assert r.status == 200
+            async with s.post(proxy.url + "/key/generate", json={"team_id": team}, headers=admin) as r:
+                keys[team] = (await r.json())["key"]
+
+        async def status(team: str, model: str) -> tuple[int, Any]:
+            async with s.post(proxy.url + "/v1/chat/completions", json={**CHAT, "model": model},
+                              headers={"Authorization": f"Bearer {keys[team]}"}) as r:
+                return r.status, await r.json()
+
+        assert (await status("org-1", "mock"))[0] == 200
+        code, body = await status("org-1", "other")
+        assert code == 403 and "subscription" in body["error"]["message"]
+        code, body = await status("org-2", "mock")  # the default plan: disabled
+        assert code == 403 and body["error"]["code"] == "subscription_disabled"
+    with pytest.raises(ConfigError, match="plans"):
+        check_config(parse_config({**config, "middlewares": ["auth", {"subscription": {
+            "source": "plans", "plans": []}}]}), Registry.from_entry_points())
+
+
 @pytest.mark.parametrize("path, body, shape", [
     ("/v1/chat/completions", {**CHAT, "user": "mallory"}, "openai"),
     ("/v1/chat/completions", {**CHAT, "user": "mallory", "stream": True}, "openai"),

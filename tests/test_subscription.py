@@ -311,7 +311,8 @@ async def test_check_config_names_the_source_and_its_options(upstream):
     assert "url" in problems({"source": "http"})
     assert "timeout" in problems({"source": "http", "url": "http://x/", "timeout": -1})
     assert "unknown" in problems({"url": "http://x/"})  # the db source takes no options
-    assert "needs the auth middleware listed before it" in problems({}, ["subscription", "auth"])
+    assert "needs the auth middleware (or another identity middleware) listed before it" in problems(
+        {}, ["subscription", "auth"])
     check_config(parse_config(openai_config(upstream, middlewares=[
         "auth", {"subscription": {"source": "http", "url": "http://127.0.0.1:1/", "headers": {"x": "y"}}}])),
         Registry.from_entry_points())

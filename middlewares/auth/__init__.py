@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -90,6 +90,18 @@ class Principal:
 
     def allows_model(self, name: str) -> bool:
         return self.models is None or name in self.models
+
+    def with_subscription(self, sub: Any) -> "Principal":
+        """This principal under its team's subscription (a `SubscriptionInfo`; asked by the
+        subscription middleware): the subscription's models narrow this one's, and its
+        budget joins the key's and team's, reserved and settled with them."""
+        models = self.models
+        if sub.models and "*" not in sub.models:
+            allowed = frozenset(sub.models)
+            models = allowed if models is None else models & allowed
+        budget = Budget.of_subscription(sub)
+        budgets = self.budgets + (budget,) if budget is not None else self.budgets
+        return replace(self, subscription=sub, models=models, budgets=budgets)
 
     def denial(self, name: str) -> str:
         """Why `allows_model(name)` is false, for the 403."""

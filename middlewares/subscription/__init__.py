@@ -21,7 +21,8 @@ key of a team, per request:
 4. Otherwise the caller's principal gets the subscription: its models narrow the key's
    and team's (the route stage's 403 says the subscription excludes it, and the
    forwarder skips fallbacks it excludes); its budget joins the key's and team's
-   (auth's reservation, the same counters and overshoot bound: `Budget.of_subscription`);
+   (auth's reservation, the same counters and overshoot bound: the principal's
+   `with_subscription`, since no middleware package imports another);
    its `limits` are taken by the scheduler (per model, or `"*"`) with the key's and
    team's, so the tightest holds.
 
@@ -37,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field, is_dataclass, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -47,7 +48,6 @@ import structlog
 from llmproxy.config import ConfigError, build
 from llmproxy.context import BODY_APIS
 from llmproxy.errors import ProxyError
-from llmproxy.middlewares.auth.budgets import Budget
 from llmproxy.store import SubscriptionInfo
 
 from .sources import DbSource, HttpSource, SourceError, subscription_of
@@ -104,29 +104,24 @@ class _Entry:
     """One team's answer: `sub` (None: no subscription) as of `fetched` (services.clock);
     `valid` False once invalidated (still a last good answer while the source is down)."""
 
-    __slots__ = ("sub", "fetched", "valid", "budget", "models", "derived")
+    __slots__ = ("sub", "fetched", "valid", "derived")
 
     def __init__(self, sub: SubscriptionInfo | None, fetched: float) -> None:
         self.sub = sub
         self.fetched = fetched
         self.valid = True
-        self.budget = Budget.of_subscription(sub) if sub is not None else None
-        self.models = None if sub is None or not sub.models or "*" in sub.models else frozenset(sub.models)
         self.derived: dict[int, tuple[Any, Any]] = {}
 
     def principal(self, base: Any) -> Any:
-        """`base` with this subscription (made once per auth principal object)."""
+        """`base` under this subscription, made once per principal object (auth's are
+        shared by every request of a key until its cache entry is refreshed): by the
+        principal's own `with_subscription` (auth's: models, budget), else wrapped (models
+        and limits; the budget needs auth's ledger)."""
         found = self.derived.get(id(base))
         if found is not None and found[0] is base:
             return found[1]
-        if is_dataclass(base) and hasattr(base, "subscription"):
-            models = base.models
-            if self.models is not None:
-                models = self.models if models is None else models & self.models
-            budgets = base.budgets + (self.budget,) if self.budget is not None else base.budgets
-            derived = replace(base, subscription=self.sub, models=models, budgets=budgets)
-        else:  # another identity plugin's principal: models and limits, not budgets
-            derived = _Subscribed(base, self.sub)
+        derive = getattr(base, "with_subscription", None)
+        derived = derive(self.sub) if derive is not None else _Subscribed(base, self.sub)
         if len(self.derived) >= _DERIVED_MAX:
             self.derived.clear()
         self.derived[id(base)] = (base, derived)
@@ -173,16 +168,20 @@ class Subscription:
     @staticmethod
     def check_config(options: Options, config: Any, registry: Any = None) -> list[str]:
         """`check-config` and the start: the source is installed and takes these options,
-        and `auth` is listed before (a subscription belongs to the caller's team)."""
+        and an identity middleware (auth) is listed before (a subscription belongs to the
+        caller's team, which it finds)."""
         problems = []
+        registry = registry if registry is not None else _registry()
         try:
             _source(options, registry)
         except ConfigError as exc:
             problems += [m.split("subscription.", 1)[-1] for m in exc.messages]
         names = [m.name for m in config.middlewares]
-        if "subscription" in names and "auth" not in names[:names.index("subscription")]:
-            problems.append("source: needs the auth middleware listed before it (a subscription belongs to "
-                            "the caller's team, which auth finds)")
+        before = names[:names.index("subscription")] if "subscription" in names else []
+        if not any(getattr(registry.middlewares.get(n) and _loaded(registry, n), "stage", None) == "identity"
+                   for n in before):
+            problems.append("source: needs the auth middleware (or another identity middleware) listed before "
+                            "it: a subscription belongs to the caller's team, which that finds")
         return problems
 
     async def startup(self) -> None:
@@ -413,12 +412,23 @@ def _unavailable() -> ProxyError:
                       "service_unavailable", headers={"retry-after": "1"})
 
 
+def _registry() -> Any:
+    from llmproxy.plugins import Registry
+
+    return Registry.from_entry_points()
+
+
+def _loaded(registry: Any, name: str) -> Any:
+    try:
+        return registry.middleware(name, name)
+    except ConfigError:  # reported where the middleware itself is checked
+        return None
+
+
 def _source(options: Options, registry: Any) -> tuple[type, Any]:
     """The source class and its built options; ConfigError naming what is wrong."""
     if registry is None:
-        from llmproxy.plugins import Registry
-
-        registry = Registry.from_entry_points()
+        registry = _registry()
     cls = registry.subscription_source(options.source, "subscription.source")
     opts_cls = getattr(cls, "Options", None)
     extra = dict(options.source_options)

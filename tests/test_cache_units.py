@@ -26,6 +26,7 @@ from llmproxy.middlewares.cache.store import ENTRY_OVERHEAD, Entry, LocalStore
 from llmproxy.errors import ProxyError
 from llmproxy.testing import TestPrincipal, anthropic_events, make_context, openai_events
 
+from . import test_layout
 from .test_layout import BLOCKED_START, ROOT, imports, module_package
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
@@ -340,7 +341,10 @@ def test_the_cache_package_imports_only_the_core_and_itself():
 
 
 def test_the_gateway_starts_and_serves_without_the_cache_package(tmp_path: Path):
-    code = BLOCKED_START.format(name="cache", builtin=("auth", "pii", "scheduler", "cache"))
+    others = tuple(n for n in test_layout.BUILTIN if n != "cache")
+    at = others.index("scheduler") if "scheduler" in others else len(others)  # SPEC §3's order
+    code = BLOCKED_START.format(name="cache", builtin=others[:at] + ("cache",) + others[at:],
+                                needs=getattr(test_layout, "NEEDS", {}))
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "db.sqlite")], capture_output=True,
                           text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

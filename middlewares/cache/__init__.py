@@ -145,31 +145,41 @@ class Cache:
             reply = self._hit(ctx, entry)
             if reply is not None:
                 return reply
-        return await self._miss(ctx, call_next, key, controls)
+        capture = self._lead(ctx, key, controls)
+        if self.remote is not None:
+            entry = await self._remote(ctx, key, controls, capture)
+            if entry is not None:
+                reply = self._hit(ctx, entry)
+                if reply is not None:
+                    return reply
+        record.cache = "miss"
+        return await self._onward(ctx, call_next, "miss", capture)
 
-    async def _miss(self, ctx: "Context", call_next: "Next", key: bytes, controls: Controls) -> Reply:
+    def _lead(self, ctx: "Context", key: bytes, controls: Controls) -> Capture:
         """Not in this process: the first of identical requests leads (the others wait for
-        it), looks in Redis, and on a miss there too goes upstream."""
+        it, see `Flight`); its capture is registered now, before anything that may fail, so
+        that the flight always ends."""
         flight = None
         if controls.store and key not in self.flights:
             flight = self.flights[key] = Flight()
         capture = Capture(self, ctx, key, controls, flight)
-        ctx.cleanups.append(capture)  # before anything that may fail: the flight always ends
-        if self.remote is not None:
-            try:
-                entry = await self.remote.get(key)
-            except BaseException:  # cancelled (the client went away): the waiting ones go on
-                capture.release(None)
-                raise
-            if entry is not None and entry.fresh(self.wall(), controls.max_age):
-                if self.local is not None:
-                    self.local.put(key, entry)
-                capture.release(entry)
-                reply = self._hit(ctx, entry)
-                if reply is not None:
-                    return reply
-        ctx.record.cache = "miss"
-        return await self._onward(ctx, call_next, "miss", capture)
+        ctx.cleanups.append(capture)
+        return capture
+
+    async def _remote(self, ctx: "Context", key: bytes, controls: Controls, capture: Capture) -> Entry | None:
+        """The entry in Redis, if it is there and fresh; it goes to the local LRU and to the
+        requests waiting for this one."""
+        try:
+            entry = await self.remote.get(key)  # type: ignore[union-attr]
+        except BaseException:  # cancelled (the client went away): the waiting ones go on
+            capture.release(None)
+            raise
+        if entry is None or not entry.fresh(self.wall(), controls.max_age):
+            return None
+        if self.local is not None:
+            self.local.put(key, entry)
+        capture.release(entry)
+        return entry
 
     async def _onward(self, ctx: "Context", call_next: "Next", result: str,
                       capture: "Capture | None") -> Reply:
@@ -183,7 +193,7 @@ class Cache:
             raise
         headers = reply.headers + [(HEADER, result)]
         if capture is None or reply.status != 200 or not capture.controls.store:
-            return reply.with_headers(headers)
+            return Reply(reply.status, headers, reply.body, reply.content_length)
         for name, value in reply.headers:
             if name.lower() == "content-type":
                 capture.content_type = value
@@ -191,7 +201,7 @@ class Cache:
         body = reply.body
         if isinstance(body, (bytes, bytearray)):
             capture.parts, capture.complete = [bytes(body)], True
-            return reply.with_headers(headers)
+            return Reply(reply.status, headers, body, reply.content_length)
         return Reply(reply.status, headers, tap(body, capture), reply.content_length)  # same bytes, same length
 
     def _hit(self, ctx: "Context", entry: Entry) -> Reply | None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """llmproxy benchmark: CPU per request of the proxy against a bare aiohttp floor.
 
-    .venv/bin/python bench/run.py                       # --suite all: core, scheduler, pii, tracing, cache, pipeline
+    .venv/bin/python bench/run.py                       # --suite all: core, scheduler, pii, tracing, cache, subscription, pipeline
     .venv/bin/python bench/run.py --suite core          # floor, proxy, proxy-spend, proxy-auth
     .venv/bin/python bench/run.py --suite scheduler     # proxy, proxy-scheduler, proxy-scheduler-redis...
     .venv/bin/python bench/run.py --suite pii           # proxy, proxy-pii on 2 KB prompts; streamed TTFB
@@ -329,6 +329,7 @@ class TargetSpec:
     # of its own (database.sqlite_path = <temp dir>/<row>/bench.db), and the load uses
     # --keys-used of them round-robin instead of the master key (needs the `auth` middleware).
     seed_keys: bool = False
+    seed_args: tuple[str, ...] = ()  # more arguments of bench/seed_keys.py for this row
     ratio_vs: str | None = None     # a second ratio column: this row against that row
     # redis: the harness starts a private redis-server for this row (127.0.0.1, a free port,
     # no persistence), sets `redis_url` to it, and counts the Redis commands of each run
@@ -352,6 +353,14 @@ ROWS: list[TargetSpec] = [
                "--keys-used of them round-robin (spend log off); second ratio against proxy",
                config={"spend": {"enabled": False}, "middlewares": ["auth"]},
                seed_keys=True, ratio_vs="proxy"),
+    TargetSpec("proxy-auth-teams", "proxy", "proxy-auth with every key in one of the 10 teams (the baseline "
+               "of proxy-auth-subscription)",
+               config={"spend": {"enabled": False}, "middlewares": ["auth"]},
+               seed_keys=True, seed_args=("--team-share", "1"), ratio_vs="proxy"),
+    TargetSpec("proxy-auth-subscription", "proxy", "proxy-auth-teams + the subscription middleware (db "
+               "source), a subscription per team, warm; second ratio against proxy-auth-teams",
+               config={"spend": {"enabled": False}, "middlewares": ["auth", "subscription"]},
+               seed_keys=True, seed_args=("--team-share", "1", "--subscriptions"), ratio_vs="proxy-auth-teams"),
     TargetSpec("proxy-scheduler", "proxy", "proxy + scheduler, local buckets, limits far above the "
                "load (spend log off); second ratio against proxy",
                config={"spend": {"enabled": False},
@@ -442,6 +451,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
     Suite("cache", ("floor", "proxy", "proxy-cache"), ("chat", "chat-stream", "chat-new", "chat-new-stream"),
           "the response cache: hits (the same request every time) against the floor's pass-through, "
           "misses (a new request every time) against the proxy without it (issue 14)"),
+    Suite("subscription", ("proxy", "proxy-auth-teams", "proxy-auth-subscription"), ("chat", "chat-stream"),
+          "the subscription middleware's warm lookup against auth alone, every key in a team (issue 14)"),
     Suite("pipeline", ("floor", "proxy", "proxy-full"),
           ("chat", "chat-stream", "chat-100k", "chat-100k-stream"),
           "the whole chain (auth, pii, scheduler, spend log) on small and ~100 KB conversations (issue 11)"),
@@ -450,7 +461,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in [
           "memory per open stream: --streams-c concurrent ~4.6 s streams per row, RSS sampled "
           "every 50 ms, and their time to first byte (issue 11)", kind="streams"),
 ]}
-ALL_SUITES = ("core", "scheduler", "pii", "tracing", "cache", "pipeline")
+ALL_SUITES = ("core", "scheduler", "pii", "tracing", "cache", "subscription", "pipeline")
 DEFAULT_SUITE = "all"   # `make bench`; see bench/README.md for its duration
 DEFAULT_TARGETS = ",".join(SUITES["core"].targets)
 
@@ -1072,7 +1083,7 @@ def seed_keys(spec: TargetSpec, args, tmp: Path) -> tuple[Path, dict]:
     d.mkdir(exist_ok=True)
     db, keys_file = d / "bench.db", d / "keys.txt"
     argv = [args.python, str(BENCH / "seed_keys.py"), "--db", str(db), "--keys", str(args.keys),
-            "--teams", "10", "--use", str(args.keys_used), "--out", str(keys_file)]
+            "--teams", "10", "--use", str(args.keys_used), "--out", str(keys_file), *spec.seed_args]
     try:
         p = subprocess.run(argv, cwd=REPO, capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:

@@ -5,7 +5,8 @@
 
 Creates (through the store API, after `store.migrate()`) `--teams` teams `bench-team-0..`
 and `--keys` keys, all with `models: ()` (every model) and no budget; the first half of
-them belong to a team (round-robin over the teams), the rest to none. Writes the
+them (`--team-share`) belong to a team (round-robin over the teams), the rest to none.
+`--subscriptions` gives each team a subscription (every model, no limits, no budget). Writes the
 plaintext of `--use` of them, one per line, to `--out` (mode 0600), spread over the whole
 set (both halves, every team), and prints one JSON line with what it did. The plaintext
 keys exist only in that file and in the load generator's memory.
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `llmproxy` from this checkout even if it is not installed
 
 from llmproxy.keys import generate, key_hash  # noqa: E402
-from llmproxy.store import KeyInfo, TeamInfo, mask_key, open_store  # noqa: E402
+from llmproxy.store import KeyInfo, SubscriptionInfo, TeamInfo, mask_key, open_store  # noqa: E402
 
 
 def pick(n_keys: int, n_use: int) -> list[int]:
@@ -33,7 +34,8 @@ def pick(n_keys: int, n_use: int) -> list[int]:
     return sorted({(i * n_keys) // n_use for i in range(n_use)})
 
 
-async def seed(db: str, n_keys: int, n_teams: int, n_use: int) -> tuple[list[str], dict]:
+async def seed(db: str, n_keys: int, n_teams: int, n_use: int, team_share: float = 0.5,
+               subscriptions: bool = False) -> tuple[list[str], dict]:
     t0 = time.perf_counter()
     store = await open_store(None, sqlite_path=db)
     try:
@@ -41,8 +43,10 @@ async def seed(db: str, n_keys: int, n_teams: int, n_use: int) -> tuple[list[str
         teams = [f"bench-team-{i}" for i in range(n_teams)]
         for team_id in teams:
             await store.create_team(TeamInfo(team_id=team_id, team_alias=team_id))
+            if subscriptions:
+                await store.create_subscription(SubscriptionInfo(subscription_id=f"sub-{team_id}", team_id=team_id))
         keys: list[str] = []
-        with_team = n_keys // 2 if teams else 0
+        with_team = int(n_keys * team_share) if teams else 0
         for i in range(n_keys):  # bounded by --keys
             key = generate()
             digest = key_hash(key)
@@ -55,6 +59,7 @@ async def seed(db: str, n_keys: int, n_teams: int, n_use: int) -> tuple[list[str
         await store.close()
     used = [keys[i] for i in pick(n_keys, n_use)]
     info = {"db": db, "keys": n_keys, "teams": n_teams, "keys_with_team": with_team,
+            "subscriptions": n_teams if subscriptions else 0,
             "keys_used": len(used), "seconds": round(time.perf_counter() - t0, 2)}
     return used, info
 
@@ -65,11 +70,13 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=3000, help="keys to create")
     ap.add_argument("--teams", type=int, default=10, help="teams; half the keys are in one")
     ap.add_argument("--use", type=int, default=200, help="plaintext keys written to --out")
+    ap.add_argument("--team-share", type=float, default=0.5, help="the share of the keys that are in a team")
+    ap.add_argument("--subscriptions", action="store_true", help="a subscription for every team")
     ap.add_argument("--out", required=True, help="file for the plaintext keys, one per line")
     args = ap.parse_args()
-    if args.keys < 1 or args.use < 1 or args.teams < 0:
-        ap.error("--keys and --use must be >= 1, --teams >= 0")
-    used, info = asyncio.run(seed(args.db, args.keys, args.teams, args.use))
+    if args.keys < 1 or args.use < 1 or args.teams < 0 or not 0 <= args.team_share <= 1:
+        ap.error("--keys and --use must be >= 1, --teams >= 0, --team-share within 0..1")
+    used, info = asyncio.run(seed(args.db, args.keys, args.teams, args.use, args.team_share, args.subscriptions))
     fd = os.open(args.out, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write("".join(k + "\n" for k in used))

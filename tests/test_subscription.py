@@ -422,7 +422,7 @@ async def test_a_change_reaches_the_other_replica_through_redis(upstream, make_p
     with pytest.raises(openai.PermissionDeniedError):
         await chat(b, key, "premium")
     await chat(a, key)  # a reads b's answer from Redis, not the database
-    assert lookups(a).get("redis", 0) + lookups(a).get("cache", 0) >= 1
+    assert lookups(b).get("source") == 1 and lookups(a).get("redis") == 1 and "source" not in lookups(a)
 
     assert (await admin(a, "POST", "/subscription/update", json={"subscription_id": team,
                                                                  "models": ["gpt-test", "premium"]}))[0] == 200
@@ -444,6 +444,16 @@ async def test_a_change_reaches_the_other_replica_through_redis(upstream, make_p
             break
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
+
+
+async def test_redis_down_reads_the_source(upstream, make_proxy):
+    proxy = await make_proxy(sub_config(upstream, redis_url="redis://127.0.0.1:1/0"))
+    key = await team_key(proxy, "org-1")
+    assert (await admin(proxy, "POST", "/subscription/new", json={"team_id": "org-1", "models": ["gpt-test"]}))[0] == 200
+    await chat(proxy, key)
+    with pytest.raises(openai.PermissionDeniedError):
+        await chat(proxy, key, "premium")
+    assert lookups(proxy)["source"] == 1 and lookups(proxy)["cache"] == 1
 
 
 # ------------------------------------------------------------------------------ /v1/limits

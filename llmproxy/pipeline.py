@@ -19,7 +19,7 @@ For an API with a body (`BODY_APIS`), in this order:
 6. the other middlewares, in config order;
 7. the terminal: the forwarder.
 
-`GET /v1/models` takes steps 1, 3 and 6 (the middlewares acting on "models") and the
+`GET /v1/models` (and `/v1/models/{id}`) takes steps 1, 3 and 6 (the middlewares acting on "models") and the
 model list as its terminal; `GET /v1/limits` likewise, with the limits report (each
 middleware that has something to say fills its part: `describe_limits`); an unknown path takes steps 1 and 2; the admin API takes
 step 1 and the admin terminal (which checks the master key itself). Which APIs a
@@ -170,24 +170,39 @@ class Route:
 
 
 class ModelList:
-    """The terminal of `GET /v1/models`: the configured models this caller may use, in the
-    OpenAI shape, or Anthropic's when the request carries `anthropic-version`."""
+    """The terminal of `GET /v1/models` and `GET /v1/models/{id}`: the configured models
+    this caller may use, in the OpenAI shape, or Anthropic's when the request carries
+    `anthropic-version` (then only the models whose deployments speak the Messages API).
+    A model the caller may not use is a 404 like one that does not exist."""
 
-    def __init__(self, config: "Config") -> None:
+    def __init__(self, config: "Config", router: "Router | None" = None) -> None:
         self.names = [m.name for m in config.models]
+        self.router = router
 
     async def __call__(self, ctx: Context) -> Reply:
-        names = [n for n in self.names if ctx.permits(n)]
-        if "anthropic-version" in ctx.headers:
-            data = [{"type": "model", "id": n, "display_name": n, "created_at": "2023-11-14T22:13:20Z"}
-                    for n in names]
-            body = {"data": data, "has_more": False, "first_id": names[0] if names else None,
-                    "last_id": names[-1] if names else None}
+        anthropic = "anthropic-version" in ctx.headers
+        names = [n for n in self.names if ctx.permits(n)
+                 and (not anthropic or self.router is None or self.router.serves(n, "messages"))]
+        request = ctx.request
+        wanted = request.match_info.get("model_id") if request is not None else None
+        if wanted is not None:
+            if wanted not in names:
+                raise errors.model_not_found(wanted)
+            body: Any = _anthropic_model(wanted) if anthropic else _openai_model(wanted)
+        elif anthropic:
+            body = {"data": [_anthropic_model(n) for n in names], "has_more": False,
+                    "first_id": names[0] if names else None, "last_id": names[-1] if names else None}
         else:
-            body = {"object": "list",
-                    "data": [{"id": n, "object": "model", "created": 1700000000, "owned_by": "llmproxy"}
-                             for n in names]}
+            body = {"object": "list", "data": [_openai_model(n) for n in names]}
         return Reply(200, [("Content-Type", _JSON)], orjson.dumps(body))
+
+
+def _openai_model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 1700000000, "owned_by": "llmproxy"}
+
+
+def _anthropic_model(name: str) -> dict[str, Any]:
+    return {"type": "model", "id": name, "display_name": name, "created_at": "2023-11-14T22:13:20Z"}
 
 
 class LimitsReport:

@@ -20,7 +20,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from . import tokenizer
+from . import __version__, tokenizer
 from .admin import Admin
 from .context import ALL_APIS, BodyCut, Context, Next, Record, Reply
 from .errors import ProxyError
@@ -107,7 +107,7 @@ class Gateway:
         hooks = [mw.routed for mw in mws if getattr(mw, "stage", None) == "identity" and hasattr(mw, "routed")]
         read, route = ReadBody(self.max_body), Route(self.models, self.router, hooks)
         describers = [mw for mw in mws if hasattr(mw, "describe_limits")]
-        terminals = {"models": ModelList(self.config), "limits": LimitsReport(self.config, describers),
+        terminals = {"models": ModelList(self.config, self.router), "limits": LimitsReport(self.config, describers),
                      "admin": self.admin}
         return {api: chain_for(api, mws, terminal=terminals.get(api, self.forwarder), gate=gate, read=read,
                                route=route)
@@ -121,10 +121,11 @@ class Gateway:
             handler = self._handler(api)
             for path in paths:
                 app.router.add_post(path, handler)
-        for path in ("/v1/models", "/models"):
+        for path in ("/v1/models", "/models", "/v1/models/{model_id:.+}", "/models/{model_id:.+}"):
             app.router.add_get(path, self._handler("models"))
         for path in ("/v1/limits", "/limits"):
             app.router.add_get(path, self._handler("limits"))
+        app.router.add_get("/", self.root)  # and HEAD: clients probe the base URL
         app.router.add_get("/health", self.liveliness)
         app.router.add_get("/health/liveliness", self.liveliness)
         app.router.add_get("/health/liveness", self.liveliness)
@@ -199,6 +200,9 @@ class Gateway:
             self._owns_redis = False
 
     # --- operations endpoints -----------------------------------------------------------
+
+    async def root(self, request: web.Request) -> web.Response:
+        return web.json_response({"name": "llmproxy", "version": __version__, "status": "ok"})
 
     async def liveliness(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -300,12 +304,12 @@ class Gateway:
             resp = web.Response(status=reply.status, body=body)
             for name, value in headers:
                 resp.headers.add(name, value)
-            resp.headers["x-request-id"] = rid
+            resp.headers["x-request-id"] = resp.headers["request-id"] = rid
             return resp
         resp = web.StreamResponse(status=reply.status)
         for name, value in headers:
             resp.headers.add(name, value)
-        resp.headers["x-request-id"] = rid
+        resp.headers["x-request-id"] = resp.headers["request-id"] = rid  # request-id: Anthropic's name
         if reply.content_length is not None:
             resp.content_length = reply.content_length
         try:

@@ -101,6 +101,7 @@ class Received:
     path: str
     headers: CIMultiDictProxy[str]
     body: bytes
+    query: str = ""  # the query string as sent, without "?"
 
     @property
     def json(self) -> Any:
@@ -144,7 +145,8 @@ class FakeUpstream:
         self.script.extend(behaviours)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        got = Received(request.method, request.path, request.headers, await request.read())
+        got = Received(request.method, request.path, request.headers, await request.read(),
+                       request.rel_url.raw_query_string)
         self.requests.append(got)
         behaviour = self.script.pop(0) if self.script else self.default
         try:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, ClassVar
 
 import aiohttp
 import orjson
+from yarl import URL
 
 if TYPE_CHECKING:
     from ..config import Deployment
@@ -126,8 +127,16 @@ class HTTPProvider(Provider):
     def request_body(self, ctx: "Context") -> bytes:
         return upstream_body(ctx, self.deployment.model)
 
-    async def open(self, ctx: "Context") -> Upstream:
+    def request_url(self, ctx: "Context") -> "str | URL":
+        """The deployment's URL for the API, with the client's query string as it was sent
+        (`/v1/messages?beta=true`): the client chooses the query, never the URL."""
         url = self.base + self.paths[ctx.api]
+        request = ctx.request
+        query = request.rel_url.raw_query_string if request is not None else ""
+        return URL(f"{url}?{query}", encoded=True) if query else url
+
+    async def open(self, ctx: "Context") -> Upstream:
+        url = self.request_url(ctx)
         session = self.services.http
         try:
             resp = await session.post(

@@ -3,13 +3,22 @@ and messages, streamed or not, in each API's own wire format. Demos, tests and t
 default config use it; it never touches the network.
 
 Options: `latency_ms` (before the first byte), `chunks` (content pieces of a streamed
-answer), `chunk_delay_ms` (between pieces). Usage is counted with the real tokenizer,
-as a provider would report it.
+answer), `chunk_delay_ms` (between pieces), `embedding_dims` (without `dimensions`),
+`echo` (answer the last user message instead of the fixed text: for trying pii and other
+middlewares without an upstream). Usage is counted with the real tokenizer, as a provider
+would report it.
+
+It honours what changes an answer's shape, so that a client is never handed a wrong one:
+`max_tokens` / `max_completion_tokens` (the answer stops there, `finish_reason: length`,
+Anthropic's `stop_reason: max_tokens`), `n` (that many choices), and for embeddings
+`dimensions` and `encoding_format: base64` (little-endian float32, base64, as OpenAI
+sends it: both OpenAI SDKs ask for it by default).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import struct
 import time
@@ -34,6 +43,7 @@ class MockOptions:
     chunks: int = 20
     chunk_delay_ms: float = 0.0
     embedding_dims: int = 8
+    echo: bool = False
 
 
 class MockProvider(Provider):
@@ -47,6 +57,7 @@ class MockProvider(Provider):
         n = max(1, self.options.chunks)
         self.pieces = [WORDS[i % len(WORDS)] for i in range(n)]
         self.text = "".join(self.pieces)
+        self.piece_tokens = [tokenizer.count_tokens(p) for p in self.pieces]
 
     async def open(self, ctx: "Context") -> Upstream:
         opts = self.options
@@ -56,34 +67,64 @@ class MockProvider(Provider):
         model = self.deployment.model
         if ctx.api == "embeddings":
             return _fixed(self._embeddings(ctx, model, ptoks))
-        ctoks = tokenizer.count_tokens(self.text)
+        pieces, cut = self._answer(ctx)
+        ctoks = tokenizer.count_tokens("".join(pieces))
         if ctx.api == "messages":
+            stop = "max_tokens" if cut else "end_turn"
             if ctx.stream:
-                return _streamed(self._anthropic_events(model, ptoks, ctoks), opts.chunk_delay_ms)
-            return _fixed(self._anthropic_message(model, ptoks, ctoks))
+                return _streamed(self._anthropic_events(model, pieces, stop, ptoks, ctoks), opts.chunk_delay_ms)
+            return _fixed(self._anthropic_message(model, pieces, stop, ptoks, ctoks))
+        n = ctx.body.get("n")
+        n = n if type(n) is int and 1 <= n <= 128 else 1
+        finish = "length" if cut else "stop"
         if ctx.stream:
-            return _streamed(self._openai_events(ctx, model, ptoks, ctoks), opts.chunk_delay_ms)
-        return _fixed(self._openai_answer(ctx, model, ptoks, ctoks))
+            return _streamed(self._openai_events(ctx, model, pieces, finish, n, ptoks, ctoks), opts.chunk_delay_ms)
+        return _fixed(self._openai_answer(ctx, model, "".join(pieces), finish, n, ptoks, ctoks))
+
+    def _answer(self, ctx: "Context") -> tuple[list[str], bool]:
+        """The answer's pieces (the fixed text, or the last user message with `echo`) within
+        the request's `max_tokens` / `max_completion_tokens`, and whether they were cut."""
+        if self.options.echo:
+            text = _last_user_text(ctx)
+            pieces = [w for w in _words(text)] or [""]
+            counts = [tokenizer.count_tokens(p) for p in pieces]
+        else:
+            pieces, counts = self.pieces, self.piece_tokens
+        body = ctx.body
+        limit = body.get("max_tokens")
+        if limit is None:
+            limit = body.get("max_completion_tokens")
+        if type(limit) is not int or limit < 0:
+            return list(pieces), False
+        kept, used = [], 0
+        for piece, count in zip(pieces, counts):
+            if used + count > limit:
+                return kept, True
+            kept.append(piece)
+            used += count
+        return kept, False
 
     # --- OpenAI ---------------------------------------------------------------------
 
-    def _openai_answer(self, ctx: "Context", model: str, ptoks: int, ctoks: int) -> bytes:
-        usage = {"prompt_tokens": ptoks, "completion_tokens": ctoks, "total_tokens": ptoks + ctoks}
+    def _openai_answer(self, ctx: "Context", model: str, text: str, finish: str, n: int, ptoks: int,
+                       ctoks: int) -> bytes:
+        usage = {"prompt_tokens": ptoks, "completion_tokens": ctoks * n, "total_tokens": ptoks + ctoks * n}
         created = int(time.time())
         if ctx.api == "completions":
             return orjson.dumps({
                 "id": "cmpl-mock", "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": self.text, "finish_reason": "stop", "logprobs": None}],
+                "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None} for i in range(n)],
                 "usage": usage,
             })
         return orjson.dumps({
             "id": "chatcmpl-mock", "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": self.text, "refusal": None}}],
+            "choices": [{"index": i, "finish_reason": finish,
+                         "message": {"role": "assistant", "content": text, "refusal": None}} for i in range(n)],
             "usage": usage,
         })
 
-    def _openai_events(self, ctx: "Context", model: str, ptoks: int, ctoks: int) -> list[bytes]:
+    def _openai_events(self, ctx: "Context", model: str, pieces: list[str], finish: str, n: int, ptoks: int,
+                       ctoks: int) -> list[bytes]:
         created = int(time.time())
         opts = ctx.body.get("stream_options")
         with_usage = isinstance(opts, dict) and opts.get("include_usage") is True
@@ -92,24 +133,25 @@ class MockProvider(Provider):
                 "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": created, "model": model}
         events = []
-        for i, piece in enumerate(self.pieces):
-            if chat:
-                delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
-                choice = {"index": 0, "delta": delta, "finish_reason": None}
-            else:
-                choice = {"index": 0, "text": piece, "finish_reason": None, "logprobs": None}
+
+        def add(choice: dict) -> None:
             chunk = {**base, "choices": [choice]}
             if with_usage:
                 chunk["usage"] = None
             events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        last = {"index": 0, "delta": {}, "finish_reason": "stop"} if chat else \
-            {"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}
-        chunk = {**base, "choices": [last]}
+
+        for i, piece in enumerate(pieces):
+            for index in range(n):  # the choices' pieces interleaved, as OpenAI sends them
+                if chat:
+                    delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+                    add({"index": index, "delta": delta, "finish_reason": None})
+                else:
+                    add({"index": index, "text": piece, "finish_reason": None, "logprobs": None})
+        for index in range(n):
+            add({"index": index, "delta": {}, "finish_reason": finish} if chat else
+                {"index": index, "text": "", "finish_reason": finish, "logprobs": None})
         if with_usage:
-            chunk["usage"] = None
-        events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        if with_usage:
-            usage = {"prompt_tokens": ptoks, "completion_tokens": ctoks, "total_tokens": ptoks + ctoks}
+            usage = {"prompt_tokens": ptoks, "completion_tokens": ctoks * n, "total_tokens": ptoks + ctoks * n}
             events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
         events.append(b"data: [DONE]\n\n")
         return events
@@ -119,22 +161,26 @@ class MockProvider(Provider):
         items = inp if isinstance(inp, list) and inp and not isinstance(inp[0], int) else [inp]
         dims = ctx.body.get("dimensions")
         dims = dims if isinstance(dims, int) and 0 < dims <= 4096 else self.options.embedding_dims
-        data = [{"object": "embedding", "index": i, "embedding": _vector(orjson.dumps(item), dims)}
-                for i, item in enumerate(items)]
+        b64 = ctx.body.get("encoding_format") == "base64"
+        data = []
+        for i, item in enumerate(items):
+            vector = _vector(orjson.dumps(item), dims)
+            encoded: Any = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode() if b64 else vector
+            data.append({"object": "embedding", "index": i, "embedding": encoded})
         return orjson.dumps({"object": "list", "data": data, "model": model,
                              "usage": {"prompt_tokens": ptoks, "total_tokens": ptoks}})
 
     # --- Anthropic ------------------------------------------------------------------
 
-    def _anthropic_message(self, model: str, ptoks: int, ctoks: int) -> bytes:
+    def _anthropic_message(self, model: str, pieces: list[str], stop: str, ptoks: int, ctoks: int) -> bytes:
         return orjson.dumps({
             "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
-            "content": [{"type": "text", "text": self.text}],
-            "stop_reason": "end_turn", "stop_sequence": None,
+            "content": [{"type": "text", "text": "".join(pieces)}],
+            "stop_reason": stop, "stop_sequence": None,
             "usage": {"input_tokens": ptoks, "output_tokens": ctoks},
         })
 
-    def _anthropic_events(self, model: str, ptoks: int, ctoks: int) -> list[bytes]:
+    def _anthropic_events(self, model: str, pieces: list[str], stop: str, ptoks: int, ctoks: int) -> list[bytes]:
         def ev(name: str, data: dict[str, Any]) -> bytes:
             return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
@@ -147,16 +193,45 @@ class MockProvider(Provider):
                                        "content_block": {"type": "text", "text": ""}}),
             ev("ping", {"type": "ping"}),
         ]
-        for piece in self.pieces:
+        for piece in pieces:
             events.append(ev("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                      "delta": {"type": "text_delta", "text": piece}}))
         events += [
             ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
                                  "usage": {"output_tokens": ctoks}}),
             ev("message_stop", {"type": "message_stop"}),
         ]
         return events
+
+
+def _last_user_text(ctx: "Context") -> str:
+    """The text of the request's last user turn (chat, messages) or its prompt."""
+    body = ctx.body
+    if ctx.api == "completions":
+        prompt = body.get("prompt")
+        return prompt if isinstance(prompt, str) else ""
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return "".join(part.get("text", "") for part in content
+                               if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
+def _words(text: str) -> list[str]:
+    """`text` in pieces of one word and the spaces after it (joined back, the same text)."""
+    out, start = [], 0
+    for i in range(1, len(text)):
+        if text[i - 1] == " " and text[i] != " ":
+            out.append(text[start:i])
+            start = i
+    if text:
+        out.append(text[start:])
+    return out
 
 
 def _vector(seed: bytes, dims: int) -> list[float]:

@@ -206,7 +206,8 @@ def check_config(config: Config, registry: Registry) -> Checked:
 
     Every middleware and provider must be installed and its options valid, and no
     middleware that acts on the parsed request listed before an identity one; a provider
-    with `requires_api_key` needs `api_key`; and (SPEC §5) a real provider (`offline`
+    whose `needs_api_key(deployment)` (else `requires_api_key`) is true needs `api_key`,
+    and its `check_deployment(deployment)` problems are listed; and (SPEC §5) a real provider (`offline`
     false or absent) needs `master_key`, the `auth` middleware or
     `server.allow_anonymous: true`.
     """
@@ -249,9 +250,14 @@ def check_config(config: Config, registry: Registry) -> Checked:
                 continue
             providers[dep.id] = cls
             deployment_options[dep.id] = _deployment_options(dep, cls, path, config, errors)
-            if getattr(cls, "requires_api_key", False) and not dep.api_key:
+            needs_key = getattr(cls, "needs_api_key", None)  # per deployment, else the class's flag
+            if (needs_key(dep) if needs_key is not None else getattr(cls, "requires_api_key", False)) \
+                    and not dep.api_key:
                 empty = " (it is empty)" if dep.api_key == "" else ""
                 errors.append(f"{path}.api_key: required{empty}{config.unset_hint(f'{path}.api_key')}")
+            check = getattr(cls, "check_deployment", None)
+            if check is not None:
+                errors.extend(f"{path}.{problem}" for problem in check(dep))
             if not getattr(cls, "offline", False) and real is None:
                 real = (i, model.name)
 

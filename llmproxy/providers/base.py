@@ -85,6 +85,19 @@ class Provider:
         self.options = options
         self.services = services
 
+    @classmethod
+    def needs_api_key(cls, deployment: "Deployment") -> bool:
+        """Whether check-config refuses `deployment` without an `api_key`; by default the
+        class's `requires_api_key` (OpenAI's depends on the `api_base`)."""
+        return cls.requires_api_key
+
+    @classmethod
+    def check_deployment(cls, deployment: "Deployment") -> list[str]:
+        """Problems with a deployment's own keys that its `Options` types cannot say, as
+        `key: message` (check-config prefixes the deployment's path); run at start and by
+        `check-config`."""
+        return []
+
     async def open(self, ctx: "Context") -> Upstream:
         raise NotImplementedError  # abstract
 
@@ -127,12 +140,18 @@ class HTTPProvider(Provider):
     def request_body(self, ctx: "Context") -> bytes:
         return upstream_body(ctx, self.deployment.model)
 
-    def request_url(self, ctx: "Context") -> "str | URL":
-        """The deployment's URL for the API, with the client's query string as it was sent
-        (`/v1/messages?beta=true`): the client chooses the query, never the URL."""
-        url = self.base + self.paths[ctx.api]
+    def request_query(self, ctx: "Context") -> str:
+        """The query string sent upstream, encoded and without `?`: the client's as it was
+        sent (`/v1/messages?beta=true`). A provider with parameters of its own (Azure's
+        `api-version`) merges them here, so that the deployment's win."""
         request = ctx.request
-        query = request.rel_url.raw_query_string if request is not None else ""
+        return request.rel_url.raw_query_string if request is not None else ""
+
+    def request_url(self, ctx: "Context") -> "str | URL":
+        """The deployment's URL for the API with `request_query`: the client chooses the
+        query, never the URL."""
+        url = self.base + self.paths[ctx.api]
+        query = self.request_query(ctx)
         return URL(f"{url}?{query}", encoded=True) if query else url
 
     async def open(self, ctx: "Context") -> Upstream:

@@ -197,6 +197,8 @@ class AccessLog:
             fields["attempts"] = [f"{a.deployment}:{a.outcome}" for a in r.attempts]
         if r.client_disconnected:
             fields["client_disconnected"] = True
+        if r.unpriced:
+            fields["unpriced"] = True
         if r.requested_model is not None:  # an unknown model's name, as sent (cut short)
             fields["requested_model"] = r.requested_model
         if r.served_model is not None and r.served_model != r.model:

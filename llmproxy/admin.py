@@ -497,6 +497,7 @@ def spend_view(row: SpendRow) -> dict[str, Any]:
         "ttfb_ms": row.ttfb_ms,
         "cache_hit": row.cache_hit,
         "trace_id": row.trace_id,
+        "unpriced": row.unpriced,
     }
 
 

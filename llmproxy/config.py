@@ -116,12 +116,22 @@ class Deployment:
 
 @dataclass(frozen=True)
 class Model:
-    """A model name clients send, its prices and the deployments that serve it."""
+    """A model name clients send, its prices and the deployments that serve it.
+
+    A `name` ending in `*` is a pattern (`claude-*`, `*`): it serves every name that starts
+    with what comes before the `*` and that no exact name or longer pattern serves. Its
+    deployments' `model` defaults to `*`, which sends upstream the name the client asked
+    for. `prices` overrides `pricing` for some of the names a pattern serves."""
 
     name: str = field(metadata={"min_len": 1})
     deployments: tuple[Deployment, ...] = field(metadata={"min_len": 1})
     pricing: Pricing | None = None
 
+    prices: dict[str, Pricing] = field(default_factory=dict)
+
+    def pricing_for(self, name: str) -> Pricing | None:
+        """The prices of `name` (the name the client asked for) served by this model."""
+        return self.prices.get(name, self.pricing) if self.prices else self.pricing
 
 @dataclass(frozen=True)
 class Router:
@@ -622,11 +632,13 @@ def _model_names(raw: Any, errors: list[str]) -> list[str] | None:
 
 
 def _finish_models(models: tuple[Model, ...]) -> tuple[Model, ...]:
-    """Fill each deployment's upstream model (default: the model's name) and id."""
+    """Fill each deployment's upstream model (default: the model's name; a pattern's:
+    `*`, the name the client asked for) and id."""
     ids = _deployment_ids(models)
     out = []
     for i, m in enumerate(models):
-        deps = tuple(dataclasses.replace(d, model=d.model or m.name, id=ids[i, j])
+        default = "*" if m.name.endswith("*") else m.name
+        deps = tuple(dataclasses.replace(d, model=d.model or default, id=ids[i, j])
                      for j, d in enumerate(m.deployments))
         out.append(dataclasses.replace(m, deployments=deps))
     return tuple(out)
@@ -651,6 +663,23 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None, source: str | 
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
+def _check_patterns(models: Sequence[Model], errors: list[str]) -> None:
+    """A `*` only at the end of a model name; `prices` only on a pattern, for names it serves."""
+    for i, m in enumerate(models):
+        if "*" in m.name[:-1]:
+            errors.append(f"models[{i}].name: '{m.name}': a '*' may only end a name (a pattern such as 'claude-*')")
+        if m.prices and not m.name.endswith("*"):
+            errors.append(f"models[{i}].prices: only a pattern (a name ending in '*') has prices per name; "
+                          "use pricing")
+        for name in m.prices:
+            if m.name.endswith("*") and not name.startswith(m.name[:-1]):
+                errors.append(f"models[{i}].prices.{name}: not a name '{m.name}' serves")
+        for j, d in enumerate(m.deployments):
+            if d.model is not None and d.model != "*" and "*" in d.model:
+                errors.append(f"models[{i}].deployments[{j}].model: '*' alone sends the client's name; "
+                              f"'{d.model}' is not a name")
+
+
         raise ConfigError(f"{source or 'config'}: expected a mapping at the top level, got {_describe(data)}")
     errors: list[str] = []
     unset: dict[str, str] = {}
@@ -724,6 +753,8 @@ def parse_yaml(text: str, source: str = "<config>") -> Any:
 
 
 def default_config() -> Config:
+        if models_ok:
+            _check_patterns(models, errors)
     """The config `serve` uses without a file: one offline `mock` model on 127.0.0.1."""
     return parse_config({"models": [{"name": "mock", "deployments": [{"provider": "mock", "model": "mock"}]}]},
                         env={})

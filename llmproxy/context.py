@@ -193,6 +193,7 @@ class Record:
     tokens_estimated: bool = False
     spend: Decimal = Decimal(0)
     duration_s: float = 0.0
+    unpriced: bool = False  # answered by a model without pricing: the spend is unknown, not 0
     ttfb_s: float | None = None
     cache: str | None = None  # hit | miss | bypass, set by a cache middleware
     client_disconnected: bool = False

@@ -63,6 +63,7 @@ def usage_event(r: "Record") -> dict[str, Any]:
         "reasoning_tokens": r.reasoning_tokens,
         "tokens_estimated": r.tokens_estimated,
         "spend": str(r.spend),  # exact decimal USD, as a string (a float would round it)
+        "unpriced": r.unpriced,  # no pricing for the model: the spend is unknown
         "duration_ms": round(r.duration_s * 1000, 3),
         "ttfb_ms": None if r.ttfb_s is None else round(r.ttfb_s * 1000, 3),
         "cache": r.cache,

@@ -96,8 +96,9 @@ class Forwarder:
         cfg = self.config
         names = [ctx.model.name] + [n for n in cfg.fallbacks.get(ctx.model.name, ()) if n != ctx.model.name]
         failures: list[_Failure] = []
-        for name in names:
-            if not self.router.serves(name, ctx.api) or not ctx.permits(name):
+        asked = ctx.body["model"]
+        for name in names:  # a pattern (`claude-*`) serves the name asked for: that is what the caller must be allowed
+            if not self.router.serves(name, ctx.api) or not ctx.permits(asked if name.endswith("*") else name):
                 continue
             for _ in range(1 + cfg.num_retries):
                 if failures and cfg.retry_after:
@@ -431,7 +432,9 @@ class _Finish:
         record.cache_creation_tokens = usage.cache_creation_tokens
         record.reasoning_tokens = usage.reasoning_tokens
         record.tokens_estimated = usage.estimated
-        record.spend = cost(self.state.model.pricing, usage)
+        pricing = self.state.model.pricing_for(self.ctx.body["model"])
+        record.unpriced = pricing is None
+        record.spend = cost(pricing, usage)
         if self.lease is not None:
             self.lease.release(usage)
         if self.trace is not None:

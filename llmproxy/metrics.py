@@ -58,6 +58,9 @@ class Metrics:
                     ("model", "deployment") + team)
         self.define("llmproxy_tokens_total", "counter", "Tokens counted.", ("type", "model", "deployment") + team)
         self.define("llmproxy_spend_usd_total", "counter", "Spend in USD.", ("model", "deployment") + team)
+        self.define("llmproxy_unpriced_requests_total", "counter",
+                    "Answered requests of a model without pricing (their spend is unknown, recorded as 0).",
+                    ("model",))
         self.define("llmproxy_inflight_requests", "gauge", "Requests being served.", ())
         self.define("llmproxy_admin_requests_total", "counter", "Admin API calls by action and status.",
                     ("action", "status"))
@@ -257,6 +260,8 @@ class MetricsSink:
             m.inc("llmproxy_tokens_total", ("completion",) + short, record.completion_tokens)
         if record.spend:
             m.inc("llmproxy_spend_usd_total", short, float(record.spend))
+        elif record.unpriced:
+            m.inc("llmproxy_unpriced_requests_total", (model,))
         if record.cache is not None:  # hit | miss | bypass, set by a cache middleware
             m.inc("llmproxy_cache_requests_total", (record.cache,))
         for attempt in record.attempts:

@@ -41,6 +41,7 @@ from .validate import validate_body
 
 if TYPE_CHECKING:
     from .config import Config, Model
+from .patterns import NameTable
     from .router import Router
 
 STAGES = ("outer", "identity", "request")
@@ -136,7 +137,7 @@ class Route:
 
     def __init__(self, models: dict[str, "Model"], router: "Router",
                  hooks: Sequence[Callable[[Context], Awaitable[None]]]) -> None:
-        self.models = models
+        self.models = NameTable(models)  # exact names, then the longest pattern
         self.router = router
         self.hooks = tuple(hooks)
 
@@ -147,15 +148,18 @@ class Route:
         if model is None:
             record.requested_model = errors.shown(name)
             raise errors.model_not_found(name)
-        record.model = name
+        record.model = model.name  # a pattern's name (`claude-*`) for one it serves: a bounded label
+        if model.name != name:
+            record.requested_model = errors.shown(name)
         api = ctx.api
-        if not self.router.serves(name, api):
+        if not self.router.serves(model.name, api):
             raise errors.invalid_request(
-                f"The model '{name}' is not served through the {_API_NAMES[api]} API; its deployments speak "
-                f"another API (use {self._endpoint_for(name)}).", "model")
-        if not ctx.permits(name):
+                f"The model '{errors.shown(name)}' is not served through the {_API_NAMES[api]} API; its "
+                f"deployments speak another API (use {self._endpoint_for(model.name)}).", "model")
+        if not ctx.permits(name):  # the name asked for: a key's list may hold patterns too
             denial = getattr(ctx.principal, "denial", None)
-            message = denial(name) if denial is not None else f"This key is not allowed to use the model '{name}'."
+            message = denial(errors.shown(name)) if denial is not None else \
+                f"This key is not allowed to use the model '{errors.shown(name)}'."
             raise errors.ProxyError(403, message, "permission_error", None, "model")
         ctx.model = model
         for hook in self.hooks:
@@ -173,23 +177,31 @@ class ModelList:
     """The terminal of `GET /v1/models` and `GET /v1/models/{id}`: the configured models
     this caller may use, in the OpenAI shape, or Anthropic's when the request carries
     `anthropic-version` (then only the models whose deployments speak the Messages API).
-    A model the caller may not use is a 404 like one that does not exist."""
+    A model the caller may not use is a 404 like one that does not exist. Patterns
+    (`claude-*`) are not listed (the names they serve are the upstream's to say), but a
+    name one serves is found by `/v1/models/{id}`."""
 
     def __init__(self, config: "Config", router: "Router | None" = None) -> None:
-        self.names = [m.name for m in config.models]
+        self.names = [m.name for m in config.models if not m.name.endswith("*")]  # patterns are not listed
+        self.table = NameTable({m.name: m.name for m in config.models})
         self.router = router
 
     async def __call__(self, ctx: Context) -> Reply:
         anthropic = "anthropic-version" in ctx.headers
-        names = [n for n in self.names if ctx.permits(n)
-                 and (not anthropic or self.router is None or self.router.serves(n, "messages"))]
+    def _shown(self, ctx: Context, name: str, anthropic: bool) -> bool:
+        configured = self.table.get(name)
+        return configured is not None and ctx.permits(name) and (
+            not anthropic or self.router is None or self.router.serves(configured, "messages"))
+
         request = ctx.request
         wanted = request.match_info.get("model_id") if request is not None else None
-        if wanted is not None:
-            if wanted not in names:
+        if wanted is not None:  # one model: an exact name, or one a pattern serves
+            if not self._shown(ctx, wanted, anthropic):
                 raise errors.model_not_found(wanted)
             body: Any = _anthropic_model(wanted) if anthropic else _openai_model(wanted)
-        elif anthropic:
+            return Reply(200, [("Content-Type", _JSON)], orjson.dumps(body))
+        names = [n for n in self.names if self._shown(ctx, n, anthropic)]
+        if anthropic:
             body = {"data": [_anthropic_model(n) for n in names], "has_more": False,
                     "first_id": names[0] if names else None, "last_id": names[-1] if names else None}
         else:

@@ -82,6 +82,7 @@ def row_of(r: "Record") -> SpendRow:
         cache_hit=r.cache == "hit",
         served_model=storable(r.served_model),
         trace_id=storable(r.trace_id),
+        unpriced=r.unpriced,
     )
 
 

@@ -345,6 +345,9 @@ def test_estimate_and_money():
 def test_estimate_request(api, body, tokens):
     class M:
         pricing = Pricing(input_per_1m=Decimal(1), output_per_1m=Decimal(2))
+
+        def pricing_for(self, name):
+            return self.pricing
     ctx = make_context(body, api=api, model=M())
     assert estimate_request(ctx) == tokens[0] * 1000 + tokens[1] * 2000
     M.pricing = None

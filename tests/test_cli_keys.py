@@ -45,7 +45,7 @@ async def cli(*args: str) -> tuple[int, str, str]:
 async def test_migrate_sqlite(tmp_path):
     config, db = write_config(tmp_path)
     code, out, _ = await cli("migrate", "--config", config)
-    assert code == 0 and out.strip() == f"sqlite {db}: applied 0001_init, 0002_audit_served_model, 0003_key_tags_soft_budget, 0004_spend_trace_id, 0005_subscriptions"
+    assert code == 0 and out.strip() == f"sqlite {db}: applied 0001_init, 0002_audit_served_model, 0003_key_tags_soft_budget, 0004_spend_trace_id, 0005_subscriptions, 0006_spend_unpriced"
     code, out, _ = await cli("migrate", "--config", config)
     assert code == 0 and out.strip() == f"sqlite {db}: up to date"
 
@@ -54,7 +54,7 @@ async def test_migrate_postgres(tmp_path, pg_url):
     path = tmp_path / "pg.yaml"
     path.write_text(yaml.safe_dump({"database_url": pg_url, "models": [{"name": "d", "deployments": [{"provider": "mock"}]}]}))
     code, out, _ = await cli("migrate", "--config", str(path))
-    assert code == 0 and out.strip().endswith(": applied 0001_init, 0002_audit_served_model, 0003_key_tags_soft_budget, 0004_spend_trace_id, 0005_subscriptions") and out.startswith("postgresql ")
+    assert code == 0 and out.strip().endswith(": applied 0001_init, 0002_audit_served_model, 0003_key_tags_soft_budget, 0004_spend_trace_id, 0005_subscriptions, 0006_spend_unpriced") and out.startswith("postgresql ")
     code, out, _ = await cli("migrate", "--config", str(path))
     assert code == 0 and out.strip().endswith(": up to date")
 

@@ -79,7 +79,7 @@ BAD = [
     (model(name="", deployments=[{"provider": "mock"}]), "models[0].name: must not be empty"),
     (model(name="m", deployments={"provider": "mock"}), "models[0].deployments: expected a list, got a mapping"),
     (model(name="m", deployments=[{"provider": "mock"}], pricng={}),
-     "models[0].pricng: unknown key (known: name, deployments, pricing); did you mean 'pricing'?"),
+     "models[0].pricng: unknown key (known: name, deployments, pricing, prices); did you mean 'pricing'?"),
     (cfg(models=["m"]), "models[0]: expected a mapping, got 'm'"),
     (cfg(models=[{"name": "m", "deployments": [{"provider": "mock"}]}] * 2),
      "models[1].name: duplicate model name 'm' (also models[0])"),

@@ -163,7 +163,7 @@ def spend_row(n: int, **fields) -> SpendRow:
 
 def test_every_dialect_has_the_same_versions() -> None:
     assert VERSIONS == ["0001_init", "0002_audit_served_model", "0003_key_tags_soft_budget", "0004_spend_trace_id",
-                        "0005_subscriptions"]
+                        "0005_subscriptions", "0006_spend_unpriced"]
     for dialect in DIALECTS:
         assert [m.version for m in migrations(dialect)] == VERSIONS
 

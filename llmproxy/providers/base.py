@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from ..services import Services
 
 def upstream_body(ctx: "Context", model: str, *, include_usage: bool = False) -> bytes:
-    """The body sent upstream: `ctx.body` naming the deployment's `model` (and with
+    """The body sent upstream: `ctx.body` naming the deployment's `model` (`*`: the
+    client's own name, for a pattern model) (and with
     `stream_options.include_usage` when `include_usage`), written by orjson.
 
     Why not the client's own bytes when nothing changed: orjson writes a 100 KB
@@ -35,7 +36,7 @@ def upstream_body(ctx: "Context", model: str, *, include_usage: bool = False) ->
     twice) would let a server that keeps the first one serve another model than the one
     routed and priced. Written from the parsed body, upstream reads what we read."""
     body = ctx.body
-    if body.get("model") != model:
+    if model != "*" and body.get("model") != model:  # "*": the name the client asked for
         body = {**body, "model": model}
     if include_usage:
         opts = body.get("stream_options")

@@ -65,6 +65,8 @@ class MockProvider(Provider):
             await asyncio.sleep(opts.latency_ms / 1000)
         ptoks = tokenizer.count_tokens(ctx.prompt_text())
         model = self.deployment.model
+        if model == "*":  # a pattern's deployment: the name the client asked for
+            model = str(ctx.body.get("model"))
         if ctx.api == "embeddings":
             return _fixed(self._embeddings(ctx, model, ptoks))
         pieces, cut = self._answer(ctx)

@@ -40,6 +40,8 @@ from datetime import datetime, timezone
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any, Sequence
 
+from ..patterns import matches
+
 UTC = timezone.utc
 NANO = Decimal("1e-9")
 MONEY_LIMIT = Decimal(10**9)
@@ -265,7 +267,8 @@ class SubscriptionInfo:
                 _set(self, name, utc(value, name))
 
     def allows_model(self, name: str) -> bool:
-        return not self.models or "*" in self.models or name in self.models
+        """Exact names and `claude-*` patterns (`llmproxy.patterns`); empty: every model."""
+        return not self.models or any(matches(m, name) for m in self.models)
 
     def limits_for(self, model: str) -> tuple[str, dict[str, int]] | None:
         """(the entry that applies, its limits) for `model`: its own entry, else `"*"`'s;
@@ -301,6 +304,7 @@ class SpendRow:
     cache_hit: bool = False
     served_model: str | None = None  # the model that served it, priced at its prices (a fallback's may differ)
     trace_id: str | None = None  # the request's W3C trace id (32 hex), from tracing or the client's traceparent
+    unpriced: bool = False  # its model has no pricing: `spend` 0 means unknown, not free
 
     def __post_init__(self) -> None:
         _set(self, "started_at", utc(self.started_at, "started_at"))

@@ -45,7 +45,7 @@ _SPEND_TYPES = {
     "deployment": "text", "prompt_tokens": "int8", "completion_tokens": "int8",
     "tokens_estimated": "bool", "spend": "numeric", "status": "int4",
     "duration_ms": "float8", "ttfb_ms": "float8", "cache_hit": "bool", "served_model": "text",
-    "trace_id": "text",
+    "trace_id": "text", "unpriced": "bool",
 }  # fmt: skip
 # One round trip per batch: the rows go as one array per column.
 _INSERT_SPEND = (

@@ -91,6 +91,7 @@ _ENCODINGS: dict[str, tuple[str, Callable[[Any], Any], Callable[[Any], Any]]] = 
     "limits": ("limits", _json, orjson.loads),
     "tokens_estimated": ("tokens_estimated", int, bool),
     "cache_hit": ("cache_hit", int, bool),
+    "unpriced": ("unpriced", int, bool),
 }
 _DECODERS = {column: (name, decode) for name, (column, _, decode) in _ENCODINGS.items()}
 

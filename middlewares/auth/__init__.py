@@ -46,6 +46,7 @@ from llmproxy.context import BODY_APIS
 from llmproxy.middlewares.auth.budgets import Budget, BudgetExceeded, Ledger, Reservation, estimate_request, nanos, usd
 from llmproxy.errors import ProxyError
 from llmproxy.keys import key_hash, same_secret
+from llmproxy.patterns import ModelNames, allow_list
 from llmproxy.store import KeyInfo, StoreUnavailable, TeamInfo
 
 if TYPE_CHECKING:
@@ -70,14 +71,16 @@ class Options:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is asking, as `ctx.principal`. `models` None: every model. `rpm_limit`,
-    `tpm_limit`, `max_parallel_requests` are the key's own; the team's are on `team`."""
+    """Who is asking, as `ctx.principal`. `models`: the allow-lists a model must pass (the
+    key's, the team's, the subscription's; exact names and `claude-*` patterns), none:
+    every model. `rpm_limit`, `tpm_limit`, `max_parallel_requests` are the key's own; the
+    team's are on `team`."""
 
     key_id: str | None
     key_alias: str | None = None
     team_id: str | None = None
     user_id: str | None = None
-    models: frozenset[str] | None = None
+    models: tuple[ModelNames, ...] = ()
     key: KeyInfo | None = None
     team: TeamInfo | None = None
     rpm_limit: int | None = None
@@ -89,16 +92,17 @@ class Principal:
     subscription: Any = None  # the team's SubscriptionInfo, set by the subscription middleware
 
     def allows_model(self, name: str) -> bool:
-        return self.models is None or name in self.models
+        for allowed in self.models:
+            if not allowed.allows(name):
+                return False
+        return True
 
     def with_subscription(self, sub: Any) -> "Principal":
         """This principal under its team's subscription (a `SubscriptionInfo`; asked by the
         subscription middleware): the subscription's models narrow this one's, and its
         budget joins the key's and team's, reserved and settled with them."""
-        models = self.models
-        if sub.models and "*" not in sub.models:
-            allowed = frozenset(sub.models)
-            models = allowed if models is None else models & allowed
+        allowed = allow_list(sub.models)
+        models = self.models + (allowed,) if allowed is not None else self.models
         budget = Budget.of_subscription(sub)
         budgets = self.budgets + (budget,) if budget is not None else self.budgets
         return replace(self, subscription=sub, models=models, budgets=budgets)
@@ -116,24 +120,14 @@ MASTER = Principal(key_id=None, key_alias="master", is_master=True)
 
 def principal_of(key: KeyInfo, team: TeamInfo | None) -> Principal:
     """The principal of a key (and its team, None when it has none or it was deleted)."""
-    models = _allowed(key.models)
-    if team is not None:
-        team_models = _allowed(team.models)
-        if team_models is not None:
-            models = team_models if models is None else models & team_models
+    lists = [allow_list(key.models), allow_list(team.models) if team is not None else None]
+    models = tuple(m for m in lists if m is not None)
     budgets = [Budget.of_key(key), Budget.of_team(team) if team is not None else None]
     return Principal(
         key_id=key.id, key_alias=key.key_alias, team_id=key.team_id, user_id=key.user_id, models=models,
         key=key, team=team, rpm_limit=key.rpm_limit, tpm_limit=key.tpm_limit,
         max_parallel_requests=key.max_parallel_requests, budgets=tuple(b for b in budgets if b is not None),
         expires_at=key.expires_at.timestamp() if key.expires_at is not None else None)
-
-
-def _allowed(models: tuple[str, ...]) -> frozenset[str] | None:
-    """A model list as a set; empty, or containing "*", means every model (None)."""
-    if not models or "*" in models:
-        return None
-    return frozenset(models)
 
 
 class _Entry:

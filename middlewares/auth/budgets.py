@@ -136,7 +136,7 @@ def estimate_request(ctx: "Context", default_max_tokens: int = DEFAULT_MAX_TOKEN
     """A request's estimated cost in nano-dollars: prompt characters / 4 as input tokens,
     `max_tokens` / `max_completion_tokens` (else `default_max_tokens`) as output tokens;
     embeddings produce no output tokens."""
-    pricing = ctx.model.pricing if ctx.model is not None else None
+    pricing = ctx.model.pricing_for(ctx.body["model"]) if ctx.model is not None else None
     if pricing is None:
         return 0
     body = ctx.body

@@ -192,9 +192,9 @@ class Record:
     reasoning_tokens: int = 0
     tokens_estimated: bool = False
     spend: Decimal = Decimal(0)
-    duration_s: float = 0.0
     unpriced: bool = False  # answered by a model without pricing: the spend is unknown, not 0
     ttfb_s: float | None = None
+    duration_s: float = 0.0
     cache: str | None = None  # hit | miss | bypass, set by a cache middleware
     client_disconnected: bool = False
     attempts: list[Attempt] = field(default_factory=list)

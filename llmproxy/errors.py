@@ -61,6 +61,9 @@ class ProxyError(Exception):
         """The SSE error event that ends a stream that already started (SPEC §2)."""
         if api == "messages":
             return b"event: error\ndata: " + self.body(api) + b"\n\n"
+        if api == "responses":  # the Responses API's own error event
+            return b"event: error\ndata: " + orjson.dumps(
+                {"type": "error", "code": self.code or self.type, "message": self.message, "param": self.param}) + b"\n\n"
         return b"data: " + self.body(api) + b"\n\n"
 
     def __repr__(self) -> str:

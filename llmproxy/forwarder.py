@@ -38,7 +38,8 @@ from .errors import ProxyError
 from .pricing import cost
 from .providers.base import Upstream, UpstreamConnectError
 from .sse import SSEParser
-from .usage import AnthropicStreamMeter, OpenAIStreamMeter, Usage, anthropic_usage, openai_usage
+from .usage import (AnthropicStreamMeter, OpenAIStreamMeter, ResponsesStreamMeter, Usage, anthropic_usage,
+                    openai_usage, responses_usage)
 
 if TYPE_CHECKING:
     from .config import Router as RouterConfig
@@ -207,6 +208,8 @@ class Forwarder:
     def _meter(self, ctx: "Context", state: "DeploymentState"):
         if ctx.api == "messages":
             return AnthropicStreamMeter() if ctx.stream else _BodyMeter(anthropic_usage)
+        if ctx.api == "responses":
+            return ResponsesStreamMeter() if ctx.stream else _BodyMeter(responses_usage)
         if ctx.stream:
             drop = not ctx.client_wants_usage and state.deployment.stream_usage
             return OpenAIStreamMeter(drop_usage_chunk=drop)

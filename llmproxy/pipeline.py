@@ -48,9 +48,9 @@ STAGES = ("outer", "identity", "request")
 MAX_DEPTH = 254  # orjson writes at most 254 levels; deeper bodies could not be forwarded
 _JSON = "application/json"
 _API_NAMES = {"chat": "OpenAI Chat Completions", "completions": "OpenAI Completions",
-              "embeddings": "OpenAI Embeddings", "messages": "Anthropic Messages"}
+              "embeddings": "OpenAI Embeddings", "messages": "Anthropic Messages", "responses": "OpenAI Responses"}
 _ENDPOINT = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
-             "embeddings": "/v1/embeddings", "messages": "/v1/messages"}
+             "embeddings": "/v1/embeddings", "messages": "/v1/messages", "responses": "/v1/responses"}
 
 
 def stage_of(mw: Any) -> str:
@@ -186,8 +186,6 @@ class ModelList:
         self.table = NameTable({m.name: m.name for m in config.models})
         self.router = router
 
-    async def __call__(self, ctx: Context) -> Reply:
-        anthropic = "anthropic-version" in ctx.headers
     def _shown(self, ctx: Context, name: str, anthropic: bool) -> bool:
         configured = self.table.get(name)
         return configured is not None and ctx.permits(name) and (
@@ -197,6 +195,8 @@ class ModelList:
         wanted = request.match_info.get("model_id") if request is not None else None
         if wanted is not None:  # one model: an exact name, or one a pattern serves
             if not self._shown(ctx, wanted, anthropic):
+    async def __call__(self, ctx: Context) -> Reply:
+        anthropic = "anthropic-version" in ctx.headers
                 raise errors.model_not_found(wanted)
             body: Any = _anthropic_model(wanted) if anthropic else _openai_model(wanted)
             return Reply(200, [("Content-Type", _JSON)], orjson.dumps(body))

@@ -45,6 +45,7 @@ API_PATHS = {
     "embeddings": ("/v1/embeddings", "/embeddings"),
     "messages": ("/v1/messages", "/messages"),
 }
+    "responses": ("/v1/responses", "/responses"),
 _JSON = "application/json"
 
 

@@ -169,6 +169,10 @@ class FakeUpstream:
             return web.json_response({"object": "list", "model": model,
                                       "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
                                       "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+        if path.endswith("/responses"):
+            if body.get("stream"):
+                return await reply_sse(responses_events(model, self.text_chunks))(request, got)
+            return web.json_response(responses_object(model, self.answer_text()))
         if path.endswith("/messages"):
             if body.get("stream"):
                 return await reply_sse(anthropic_events(model, self.text_chunks))(request, got)
@@ -208,6 +212,42 @@ def openai_events(model: str, pieces: tuple[str, ...] | list[str], with_usage: b
         out.append(b"data: " + orjson.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
                                              "created": 1, "model": model, "choices": [], "usage": u}) + b"\n\n")
     out.append(b"data: [DONE]\n\n")
+    return out
+
+
+def responses_object(model: str, text: str, usage: dict[str, Any] | None = None,
+                     status: str = "completed") -> dict[str, Any]:
+    """A Responses API response, as `POST /v1/responses` answers it."""
+    return {"id": "resp_fake", "object": "response", "created_at": 1, "status": status, "model": model,
+            "output": [{"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
+                        "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "usage": usage if usage is not None else {
+                "input_tokens": 11, "input_tokens_details": {"cached_tokens": 3}, "output_tokens": 7,
+                "output_tokens_details": {"reasoning_tokens": 2}, "total_tokens": 18}}
+
+
+def responses_events(model: str, pieces: tuple[str, ...] | list[str], usage: dict[str, Any] | None = None,
+                     final: str = "response.completed") -> list[bytes]:
+    """A Responses API stream: created, text deltas, done events, then `final` with usage."""
+    out: list[bytes] = []
+
+    def ev(kind: str, **data: Any) -> None:
+        out.append(b"event: " + kind.encode() + b"\ndata: "
+                   + orjson.dumps({"type": kind, "sequence_number": len(out), **data}) + b"\n\n")
+
+    text = "".join(pieces)
+    ev("response.created", response={**responses_object(model, ""), "status": "in_progress", "output": [],
+                                     "usage": None})
+    ev("response.output_item.added", output_index=0,
+       item={"type": "message", "id": "msg_fake", "status": "in_progress", "role": "assistant", "content": []})
+    ev("response.content_part.added", item_id="msg_fake", output_index=0, content_index=0,
+       part={"type": "output_text", "text": "", "annotations": []})
+    for piece in pieces:
+        ev("response.output_text.delta", item_id="msg_fake", output_index=0, content_index=0, delta=piece)
+    ev("response.output_text.done", item_id="msg_fake", output_index=0, content_index=0, text=text)
+    ev(final, response=responses_object(model, text, usage, "completed" if final == "response.completed"
+                                        else final.rsplit(".", 1)[1]))
     return out
 
 

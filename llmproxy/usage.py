@@ -30,10 +30,12 @@ from llmproxy.tokenizer import count_tokens
 __all__ = [
     "AnthropicStreamMeter",
     "OpenAIStreamMeter",
+    "ResponsesStreamMeter",
     "Usage",
     "anthropic_usage",
     "openai_usage",
     "prompt_text",
+    "responses_usage",
 ]
 
 
@@ -105,6 +107,23 @@ def anthropic_usage(body: dict) -> Usage | None:
         cached_tokens=read,
         cache_creation_tokens=write,
     )
+
+
+def _from_responses(usage: dict) -> Usage:
+    """The Responses API's usage: `input_tokens` (cached ones included, as for chat),
+    `output_tokens` (reasoning included), and their details."""
+    return Usage(
+        prompt_tokens=_int(usage.get("input_tokens")),
+        completion_tokens=_int(usage.get("output_tokens")),
+        cached_tokens=_int(_dict(usage.get("input_tokens_details")).get("cached_tokens")),
+        reasoning_tokens=_int(_dict(usage.get("output_tokens_details")).get("reasoning_tokens")),
+    )
+
+
+def responses_usage(body: dict) -> Usage | None:
+    """Usage of a non-streamed Responses API answer (`POST /v1/responses`)."""
+    usage = body.get("usage")
+    return _from_responses(usage) if isinstance(usage, dict) else None
 
 
 def _loads(data: bytes) -> dict | None:
@@ -323,6 +342,72 @@ def _collect_choice(choice: dict, pieces: dict[Any, list[str]]) -> int:
                     pieces.setdefault((index, call.get("index"), key), []).append(value)
                     added += len(value)
     return added
+
+
+class ResponsesStreamMeter:
+    """Reads usage from a Responses API stream: the `response` object of its last event
+    (`response.completed`, or `response.incomplete` / `response.failed`, which carry the
+    usage too); never removes an event. Without one, the `response.output_text.delta`
+    and argument deltas are counted."""
+
+    __slots__ = ("_usage", "_kept", "_events")
+
+    def __init__(self) -> None:
+        self._usage: Usage | None = None
+        self._kept = _Kept(_responses_text)
+        self._events = 0
+
+    @property
+    def events_seen(self) -> int:
+        return self._events
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._usage
+
+    def wants(self, chunk: bytes) -> bool:
+        return _USAGE_ANYWHERE.search(chunk) is not None
+
+    def skip(self, chunk: bytes) -> None:
+        if self._usage is None:
+            self._kept.add(_Chunk(chunk))
+
+    def feed(self, ev: Event) -> bool:
+        self._events += 1
+        data = ev.data
+        if _has_usage_object(data):
+            obj = _loads(data)
+            response = _dict(obj.get("response")) if obj is not None else {}
+            usage = response.get("usage")
+            if isinstance(usage, dict):
+                self._usage = _from_responses(usage)
+                self._kept.clear()
+                return False
+        if self._usage is None and data[:1] == b"{":
+            self._kept.add(data)
+        return False
+
+    def result(self, prompt_text: "str | Callable[[], str]") -> Usage:
+        if self._usage is not None:
+            return self._usage
+        return Usage(prompt_tokens=count_tokens(_text(prompt_text)), completion_tokens=self._kept.count(),
+                     estimated=True)
+
+
+_RESPONSES_DELTAS = {"response.output_text.delta", "response.function_call_arguments.delta",
+                     "response.reasoning_text.delta", "response.reasoning_summary_text.delta",
+                     "response.refusal.delta"}
+
+
+def _responses_text(data: bytes, pieces: dict[Any, list[str]]) -> int:
+    obj = _loads(data)
+    if obj is None or obj.get("type") not in _RESPONSES_DELTAS:
+        return 0
+    delta = obj.get("delta")
+    if not isinstance(delta, str):
+        return 0
+    pieces.setdefault((obj.get("output_index"), obj.get("content_index"), obj.get("type")), []).append(delta)
+    return len(delta)
 
 
 # content_block_delta: delta type -> the field holding generated text
@@ -577,10 +662,48 @@ def _text(text: "str | Callable[[], str]") -> str:
     return text if isinstance(text, str) else text()
 
 
+def _responses_input(value: Any, out: list[str], depth: int = 0) -> None:
+    """The Responses API's `input`: a string, or items (messages whose `content` is a string
+    or parts with `text`, function calls and their outputs)."""
+    if isinstance(value, str):
+        out.append(value)
+        return
+    if not isinstance(value, list) or depth > 8:
+        return
+    for item in value:
+        if isinstance(item, str):
+            out.append(item)
+            continue
+        if not isinstance(item, dict):
+            continue
+        content = item.get("content")
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    out.append(part["text"])
+        for key in ("arguments", "output", "name"):
+            value_ = item.get(key)
+            if isinstance(value_, str):
+                out.append(value_)
+
+
+def _responses_text_of(body: dict, out: list[str]) -> None:
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        out.append(instructions)
+    _responses_input(body.get("input"), out)
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, dict):
+            out.append(_json_text(tool))
+
+
 def prompt_text(body: dict, api: str) -> str:
     """The text of a request a tokenizer should count, for ``api`` in
-    "chat", "completions", "embeddings" or "messages". Never raises; what is not
-    text (images, token ids, unknown shapes) is skipped. Tool definitions are
+    "chat", "completions", "embeddings", "messages" or "responses". Never raises; what
+    is not text (images, token ids, unknown shapes) is skipped. Tool definitions are
     included as JSON.
     """
     if not isinstance(body, dict):
@@ -593,8 +716,10 @@ def prompt_text(body: dict, api: str) -> str:
             _strings(body.get("prompt"), out)
         elif api == "embeddings":
             _strings(body.get("input"), out)
-        elif api == "messages":
+        elif api in ("messages", "count_tokens"):
             _messages_text(body, out)
+        elif api in ("responses", "input_tokens"):
+            _responses_text_of(body, out)
     except RecursionError:  # absurdly nested tool_result content
         pass
     return "\n".join(out)

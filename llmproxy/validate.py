@@ -8,7 +8,9 @@ from typing import Any
 
 from .errors import invalid_request
 
-_BODY_FIELD = {"chat": "messages", "messages": "messages", "completions": "prompt", "embeddings": "input"}
+_BODY_FIELD = {"chat": "messages", "messages": "messages", "completions": "prompt", "embeddings": "input",
+               "responses": "input"}
+_OPTIONAL = frozenset({"responses"})  # `input` may be absent (a stored prompt, a previous response)
 
 
 def _is_int(v: Any) -> bool:
@@ -26,7 +28,7 @@ def validate_body(api: str, body: Any) -> None:
         raise invalid_request("'model' must be a non-empty string.", "model")
     field = _BODY_FIELD[api]
     value = body.get(field)
-    if value is None:
+    if value is None and api not in _OPTIONAL:
         raise invalid_request(f"Missing required parameter: '{field}'.", field)
     if api in ("chat", "messages"):
         if not isinstance(value, list):
@@ -51,9 +53,11 @@ def validate_body(api: str, body: Any) -> None:
     elif api == "completions":
         if not isinstance(value, (str, list)):
             raise invalid_request("'prompt' must be a string or an array.", "prompt")
-    elif api == "embeddings":
-        if not isinstance(value, (str, list)):
+    elif api in ("embeddings", "responses"):
+        if value is not None and not isinstance(value, (str, list)):
             raise invalid_request("'input' must be a string or an array.", "input")
+        if api == "responses" and isinstance(value, list) and not all(isinstance(i, (dict, str)) for i in value):
+            raise invalid_request("'input' items must be objects.", "input")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise invalid_request("'stream' must be a boolean.", "stream")
@@ -65,7 +69,7 @@ def validate_body(api: str, body: Any) -> None:
         if inc is not None and not isinstance(inc, bool):
             raise invalid_request("'stream_options.include_usage' must be a boolean.",
                                   "stream_options.include_usage")
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         v = body.get(name)
         if v is not None and (not _is_int(v) or v < 0):
             raise invalid_request(f"'{name}' must be a non-negative integer.", name)

@@ -47,7 +47,7 @@ class MockOptions:
 
 
 class MockProvider(Provider):
-    apis: ClassVar[frozenset[str]] = frozenset({"chat", "completions", "embeddings", "messages"})
+    apis: ClassVar[frozenset[str]] = frozenset({"chat", "completions", "embeddings", "messages", "responses"})
     requires_api_key: ClassVar[bool] = False
     offline: ClassVar[bool] = True
     Options: ClassVar[type] = MockOptions
@@ -71,6 +71,10 @@ class MockProvider(Provider):
             return _fixed(self._embeddings(ctx, model, ptoks))
         pieces, cut = self._answer(ctx)
         ctoks = tokenizer.count_tokens("".join(pieces))
+        if ctx.api == "responses":
+            if ctx.stream:
+                return _streamed(_responses_events(model, pieces, cut, ptoks, ctoks), opts.chunk_delay_ms)
+            return _fixed(orjson.dumps(_response(model, "".join(pieces), cut, ptoks, ctoks)))
         if ctx.api == "messages":
             stop = "max_tokens" if cut else "end_turn"
             if ctx.stream:
@@ -96,6 +100,8 @@ class MockProvider(Provider):
         limit = body.get("max_tokens")
         if limit is None:
             limit = body.get("max_completion_tokens")
+        if limit is None:
+            limit = body.get("max_output_tokens")
         if type(limit) is not int or limit < 0:
             return list(pieces), False
         kept, used = [], 0
@@ -207,12 +213,65 @@ class MockProvider(Provider):
         return events
 
 
+def _response(model: str, text: str, cut: bool, ptoks: int, ctoks: int, status: str | None = None) -> dict:
+    """A Responses API response object."""
+    done = status is None
+    message = {"type": "message", "id": "msg_mock", "status": "incomplete" if cut else "completed",
+               "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    return {
+        "id": "resp_mock", "object": "response", "created_at": int(time.time()),
+        "status": status or ("incomplete" if cut else "completed"),
+        "incomplete_details": {"reason": "max_output_tokens"} if cut and done else None,
+        "error": None, "model": model, "output": [message] if done else [],
+        "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+        "usage": {"input_tokens": ptoks, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": ctoks,
+                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": ptoks + ctoks} if done else None,
+    }
+
+
+def _responses_events(model: str, pieces: list[str], cut: bool, ptoks: int, ctoks: int) -> list[bytes]:
+    """A Responses API stream: created, the message's item and part, its text deltas, the
+    closing events and `response.completed` (or `.incomplete`) with the usage."""
+    events: list[bytes] = []
+
+    def ev(kind: str, **data: Any) -> None:
+        events.append(b"event: " + kind.encode() + b"\ndata: "
+                      + orjson.dumps({"type": kind, "sequence_number": len(events), **data}) + b"\n\n")
+
+    text = "".join(pieces)
+    item = {"type": "message", "id": "msg_mock", "status": "in_progress", "role": "assistant", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    ev("response.created", response=_response(model, "", False, ptoks, 0, "in_progress"))
+    ev("response.in_progress", response=_response(model, "", False, ptoks, 0, "in_progress"))
+    ev("response.output_item.added", output_index=0, item=item)
+    ev("response.content_part.added", item_id="msg_mock", output_index=0, content_index=0, part=part)
+    for piece in pieces:
+        ev("response.output_text.delta", item_id="msg_mock", output_index=0, content_index=0, delta=piece)
+    ev("response.output_text.done", item_id="msg_mock", output_index=0, content_index=0, text=text)
+    ev("response.content_part.done", item_id="msg_mock", output_index=0, content_index=0, part={**part, "text": text})
+    final = _response(model, text, cut, ptoks, ctoks)
+    ev("response.output_item.done", output_index=0, item=final["output"][0])
+    ev("response.incomplete" if cut else "response.completed", response=final)
+    return events
+
+
 def _last_user_text(ctx: "Context") -> str:
-    """The text of the request's last user turn (chat, messages) or its prompt."""
+    """The text of the request's last user turn (chat, messages, responses) or its prompt."""
     body = ctx.body
     if ctx.api == "completions":
         prompt = body.get("prompt")
         return prompt if isinstance(prompt, str) else ""
+    if ctx.api == "responses":
+        given = body.get("input")
+        if isinstance(given, str):
+            return given
+        users = [i for i in given or [] if isinstance(i, dict) and i.get("role", "user") == "user"]
+        if not users:
+            return ""
+        content = users[-1].get("content")
+        if isinstance(content, str):
+            return content
+        return "".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and isinstance(p.get("text"), str))
     for message in reversed(body.get("messages") or []):
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")

@@ -21,9 +21,10 @@ OPENAI_HOST = "api.openai.com"
 
 
 class OpenAIProvider(HTTPProvider):
-    apis: ClassVar[frozenset[str]] = frozenset({"chat", "completions", "embeddings"})
+    apis: ClassVar[frozenset[str]] = frozenset({"chat", "completions", "embeddings", "responses"})
     default_base = "https://api.openai.com/v1"
-    paths = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+    paths = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
+             "responses": "/responses"}
 
     @classmethod
     def needs_api_key(cls, deployment: "Deployment") -> bool:
@@ -40,5 +41,7 @@ class OpenAIProvider(HTTPProvider):
 
     def request_body(self, ctx: "Context") -> bytes:
         # On a stream, ask upstream to count; the forwarder removes the usage-only chunk again.
-        include_usage = ctx.stream and self.deployment.stream_usage and not ctx.client_wants_usage
+        # (A Responses stream always ends with its usage, in `response.completed`.)
+        include_usage = ctx.stream and self.deployment.stream_usage and not ctx.client_wants_usage \
+            and ctx.api != "responses"
         return upstream_body(ctx, self.deployment.model, include_usage=include_usage)

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from llmproxy.context import Context
     from llmproxy.usage import Usage
 
-OPERATIONS = {"chat": "chat", "messages": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+OPERATIONS = {"chat": "chat", "messages": "chat", "responses": "chat", "completions": "text_completion",
+              "embeddings": "embeddings"}
 REQUEST_PARAMS = (("max_tokens", "gen_ai.request.max_tokens"), ("max_completion_tokens", "gen_ai.request.max_tokens"),
                   ("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p"))
 DEFAULT_ADDRESSES = {"openai": ("api.openai.com", 443), "anthropic": ("api.anthropic.com", 443)}

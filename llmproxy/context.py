@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 # The APIs of the data plane. `BODY_APIS` take a JSON body naming a model; "models" is
 # `GET /v1/models`; "limits" `GET /v1/limits`; "unknown" any path the gateway does not
 # serve; "admin" the admin API.
-BODY_APIS: frozenset[str] = frozenset({"chat", "completions", "embeddings", "messages"})
+BODY_APIS: frozenset[str] = frozenset({"chat", "completions", "embeddings", "messages", "responses"})
 ALL_APIS: frozenset[str] = BODY_APIS | {"models", "limits", "unknown", "admin"}
 
 
@@ -193,8 +193,8 @@ class Record:
     tokens_estimated: bool = False
     spend: Decimal = Decimal(0)
     unpriced: bool = False  # answered by a model without pricing: the spend is unknown, not 0
-    ttfb_s: float | None = None
     duration_s: float = 0.0
+    ttfb_s: float | None = None
     cache: str | None = None  # hit | miss | bypass, set by a cache middleware
     client_disconnected: bool = False
     attempts: list[Attempt] = field(default_factory=list)

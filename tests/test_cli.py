@@ -61,7 +61,7 @@ def test_version():
     ("models:\n  - name: a\n    deployments: [{provider: mock, rpm: abc}]\n",
      "models[0].deployments[0].rpm: expected integer"),
     ("models:\n  - name: a\n    deployments: [{provider: nope}]\n",
-     "models[0].deployments[0].provider: provider 'nope' is not installed (installed: anthropic, mock, openai"),
+     "models[0].deployments[0].provider: provider 'nope' is not installed (installed: anthropic, azure, mock, openai"),
     ("models:\n  - name: a\n    deployments: [{provider: mock}]\nmiddlewares: [nope]\n",
      "middlewares[0].nope: middleware 'nope' is not installed"),
     ("models:\n  - name: a\n    deployments: [{provider: openai, api_key: k}]\n",

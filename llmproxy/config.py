@@ -126,12 +126,12 @@ class Model:
     name: str = field(metadata={"min_len": 1})
     deployments: tuple[Deployment, ...] = field(metadata={"min_len": 1})
     pricing: Pricing | None = None
-
     prices: dict[str, Pricing] = field(default_factory=dict)
 
     def pricing_for(self, name: str) -> Pricing | None:
         """The prices of `name` (the name the client asked for) served by this model."""
         return self.prices.get(name, self.pricing) if self.prices else self.pricing
+
 
 @dataclass(frozen=True)
 class Router:
@@ -644,6 +644,23 @@ def _finish_models(models: tuple[Model, ...]) -> tuple[Model, ...]:
     return tuple(out)
 
 
+def _check_patterns(models: Sequence[Model], errors: list[str]) -> None:
+    """A `*` only at the end of a model name; `prices` only on a pattern, for names it serves."""
+    for i, m in enumerate(models):
+        if "*" in m.name[:-1]:
+            errors.append(f"models[{i}].name: '{m.name}': a '*' may only end a name (a pattern such as 'claude-*')")
+        if m.prices and not m.name.endswith("*"):
+            errors.append(f"models[{i}].prices: only a pattern (a name ending in '*') has prices per name; "
+                          "use pricing")
+        for name in m.prices:
+            if m.name.endswith("*") and not name.startswith(m.name[:-1]):
+                errors.append(f"models[{i}].prices.{name}: not a name '{m.name}' serves")
+        for j, d in enumerate(m.deployments):
+            if d.model is not None and d.model != "*" and "*" in d.model:
+                errors.append(f"models[{i}].deployments[{j}].model: '*' alone sends the client's name; "
+                              f"'{d.model}' is not a name")
+
+
 def _check_fallbacks(router: Router, names: Sequence[str], errors: list[str]) -> None:
     configured = ", ".join(names)
     for source, targets in router.fallbacks.items():
@@ -663,23 +680,6 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None, source: str | 
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-def _check_patterns(models: Sequence[Model], errors: list[str]) -> None:
-    """A `*` only at the end of a model name; `prices` only on a pattern, for names it serves."""
-    for i, m in enumerate(models):
-        if "*" in m.name[:-1]:
-            errors.append(f"models[{i}].name: '{m.name}': a '*' may only end a name (a pattern such as 'claude-*')")
-        if m.prices and not m.name.endswith("*"):
-            errors.append(f"models[{i}].prices: only a pattern (a name ending in '*') has prices per name; "
-                          "use pricing")
-        for name in m.prices:
-            if m.name.endswith("*") and not name.startswith(m.name[:-1]):
-                errors.append(f"models[{i}].prices.{name}: not a name '{m.name}' serves")
-        for j, d in enumerate(m.deployments):
-            if d.model is not None and d.model != "*" and "*" in d.model:
-                errors.append(f"models[{i}].deployments[{j}].model: '*' alone sends the client's name; "
-                              f"'{d.model}' is not a name")
-
-
         raise ConfigError(f"{source or 'config'}: expected a mapping at the top level, got {_describe(data)}")
     errors: list[str] = []
     unset: dict[str, str] = {}
@@ -691,6 +691,8 @@ def _check_patterns(models: Sequence[Model], errors: list[str]) -> None:
     if data.get("models") is not None:
         models = builder.value(tuple[Model, ...], data["models"], "models")
         models_ok = models is not _INVALID
+        if models_ok:
+            _check_patterns(models, errors)
         data["models"] = _finish_models(models) if models_ok else ()
     if "middlewares" in data:
         specs = _middleware_specs(data["middlewares"], errors)
@@ -753,8 +755,6 @@ def parse_yaml(text: str, source: str = "<config>") -> Any:
 
 
 def default_config() -> Config:
-        if models_ok:
-            _check_patterns(models, errors)
     """The config `serve` uses without a file: one offline `mock` model on 127.0.0.1."""
     return parse_config({"models": [{"name": "mock", "deployments": [{"provider": "mock", "model": "mock"}]}]},
                         env={})

@@ -37,11 +37,11 @@ from aiohttp import web
 from . import errors
 from .context import BODY_APIS, Context, Next, Reply
 from .keys import same_secret
+from .patterns import NameTable
 from .validate import validate_body
 
 if TYPE_CHECKING:
     from .config import Config, Model
-from .patterns import NameTable
     from .router import Router
 
 STAGES = ("outer", "identity", "request")
@@ -191,12 +191,12 @@ class ModelList:
         return configured is not None and ctx.permits(name) and (
             not anthropic or self.router is None or self.router.serves(configured, "messages"))
 
+    async def __call__(self, ctx: Context) -> Reply:
+        anthropic = "anthropic-version" in ctx.headers
         request = ctx.request
         wanted = request.match_info.get("model_id") if request is not None else None
         if wanted is not None:  # one model: an exact name, or one a pattern serves
             if not self._shown(ctx, wanted, anthropic):
-    async def __call__(self, ctx: Context) -> Reply:
-        anthropic = "anthropic-version" in ctx.headers
                 raise errors.model_not_found(wanted)
             body: Any = _anthropic_model(wanted) if anthropic else _openai_model(wanted)
             return Reply(200, [("Content-Type", _JSON)], orjson.dumps(body))

@@ -44,8 +44,8 @@ API_PATHS = {
     "completions": ("/v1/completions", "/completions"),
     "embeddings": ("/v1/embeddings", "/embeddings"),
     "messages": ("/v1/messages", "/messages"),
-}
     "responses": ("/v1/responses", "/responses"),
+}
 _JSON = "application/json"
 
 

@@ -29,6 +29,7 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -144,6 +145,23 @@ class Router:
 
 
 @dataclass(frozen=True)
+class Passthrough:
+    """One `passthrough:` route (`llmproxy.passthrough`): any method on `{prefix}/{rest}?{query}`
+    is forwarded to `{api_base}/{rest}?{query}` with the route's key, for the endpoints the
+    gateway does not model (files, batches, audio, images...). `provider` says how the key is
+    sent; `max_body_bytes` bounds an upload (default `server.max_body_bytes`)."""
+
+    prefix: str
+    provider: Literal["openai", "anthropic"]
+    api_base: str
+    api_key: str | None = None
+    max_body_bytes: int | None = field(default=None, metadata={"min": 1})
+    timeout: float = field(default=60.0, metadata={"gt": 0})  # seconds to connect
+    read_timeout: float = field(default=600.0, metadata={"gt": 0})  # seconds without a byte of the answer
+    headers: dict[str, str] = field(default_factory=dict)  # added to every request of the route
+
+
+@dataclass(frozen=True)
 class MiddlewareSpec:
     """One `middlewares:` item: the entry-point name, its raw options, its config path."""
 
@@ -199,6 +217,7 @@ class Config:
     redis_url: str | None = None
     models: tuple[Model, ...] = ()
     router: Router = field(default_factory=Router)
+    passthrough: tuple[Passthrough, ...] = ()  # forwarded as they are (llmproxy.passthrough)
     middlewares: tuple[MiddlewareSpec, ...] = ()
     # Event sinks besides the built-in metrics and access log (server.access_log), by
     # entry-point name in group llmproxy.event_sinks, with options like middlewares.
@@ -674,6 +693,49 @@ def _check_fallbacks(router: Router, names: Sequence[str], errors: list[str]) ->
                 errors.append(f"{path}[{k}]: unknown model '{target}' (configured: {configured})")
 
 
+# The first path segments the gateway serves itself (its own routes and the admin API's; a
+# test compares this with the app's routes): a pass-through prefix may not start with one.
+RESERVED_SEGMENTS = frozenset({"", "v1", "chat", "completions", "embeddings", "messages", "models", "limits",
+                               "responses", "health", "metrics", "key", "team", "user", "spend", "audit",
+                               "subscription"})
+_PREFIX = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer",
+                      "upgrade", "content-encoding", "expect"})
+
+
+def _check_passthrough(routes: Sequence[Passthrough], unset: Mapping[str, str], errors: list[str]) -> None:
+    """Each route's prefix is a path of its own (`/openai`, no trailing `/`, no `.` or `..`)
+    that is none of the gateway's and neither holds nor is held by another route's; its
+    `api_base` is an http(s) URL; a key whose variable is unset is an error (an omitted key
+    sends none: a local OpenAI-compatible server); `headers` leave the framing alone."""
+    seen: dict[str, int] = {}
+    for i, route in enumerate(routes):
+        path = f"passthrough[{i}]"
+        prefix = route.prefix
+        segments = prefix.split("/")[1:]
+        if not _PREFIX.fullmatch(prefix) or any(seg in (".", "..") for seg in segments):
+            errors.append(f"{path}.prefix: {_describe(prefix)} must be a path such as '/openai': it starts with '/', "
+                          "has no empty, '.' or '..' segment and no trailing '/'")
+        elif segments[0] in RESERVED_SEGMENTS:
+            errors.append(f"{path}.prefix: '{prefix}' collides with the gateway's own paths "
+                          f"(/{segments[0]}/...); choose another first segment")
+        else:
+            for other, j in seen.items():
+                if (prefix + "/").startswith(other + "/") or (other + "/").startswith(prefix + "/"):
+                    errors.append(f"{path}.prefix: '{prefix}' overlaps passthrough[{j}].prefix '{other}'")
+            seen.setdefault(prefix, i)
+        base = urllib.parse.urlsplit(route.api_base)
+        if base.scheme not in ("http", "https") or not base.hostname or base.query or base.fragment:
+            errors.append(f"{path}.api_base: {_describe(route.api_base)} must be an http(s) URL without a query, "
+                          "such as https://api.openai.com")
+        if route.api_key is None and f"{path}.api_key" in unset or route.api_key == "":
+            why = env_hint(unset, f"{path}.api_key") or " (it is empty)"
+            errors.append(f"{path}.api_key: required{why}")
+        for name in route.headers:
+            if name.lower() in _FRAMING:
+                errors.append(f"{path}.headers.{name}: the proxy sets this header itself")
+
+
 def parse_config(data: Any, env: Mapping[str, str] | None = None, source: str | None = None) -> Config:
     """Validate already-parsed config `data` (a mapping); raise ConfigError with all problems."""
     env = os.environ if env is None else env
@@ -709,6 +771,7 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None, source: str | 
             _check_fallbacks(config.router, names, errors)
         if config.server.admin_port is not None and config.server.admin_port == config.server.port:
             errors.append(f"server.admin_port: must differ from server.port ({config.server.port})")
+        _check_passthrough(config.passthrough, unset, errors)
     if errors:
         raise ConfigError(errors)
     return dataclasses.replace(config, source=source, unset_env=unset)

@@ -51,10 +51,11 @@ if TYPE_CHECKING:
     from .usage import Usage
 
 # The APIs of the data plane. `BODY_APIS` take a JSON body naming a model; "models" is
-# `GET /v1/models`; "limits" `GET /v1/limits`; "unknown" any path the gateway does not
-# serve; "admin" the admin API.
+# `GET /v1/models`; "limits" `GET /v1/limits`; "passthrough" any request under the prefix
+# of a `passthrough:` route (`llmproxy.passthrough`); "unknown" any path the gateway does
+# not serve; "admin" the admin API.
 BODY_APIS: frozenset[str] = frozenset({"chat", "completions", "embeddings", "messages", "responses"})
-ALL_APIS: frozenset[str] = BODY_APIS | {"models", "limits", "unknown", "admin"}
+ALL_APIS: frozenset[str] = BODY_APIS | {"models", "limits", "passthrough", "unknown", "admin"}
 
 
 class BodyCut(Exception):

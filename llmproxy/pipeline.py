@@ -22,7 +22,11 @@ For an API with a body (`BODY_APIS`), in this order:
 `GET /v1/models` (and `/v1/models/{id}`) takes steps 1, 3 and 6 (the middlewares acting on "models") and the
 model list as its terminal; `GET /v1/limits` likewise, with the limits report (each
 middleware that has something to say fills its part: `describe_limits`); an unknown path takes steps 1 and 2; the admin API takes
-step 1 and the admin terminal (which checks the master key itself). Which APIs a
+step 1 and the admin terminal (which checks the master key itself). A pass-through route
+(`{prefix}/...`, `llmproxy.passthrough`) takes steps 1, 3 and 6 like `/v1/models`, where
+step 3 is every identity middleware whatever its `apis` (the route spends the provider
+account: it must never be open because a middleware did not list it), with the
+pass-through terminal. Which APIs a
 middleware acts on is its `apis` attribute (default `BODY_APIS`), read once here; a
 middleware is never called for another API, so none tests `ctx.api` to opt out.
 """
@@ -268,7 +272,8 @@ def chain_for(api: str, middlewares: Sequence[Any], *, terminal: Callable[[Conte
     else:  # no identity middleware: the built-in stages go before the first request middleware
         first = last = next((i for i, mw in enumerate(middlewares) if stage_of(mw) == "request"),
                             len(middlewares))
-    acts = [mw for mw in middlewares if api in apis_of(mw)]
+    acts = [mw for mw in middlewares if api in apis_of(mw)
+            or (api == "passthrough" and stage_of(mw) == "identity")]  # a route to a provider is never open
     outer = [mw for mw in middlewares[:first] if mw in acts]
     if api == "unknown":
         return _compose(outer, UnknownPath())

@@ -27,6 +27,7 @@ from .errors import ProxyError
 from .forwarder import Forwarder
 from .invalidation import Invalidator
 from .metrics import CONTENT_TYPE, Metrics
+from .passthrough import Passthrough, register as register_passthrough
 from .pipeline import LimitsReport, MasterGate, ModelList, ReadBody, Route, chain_for
 from .plugins import Registry, check_config
 from .router import DeploymentState, Router
@@ -109,7 +110,7 @@ class Gateway:
         read, route = ReadBody(self.max_body), Route(self.models, self.router, hooks)
         describers = [mw for mw in mws if hasattr(mw, "describe_limits")]
         terminals = {"models": ModelList(self.config, self.router), "limits": LimitsReport(self.config, describers),
-                     "admin": self.admin}
+                     "admin": self.admin, "passthrough": Passthrough(self.config, self.services, mws)}
         return {api: chain_for(api, mws, terminal=terminals.get(api, self.forwarder), gate=gate, read=read,
                                route=route)
                 for api in ALL_APIS}
@@ -133,6 +134,7 @@ class Gateway:
         app.router.add_get("/health/readiness", self.readiness)
         app.router.add_get("/metrics", self.metrics)
         self.admin.register(app)  # the admin API here, unless server.admin_port serves it alone
+        register_passthrough(app, self.config.passthrough, self._handler("passthrough"))  # {prefix}/..., any method
         app.router.add_route("*", "/{tail:.*}", self.unknown)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
@@ -254,8 +256,8 @@ class Gateway:
                       request=request)
         self.inflight += 1
         reply: Reply | None = None
-        err_api = "messages" if api == "messages" or (api in ("models", "unknown") and "anthropic-version" in headers) \
-            else "chat"
+        err_api = "messages" if api == "messages" or (
+            api in ("models", "passthrough", "unknown") and "anthropic-version" in headers) else "chat"
         try:
             try:
                 reply = await self.chains[api](ctx)

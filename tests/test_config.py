@@ -64,7 +64,7 @@ BAD = [
     (cfg(server=[1]), "server: expected a mapping, got a list"),
     # top level
     (cfg(modles=[]), "modles: unknown key (known: server, master_key, database_url, redis_url, models, "
-                     "router, middlewares, event_sinks, metrics, database, spend); did you mean 'models'?"),
+                     "router, passthrough, middlewares, event_sinks, metrics, database, spend); did you mean 'models'?"),
     (cfg(source="x"), "source: unknown key"),
     (cfg(master_key=""), "master_key: must not be empty"),
     (cfg(master_key=123), "master_key: expected string, got 123"),

@@ -487,7 +487,7 @@ async def test_spend_logs(make_proxy, upstream, backend):
             "prompt_tokens": 10,
             "completion_tokens": 1, "total_tokens": 11, "tokens_estimated": False, "spend": 0.001, "status": 200,
             "startTime": first["started_at"], "endTime": first["endTime"], "started_at": first["started_at"],
-            "duration_ms": 1500.0, "ttfb_ms": 120.5, "cache_hit": False, "trace_id": None}
+            "duration_ms": 1500.0, "ttfb_ms": 120.5, "cache_hit": False, "trace_id": None, "unpriced": False}
         assert when(first["started_at"]) == day + timedelta(hours=1)
         assert when(first["endTime"]) == day + timedelta(hours=1, milliseconds=1500)
 

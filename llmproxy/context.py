@@ -54,7 +54,13 @@ if TYPE_CHECKING:
 # `GET /v1/models`; "limits" `GET /v1/limits`; "passthrough" any request under the prefix
 # of a `passthrough:` route (`llmproxy.passthrough`); "unknown" any path the gateway does
 # not serve; "admin" the admin API.
-BODY_APIS: frozenset[str] = frozenset({"chat", "completions", "embeddings", "messages", "responses"})
+BODY_APIS: frozenset[str] = frozenset({"chat", "completions", "embeddings", "messages", "responses",
+                                       "count_tokens", "input_tokens"})
+# Token counting (`POST /v1/messages/count_tokens`, `POST /v1/responses/input_tokens`): a
+# body like `messages`' / `responses`', answered by a deployment that speaks it or by the
+# tokenizer here; never billed, never in the spend log, its own small share of a rate.
+COUNT_APIS: frozenset[str] = frozenset({"count_tokens", "input_tokens"})
+BILLED_APIS: frozenset[str] = BODY_APIS - COUNT_APIS  # what the spend log and usage events record
 ALL_APIS: frozenset[str] = BODY_APIS | {"models", "limits", "passthrough", "unknown", "admin"}
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from .context import BODY_APIS
+from .context import BILLED_APIS
 from .periodic import every
 from .spend import SpendWriter, storable
 
@@ -117,7 +117,7 @@ class JsonlSink:
         m.gauge_from(QUEUE_DEPTH, lambda: len(self.pending), labels)
 
     def emit(self, record: "Record") -> None:
-        if record.api not in BODY_APIS:
+        if record.api not in BILLED_APIS:
             return
         if len(self.pending) >= self.options.queue_size:
             self.dropped += 1

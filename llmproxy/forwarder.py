@@ -33,7 +33,7 @@ import orjson
 import structlog
 
 from . import errors, tokenizer
-from .context import Attempt, BodyCut, Reply
+from .context import COUNT_APIS, Attempt, BodyCut, Reply
 from .errors import ProxyError
 from .pricing import cost
 from .providers.base import Upstream, UpstreamConnectError
@@ -206,6 +206,8 @@ class Forwarder:
                     lease.release(None)
 
     def _meter(self, ctx: "Context", state: "DeploymentState"):
+        if ctx.api in COUNT_APIS:  # a count costs nothing and uses no tokens
+            return _BodyMeter(_no_usage)
         if ctx.api == "messages":
             return AnthropicStreamMeter() if ctx.stream else _BodyMeter(anthropic_usage)
         if ctx.api == "responses":
@@ -350,6 +352,10 @@ class _Deadline:
         return self.fired and self.task.uncancel() == 0
 
 
+def _no_usage(body: dict) -> Usage:
+    return Usage()
+
+
 class _BodyMeter:
     """Usage of a non-streamed answer, read from the whole body once it has passed."""
 
@@ -360,6 +366,8 @@ class _BodyMeter:
         self.parse = parse
 
     def result(self, ctx: "Context"):
+        if self.parse is _no_usage:
+            return Usage()
         usage = None
         if self.parts:
             body = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)

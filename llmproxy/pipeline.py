@@ -39,7 +39,7 @@ import orjson
 from aiohttp import web
 
 from . import errors
-from .context import BODY_APIS, Context, Next, Reply
+from .context import BODY_APIS, COUNT_APIS, Context, Next, Reply
 from .keys import same_secret
 from .patterns import NameTable
 from .validate import validate_body
@@ -52,7 +52,8 @@ STAGES = ("outer", "identity", "request")
 MAX_DEPTH = 254  # orjson writes at most 254 levels; deeper bodies could not be forwarded
 _JSON = "application/json"
 _API_NAMES = {"chat": "OpenAI Chat Completions", "completions": "OpenAI Completions",
-              "embeddings": "OpenAI Embeddings", "messages": "Anthropic Messages", "responses": "OpenAI Responses"}
+              "embeddings": "OpenAI Embeddings", "messages": "Anthropic Messages", "responses": "OpenAI Responses",
+              "count_tokens": "Anthropic token counting", "input_tokens": "OpenAI input token counting"}
 _ENDPOINT = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
              "embeddings": "/v1/embeddings", "messages": "/v1/messages", "responses": "/v1/responses"}
 
@@ -156,7 +157,7 @@ class Route:
         if model.name != name:
             record.requested_model = errors.shown(name)
         api = ctx.api
-        if not self.router.serves(model.name, api):
+        if api not in COUNT_APIS and not self.router.serves(model.name, api):  # counting: here, if not there
             raise errors.invalid_request(
                 f"The model '{errors.shown(name)}' is not served through the {_API_NAMES[api]} API; its "
                 f"deployments speak another API (use {self._endpoint_for(model.name)}).", "model")
@@ -175,6 +176,28 @@ class Route:
             if self.router.serves(model, api):
                 return path
         return "another endpoint"
+
+
+class TokenCount:
+    """The terminal of the token-counting APIs (`COUNT_APIS`): the forwarder when one of the
+    model's deployments speaks the API (Anthropic's `count_tokens`, OpenAI's
+    `input_tokens`), else an answer here from the tokenizer (o200k_base: exact for OpenAI's
+    current models, an estimate for others), marked `x-llmproxy-tokens-estimated: true`."""
+
+    def __init__(self, forwarder: Callable[[Context], Awaitable[Reply]], router: "Router") -> None:
+        self.forwarder = forwarder
+        self.router = router
+
+    async def __call__(self, ctx: Context) -> Reply:
+        assert ctx.model is not None
+        if self.router.serves(ctx.model.name, ctx.api):
+            return await self.forwarder(ctx)
+        from .tokenizer import count_tokens
+
+        tokens = count_tokens(ctx.prompt_text())
+        body = {"input_tokens": tokens} if ctx.api == "count_tokens" else \
+            {"object": "response.input_tokens", "input_tokens": tokens}
+        return Reply(200, [("Content-Type", _JSON), ("x-llmproxy-tokens-estimated", "true")], orjson.dumps(body))
 
 
 class ModelList:

@@ -28,7 +28,7 @@ from .forwarder import Forwarder
 from .invalidation import Invalidator
 from .metrics import CONTENT_TYPE, Metrics
 from .passthrough import Passthrough, register as register_passthrough
-from .pipeline import LimitsReport, MasterGate, ModelList, ReadBody, Route, chain_for
+from .pipeline import LimitsReport, MasterGate, ModelList, ReadBody, Route, TokenCount, chain_for
 from .plugins import Registry, check_config
 from .router import DeploymentState, Router
 from .services import Services, open_redis
@@ -46,6 +46,8 @@ API_PATHS = {
     "embeddings": ("/v1/embeddings", "/embeddings"),
     "messages": ("/v1/messages", "/messages"),
     "responses": ("/v1/responses", "/responses"),
+    "count_tokens": ("/v1/messages/count_tokens", "/messages/count_tokens"),
+    "input_tokens": ("/v1/responses/input_tokens", "/responses/input_tokens"),
 }
 _JSON = "application/json"
 
@@ -109,7 +111,9 @@ class Gateway:
         hooks = [mw.routed for mw in mws if getattr(mw, "stage", None) == "identity" and hasattr(mw, "routed")]
         read, route = ReadBody(self.max_body), Route(self.models, self.router, hooks)
         describers = [mw for mw in mws if hasattr(mw, "describe_limits")]
+        counter = TokenCount(self.forwarder, self.router)
         terminals = {"models": ModelList(self.config, self.router), "limits": LimitsReport(self.config, describers),
+                     "count_tokens": counter, "input_tokens": counter,
                      "admin": self.admin, "passthrough": Passthrough(self.config, self.services, mws)}
         return {api: chain_for(api, mws, terminal=terminals.get(api, self.forwarder), gate=gate, read=read,
                                route=route)
@@ -256,7 +260,7 @@ class Gateway:
                       request=request)
         self.inflight += 1
         reply: Reply | None = None
-        err_api = "messages" if api == "messages" or (
+        err_api = "messages" if api in ("messages", "count_tokens") or (
             api in ("models", "passthrough", "unknown") and "anthropic-version" in headers) else "chat"
         try:
             try:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from .context import BODY_APIS
+from .context import BILLED_APIS
 from .periodic import every
 from .store import SpendRow, StoreUnavailable
 from .usage import MAX_TOKENS
@@ -252,7 +252,7 @@ class SpendWriter:
     # --- the request path --------------------------------------------------------------
 
     def emit(self, record: "Record") -> None:
-        if record.api not in BODY_APIS:  # model lists, unknown paths, admin calls (the audit log) cost nothing
+        if record.api not in BILLED_APIS:  # model lists, token counts, unknown paths, admin calls cost nothing
             return
         self.queue.append(record)  # converted to a row off the request path
         if self.wal:

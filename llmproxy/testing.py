@@ -169,6 +169,10 @@ class FakeUpstream:
             return web.json_response({"object": "list", "model": model,
                                       "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
                                       "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+        if path.endswith("/count_tokens"):
+            return web.json_response({"input_tokens": 42})
+        if path.endswith("/input_tokens"):
+            return web.json_response({"object": "response.input_tokens", "input_tokens": 42})
         if path.endswith("/responses"):
             if body.get("stream"):
                 return await reply_sse(responses_events(model, self.text_chunks))(request, got)

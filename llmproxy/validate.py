@@ -9,8 +9,8 @@ from typing import Any
 from .errors import invalid_request
 
 _BODY_FIELD = {"chat": "messages", "messages": "messages", "completions": "prompt", "embeddings": "input",
-               "responses": "input"}
-_OPTIONAL = frozenset({"responses"})  # `input` may be absent (a stored prompt, a previous response)
+               "responses": "input", "count_tokens": "messages", "input_tokens": "input"}
+_OPTIONAL = frozenset({"responses", "input_tokens"})  # `input` may be absent (a stored prompt, a previous response)
 
 
 def _is_int(v: Any) -> bool:
@@ -30,7 +30,7 @@ def validate_body(api: str, body: Any) -> None:
     value = body.get(field)
     if value is None and api not in _OPTIONAL:
         raise invalid_request(f"Missing required parameter: '{field}'.", field)
-    if api in ("chat", "messages"):
+    if api in ("chat", "messages", "count_tokens"):
         if not isinstance(value, list):
             raise invalid_request("'messages' must be an array of message objects.", "messages")
         for i, msg in enumerate(value):
@@ -46,17 +46,17 @@ def validate_body(api: str, body: Any) -> None:
                                       f"messages[{i}].content")
             if isinstance(content, list) and not all(isinstance(p, dict) for p in content):
                 raise invalid_request(f"'messages[{i}].content' parts must be objects.", f"messages[{i}].content")
-        if api == "messages":
+        if api in ("messages", "count_tokens"):
             system = body.get("system")
             if system is not None and not isinstance(system, (str, list)):
                 raise invalid_request("'system' must be a string or an array of blocks.", "system")
     elif api == "completions":
         if not isinstance(value, (str, list)):
             raise invalid_request("'prompt' must be a string or an array.", "prompt")
-    elif api in ("embeddings", "responses"):
+    elif api in ("embeddings", "responses", "input_tokens"):
         if value is not None and not isinstance(value, (str, list)):
             raise invalid_request("'input' must be a string or an array.", "input")
-        if api == "responses" and isinstance(value, list) and not all(isinstance(i, (dict, str)) for i in value):
+        if api != "embeddings" and isinstance(value, list) and not all(isinstance(i, (dict, str)) for i in value):
             raise invalid_request("'input' items must be objects.", "input")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):

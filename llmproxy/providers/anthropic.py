@@ -13,9 +13,9 @@ DEFAULT_VERSION = "2023-06-01"
 
 
 class AnthropicProvider(HTTPProvider):
-    apis: ClassVar[frozenset[str]] = frozenset({"messages"})
+    apis: ClassVar[frozenset[str]] = frozenset({"messages", "count_tokens"})
     default_base = "https://api.anthropic.com"
-    paths = {"messages": "/v1/messages"}
+    paths = {"messages": "/v1/messages", "count_tokens": "/v1/messages/count_tokens"}
 
     def auth_headers(self) -> dict[str, str]:
         return {"x-api-key": self.deployment.api_key} if self.deployment.api_key else {}

@@ -21,10 +21,10 @@ OPENAI_HOST = "api.openai.com"
 
 
 class OpenAIProvider(HTTPProvider):
-    apis: ClassVar[frozenset[str]] = frozenset({"chat", "completions", "embeddings", "responses"})
+    apis: ClassVar[frozenset[str]] = frozenset({"chat", "completions", "embeddings", "responses", "input_tokens"})
     default_base = "https://api.openai.com/v1"
     paths = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
-             "responses": "/responses"}
+             "responses": "/responses", "input_tokens": "/responses/input_tokens"}
 
     @classmethod
     def needs_api_key(cls, deployment: "Deployment") -> bool:

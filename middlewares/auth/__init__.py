@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from llmproxy import errors
-from llmproxy.context import BODY_APIS
+from llmproxy.context import BODY_APIS, COUNT_APIS
 from llmproxy.middlewares.auth.budgets import Budget, BudgetExceeded, Ledger, Reservation, estimate_request, nanos, usd
 from llmproxy.errors import ProxyError
 from llmproxy.keys import key_hash, same_secret
@@ -208,7 +208,7 @@ class Auth:
         """Called by the route stage once the model is known and allowed: reserve the
         request's estimated cost on the key's and team's budgets (429 when one is spent)."""
         principal = ctx.principal
-        if isinstance(principal, Principal) and principal.budgets:
+        if isinstance(principal, Principal) and principal.budgets and ctx.api not in COUNT_APIS:
             reservation = await self._reserve(ctx, principal)
             ctx.cleanups.append(lambda: self._settle(ctx, reservation))
 

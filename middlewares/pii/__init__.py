@@ -136,7 +136,7 @@ class PII:
         policy = self.policy_for(ctx)
         if not policy.entities:
             return await call_next(ctx)
-        if ctx.api == "responses":  # its input items and output events are not read yet: never unmasked
+        if ctx.api in ("responses", "input_tokens"):  # their input items are not read yet: never unmasked
             raise ProxyError(400, "The Responses API is not served while PII redaction is on: its text is not yet "
                                   "masked. Use /v1/chat/completions.", "invalid_request_error", "pii_unsupported_api")
         texts = request_texts(ctx.body, ctx.api)

@@ -92,7 +92,7 @@ def request_texts(body: dict, api: str) -> Texts:
             fn = msg.get("function_call")
             if isinstance(fn, dict) and "arguments" in fn:
                 texts.add_json_text(fn, "arguments")
-    elif api == "messages":
+    elif api in ("messages", "count_tokens"):  # counting sends the same text upstream
         if "system" in body:
             _anthropic_content(texts, body, "system")
         for msg in _list(body.get("messages")):

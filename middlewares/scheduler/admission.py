@@ -17,12 +17,15 @@ import asyncio
 import math
 from typing import TYPE_CHECKING, Any, Awaitable, Iterable
 
+from llmproxy.context import COUNT_APIS
 from llmproxy.errors import ProxyError
 
 from .headers import format_duration, provider_limits, retry_after_seconds
 from .lane import Lane, Refusal, Waiter
-from .limits import DEPLOYMENT, REQUESTS, TOKENS, Demand, Limit, Parallel, demand_of, deployment_limits
+from .limits import DEPLOYMENT, REQUESTS, TOKENS, Demand, Limit, Parallel, demand_of, deployment_limits, tenant_of
 from .table import BucketTable
+
+COUNT_SHARE = 0.1  # of a deployment's rpm, for token counting (`RateScheduler.count_lane`)
 
 if TYPE_CHECKING:
     from llmproxy.config import Deployment
@@ -130,6 +133,7 @@ class RateScheduler:
         self.remote: Any = None  # RedisBuckets, set by the middleware when redis_url is set
         self.poll = math.inf  # seconds between retries of a waiter the mirror cannot predict
         self.lanes: dict[str, Lane] = {}
+        self.count_lanes: dict[str, Lane] = {}  # token counting's own buckets (count_lane)
         self.waiting: set[Lane] = set()
         for dep in deployments:
             self.lanes[dep.id] = Lane(dep, deployment_limits(dep), self)
@@ -138,6 +142,20 @@ class RateScheduler:
         lane = self.lanes.get(dep.id)
         if lane is None:  # a deployment the config did not list (a test building its own)
             lane = self.lanes[dep.id] = Lane(dep, deployment_limits(dep), self)
+        return lane
+
+    def count_lane(self, dep: "Deployment") -> Lane:
+        """The deployment's lane for token counting: a bucket of its own holding
+        `COUNT_SHARE` of the deployment's `rpm` (at least 1 a minute), so counting never
+        takes the requests its Messages or Responses calls need, nor the key's or team's."""
+        lane = self.count_lanes.get(dep.id)
+        if lane is None:
+            limits: tuple[Limit, ...] = ()
+            if dep.rpm is not None:
+                rpm = max(1.0, dep.rpm * COUNT_SHARE)
+                burst = max(1.0, (dep.burst if dep.burst is not None else dep.rpm) * COUNT_SHARE)
+                limits = (Limit(f"dep:{dep.id}:count:requests", DEPLOYMENT, REQUESTS, rpm, burst),)
+            lane = self.count_lanes[dep.id] = Lane(dep, limits, self)
         return lane
 
     # -- the Admission protocol
@@ -176,9 +194,13 @@ class RateScheduler:
                 span.set_attribute("llmproxy.scheduler.wait_seconds", self.clock() - t0)
 
     async def _acquire(self, ctx: "Context", dep: "Deployment") -> Lease | _NoLease:
-        lane = self.lane(dep)
         model = self.model_of.get(dep.id) or (ctx.model.name if ctx.model is not None else dep.id)
-        demand = demand_of(ctx, lane.limits, self.default_max_tokens, model)
+        if ctx.api in COUNT_APIS:
+            lane = self.count_lane(dep)
+            demand = Demand(tenant_of(ctx.principal), lane.limits, (1.0,) * len(lane.limits), (), 0)
+        else:
+            lane = self.lane(dep)
+            demand = demand_of(ctx, lane.limits, self.default_max_tokens, model)
         if not demand:
             return NO_LEASE
         now = self.clock()

@@ -12,7 +12,7 @@ import aiohttp
 import openai
 import pytest
 
-from llmproxy.testing import reply_json, reply_sse, responses_events
+from llmproxy.testing import reply_json, reply_sse, responses_events, responses_object
 
 from .conftest import MASTER, needs, openai_config
 
@@ -129,10 +129,10 @@ async def test_limits_and_the_key_model_list_apply(upstream, make_proxy):
 
 
 @needs("pii")
-async def test_pii_refuses_the_responses_api_rather_than_pass_it_unmasked(upstream, make_proxy):
+async def test_pii_masks_the_responses_api_and_restores_its_answer(upstream, make_proxy):
     proxy = await make_proxy(openai_config(upstream, middlewares=[{"pii": {"mode": "mask"}}]))
-    before = len(upstream.requests)
+    upstream.push(reply_json(200, responses_object("gpt-upstream", "Charged <CREDIT_CARD_1>.")))
     async with sdk(proxy) as client:
-        with pytest.raises(openai.BadRequestError) as refused:
-            await client.responses.create(model="gpt-test", input="my card is 4111 1111 1111 1111")
-    assert refused.value.code == "pii_unsupported_api" and len(upstream.requests) == before
+        r = await client.responses.create(model="gpt-test", input="my card is 4111 1111 1111 1111")
+    assert upstream.requests[-1].json["input"] == "my card is <CREDIT_CARD_1>"  # never the number
+    assert r.output_text == "Charged 4111 1111 1111 1111."  # the caller's own value back

@@ -9,7 +9,10 @@ Per request of the model APIs (`apis` is the default, so the chain never calls i
 2. The texts a provider would read (`llmproxy.middlewares.pii.texts.request_texts`): chat messages
    (strings, text parts, tool-call arguments as JSON, tool results), Anthropic `system`
    and content blocks (text, tool_use input, tool_result content, text documents),
-   the legacy `prompt`, embeddings `input`. Only strings are scanned.
+   the legacy `prompt`, embeddings `input`, the Responses API's `instructions` and `input`
+   (a string or items: messages and their text parts, function call arguments as JSON,
+   tool outputs) and a prompt template's `variables`; token counting's bodies as those of
+   the API they count for. Only strings are scanned.
 3. The spans: built-in recognizers, or a Presidio analyzer (`llmproxy.middlewares.pii.presidio`).
    The spans of long texts are remembered (`llmproxy.middlewares.pii.cache`, `cache_size`), so the
    history a chat sends with every turn is analysed (or sent to Presidio) once.
@@ -19,7 +22,14 @@ Per request of the model APIs (`apis` is the default, so the chain never calls i
    placeholders (`<EMAIL_ADDRESS_1>`, see `llmproxy.middlewares.pii.masking`) and puts the originals
    back into a successful answer: a stream is wrapped and restored as it passes; a JSON
    answer is read whole here (it cannot be restored before its end anyway) and sent as
-   bytes, so the writer frames it with Content-Length in one write.
+   bytes, so the writer frames it with Content-Length in one write. A Responses request
+   that continues a conversation the provider keeps (`previous_response_id`,
+   `conversation`, `item_reference` items) and holds personal data is refused in `mask`
+   mode (400 `pii_stored_conversation`): the stored turns hold placeholders numbered by
+   earlier requests, which this request's numbering would reuse for other values (the
+   model would take one person's placeholder for another's, and the answer would be
+   restored with the wrong values). Such a request without personal data goes on as
+   usual; placeholders from the stored turns come back as they are.
 A request with no entity found goes on untouched, and so does its answer.
 
 Nothing here logs or puts into an error any text of a request or an answer.
@@ -136,9 +146,6 @@ class PII:
         policy = self.policy_for(ctx)
         if not policy.entities:
             return await call_next(ctx)
-        if ctx.api in ("responses", "input_tokens"):  # their input items are not read yet: never unmasked
-            raise ProxyError(400, "The Responses API is not served while PII redaction is on: its text is not yet "
-                                  "masked. Use /v1/chat/completions.", "invalid_request_error", "pii_unsupported_api")
         texts = request_texts(ctx.body, ctx.api)
         if not texts.slots:
             return await call_next(ctx)
@@ -157,6 +164,12 @@ class PII:
             kinds = sorted({s.entity for spans in hits.values() for s in spans})
             raise ProxyError(400, f"The request contains personal data ({', '.join(kinds)}), which this "
                                   "policy does not allow to be sent.", "invalid_request_error", "pii_blocked")
+        if policy.mode == "mask" and ctx.api == "responses" and _continues_stored_conversation(ctx.body):
+            raise ProxyError(400, "The request continues a conversation the provider stores (previous_response_id, "
+                                  "conversation or item_reference) and contains personal data: the stored turns' "
+                                  "placeholders cannot be told apart from this request's. Send the whole conversation "
+                                  "in 'input' (with store: false) instead, or use the redact mode.",
+                             "invalid_request_error", "pii_stored_conversation")
         if policy.mode == "redact":
             texts.write({i: redact(values[i], spans) for i, spans in hits.items()})
             ctx.body_changed()
@@ -285,6 +298,14 @@ async def _read_whole(body: Any) -> bytes:
         if aclose is not None:
             await aclose()
     return b"".join(parts)
+
+
+def _continues_stored_conversation(body: dict) -> bool:
+    """Whether a Responses request builds on turns the provider keeps."""
+    if body.get("previous_response_id") or body.get("conversation"):
+        return True
+    given = body.get("input")
+    return isinstance(given, list) and any(isinstance(i, dict) and i.get("type") == "item_reference" for i in given)
 
 
 def _bounded_put(table: dict, key: Any, value: Any) -> None:

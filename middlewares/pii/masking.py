@@ -13,12 +13,13 @@ Restoring works on decoded string values, never on raw JSON bytes, so an escape 
 
 Streams (`llmproxy.middlewares.pii.streams.RestoredStream`): each text value is tracked on its own
 (an OpenAI choice's content, each of its tool calls' arguments, a completions choice's
-text, an Anthropic content block). The hold-back rule: after a chunk of text, only a
+text, an Anthropic content block, a Responses output item's content part or its function
+call's arguments). The hold-back rule: after a chunk of text, only a
 trailing `<...` that is a proper prefix of one of this request's placeholders is held
 back; everything else goes out at once. A placeholder has no `<` inside, so at most one such tail exists, and it is
 shorter than the longest placeholder. What is held goes out with the next text of the
-same value, or when the value ends (`finish_reason`, `content_block_stop`, the end of the
-stream, an error event, `[DONE]`). An event whose text did not change and that holds
+same value, or when the value ends (`finish_reason`, `content_block_stop`, a Responses
+`.done` event, the end of the stream, an error event, `[DONE]`). An event whose text did not change and that holds
 nothing back passes byte for byte; the others are re-serialized with their `event:`,
 `id:`, `retry:` and comment lines kept.
 """
@@ -30,7 +31,8 @@ from typing import Any, Iterable, Protocol
 
 import orjson
 
-__all__ = ["Vault", "TextRestorer", "restore_answer", "redact", "may_hold_lt", "PLACEHOLDER"]
+__all__ = ["Vault", "TextRestorer", "restore_answer", "restore_item", "restore_output", "redact", "may_hold_lt",
+           "PLACEHOLDER"]
 
 PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*_[0-9]+>")
 _PLACEHOLDER_BYTES = re.compile(rb"<[A-Z][A-Z0-9_]*_[0-9]+>")
@@ -201,6 +203,8 @@ def restore_answer(body: bytes, vault: Vault, api: str) -> bytes:
                 changed |= _restore_at(block, "text", vault, False)
             elif block.get("type") == "tool_use" and "input" in block:
                 changed |= _restore_value(block, "input", vault, 0)
+    elif api == "responses":
+        changed = restore_output(obj, vault)
     elif api in ("chat", "completions"):
         for choice in _list(obj.get("choices")):
             if not isinstance(choice, dict):
@@ -226,6 +230,33 @@ def restore_answer(body: bytes, vault: Vault, api: str) -> bytes:
             if isinstance(fn, dict):
                 changed |= _restore_at(fn, "arguments", vault, True)
     return orjson.dumps(obj) if changed else body
+
+
+def restore_output(response: dict, vault: Vault) -> bool:
+    """A Responses API response object's `output` restored in place; whether it changed."""
+    changed = False
+    for item in _list(response.get("output")):
+        if isinstance(item, dict):
+            changed |= restore_item(item, vault)
+    return changed
+
+
+def restore_item(item: dict, vault: Vault) -> bool:
+    """One output item restored in place: a message's text (and refusal) parts, a function
+    call's `arguments` (JSON text), a custom tool call's `input`. Reasoning is left as the
+    provider wrote it (its summary speaks of the masked request)."""
+    kind = item.get("type")
+    if kind == "message":
+        changed = False
+        for part in _list(item.get("content")):
+            if isinstance(part, dict):
+                changed |= _restore_at(part, "text", vault, False) | _restore_at(part, "refusal", vault, False)
+        return changed
+    if kind == "function_call":
+        return _restore_at(item, "arguments", vault, True)
+    if kind == "custom_tool_call":
+        return _restore_at(item, "input", vault, False)
+    return False
 
 
 def _restore_at(container: dict, key: str, vault: Vault, json: bool) -> bool:

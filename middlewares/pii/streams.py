@@ -1,5 +1,18 @@
-"""Restoring a streamed answer (OpenAI chat and completions, Anthropic messages) as it
-passes; the hold-back rule is in `llmproxy.middlewares.pii.masking`'s docstring."""
+"""Restoring a streamed answer (OpenAI chat and completions, Anthropic messages, OpenAI
+Responses) as it passes; the hold-back rule is in `llmproxy.middlewares.pii.masking`'s
+docstring.
+
+Responses streams: the deltas (`response.output_text.delta`, `.refusal.delta`,
+`.function_call_arguments.delta`, `.custom_tool_call_input.delta`) are restored like chat's
+content, one `TextRestorer` per (output_index, content_index), or per output item for
+arguments; the events that repeat a whole text (`response.output_text.done`'s `text`,
+`response.content_part.done`'s `part`, `response.output_item.done`'s `item`, the
+`response` of `response.completed` / `.incomplete` / `.failed` and of the lifecycle events)
+are restored whole. A value's held text goes out, as a delta event of its own, before the
+event that ends the value (its `.done`, its part's or item's `.done`, the final event, an
+error, the end of the stream); that event carries the `sequence_number` of the event before
+it (the Responses API numbers its events; a client reads the number, none we know checks
+that it grows by one)."""
 
 from __future__ import annotations
 
@@ -8,7 +21,7 @@ from typing import Any, AsyncIterator
 import orjson
 
 from llmproxy.sse import Event, SSEParser
-from .masking import TextRestorer, Vault, may_hold_lt
+from .masking import TextRestorer, Vault, may_hold_lt, restore_item, restore_output
 
 __all__ = ["RestoredStream"]
 
@@ -16,22 +29,36 @@ _BOM = b"\xef\xbb\xbf"
 
 _ENVELOPE = ("id", "object", "created", "model", "system_fingerprint")
 _ANTHROPIC_FLUSH_ALL = frozenset({"message_delta", "message_stop", "error"})
+# Responses: a delta event -> (what its value is, JSON text?); a `.done` event -> (the delta
+# event of its value, the field holding the whole text, JSON text?)
+_RESPONSES_DELTAS = {"response.output_text.delta": False, "response.refusal.delta": False,
+                     "response.function_call_arguments.delta": True, "response.custom_tool_call_input.delta": False}
+_RESPONSES_DONE = {"response.output_text.done": ("response.output_text.delta", "text", False),
+                   "response.refusal.done": ("response.refusal.delta", "refusal", False),
+                   "response.function_call_arguments.done": ("response.function_call_arguments.delta", "arguments",
+                                                             True),
+                   "response.custom_tool_call_input.done": ("response.custom_tool_call_input.delta", "input", False)}
+_RESPONSES_WHOLE = frozenset({"response.created", "response.in_progress", "response.queued"})
+_RESPONSES_END = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
+_IN_PART = frozenset({"response.output_text.delta", "response.refusal.delta"})  # keyed by content_index too
 
 
 class RestoredStream:
-    """An SSE body (OpenAI chat or completions, Anthropic messages) with the originals
-    restored as it streams; `llmproxy.middlewares.pii.masking` has the hold-back rule."""
+    """An SSE body (OpenAI chat or completions, Anthropic messages, OpenAI Responses) with
+    the originals restored as it streams; `llmproxy.middlewares.pii.masking` has the
+    hold-back rule."""
 
-    __slots__ = ("body", "vault", "api", "parser", "slots", "held", "envelope", "done")
+    __slots__ = ("body", "vault", "api", "parser", "slots", "held", "envelope", "items", "done")
 
     def __init__(self, body: AsyncIterator[bytes], vault: Vault, api: str) -> None:
         self.body = body
         self.vault = vault
-        self.api = api  # chat | completions | messages
+        self.api = api  # chat | completions | messages | responses
         self.parser = SSEParser()
         self.slots: dict[tuple, tuple[TextRestorer, str]] = {}  # key -> (restorer, kind)
         self.held: set[tuple] = set()  # keys of slots holding text back
-        self.envelope: dict[str, Any] = {}  # OpenAI: the last chunk's id, model...
+        self.envelope: dict[str, Any] = {}  # OpenAI: the last chunk's id, model...; Responses: its sequence_number
+        self.items: dict[tuple, Any] = {}  # Responses: a held value's key -> its item_id
         self.done = False
 
     def __aiter__(self) -> "RestoredStream":
@@ -84,6 +111,8 @@ class RestoredStream:
             return ev.raw
         if self.api == "messages":
             return self._anthropic(ev)
+        if self.api == "responses":
+            return self._responses(ev)
         return self._openai(ev)
 
     # slots -------------------------------------------------------------------------------
@@ -118,6 +147,8 @@ class RestoredStream:
             text = self._flush(key)
             if self.api == "messages":
                 out.append(_anthropic_delta(key[0], kind, text))
+            elif self.api == "responses":
+                out.append(self._responses_delta(key, kind, text))
             else:
                 out.append(self._openai_delta(key, kind, text))
         return b"".join(out)
@@ -242,6 +273,94 @@ class RestoredStream:
         if kind in _ANTHROPIC_FLUSH_ALL or (obj is None and ev.event in _ANTHROPIC_FLUSH_ALL):
             return self._flush_all() + ev.raw
         return ev.raw  # ping, message_start, unknown: a placeholder may continue after it
+
+
+    # OpenAI Responses ------------------------------------------------------------------------
+
+    def _responses(self, ev: Event) -> bytes:
+        obj = _json_object(ev.data)
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        if kind is None:
+            return self._flush_all() + ev.raw if ev.event in _RESPONSES_END else ev.raw
+        json = _RESPONSES_DELTAS.get(kind)
+        if json is not None:
+            out = self._responses_piece(ev, obj, kind, json)
+        else:
+            out = self._responses_whole(ev, obj, kind)
+        if "sequence_number" in obj:
+            self.envelope["sequence_number"] = obj["sequence_number"]
+        return out
+
+    def _responses_piece(self, ev: Event, obj: dict, kind: str, json: bool) -> bytes:
+        text = obj.get("delta")
+        if not isinstance(text, str):
+            return ev.raw
+        key = _responses_key(obj, kind)
+        new = self._feed(key, text, kind, json)
+        if key in self.held and key not in self.items:
+            self.items[key] = obj.get("item_id")
+        if new == text:
+            return ev.raw
+        obj["delta"] = new
+        return _serialize(ev, obj)
+
+    def _responses_whole(self, ev: Event, obj: dict, kind: str) -> bytes:
+        """An event that ends values (what they hold goes out first) or repeats whole texts."""
+        vault = self.vault
+        changed = False
+        held = b""
+        done = _RESPONSES_DONE.get(kind)
+        if done is not None:
+            key = _responses_key(obj, done[0])
+            held = self._responses_flush(key)
+            text = obj.get(done[1])
+            if isinstance(text, str):
+                new = vault.restore(text, done[2])
+                changed = new != text
+                obj[done[1]] = new
+        elif kind in ("response.content_part.done", "response.content_part.added"):
+            held = self._responses_flush((obj.get("output_index", 0), obj.get("content_index", 0)))
+            part = obj.get("part")
+            if isinstance(part, dict):
+                changed = restore_item({"type": "message", "content": [part]}, vault)
+        elif kind in ("response.output_item.done", "response.output_item.added"):
+            index = obj.get("output_index", 0)
+            if self.held:
+                held = b"".join([self._responses_flush(k) for k in sorted(self.held, key=repr) if k[0] == index])
+            item = obj.get("item")
+            if isinstance(item, dict):
+                changed = restore_item(item, vault)
+        elif kind in _RESPONSES_END or kind in _RESPONSES_WHOLE:
+            if kind in _RESPONSES_END:
+                held = self._flush_all()
+            response = obj.get("response")
+            if isinstance(response, dict):
+                changed = restore_output(response, vault)
+        return held + (_serialize(ev, obj) if changed else ev.raw)
+
+    def _responses_flush(self, key: tuple) -> bytes:
+        if key not in self.held:
+            return b""
+        return self._responses_delta(key, self.slots[key][1], self._flush(key))
+
+    def _responses_delta(self, key: tuple, kind: str, text: str) -> bytes:
+        """A delta event of its own for the text a value held back."""
+        data: dict[str, Any] = {"type": kind, "sequence_number": self.envelope.get("sequence_number"),
+                                "item_id": self.items.pop(key, None), "output_index": key[0]}
+        if kind in _IN_PART:
+            data["content_index"] = key[1]
+        data["delta"] = text
+        if kind == "response.output_text.delta":
+            data["logprobs"] = []
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _responses_key(obj: dict, kind: str) -> tuple:
+    """A Responses value: a content part's text (output_index, content_index), or an output
+    item's arguments or input (output_index, the delta event's name)."""
+    if kind in _IN_PART:
+        return (obj.get("output_index", 0), obj.get("content_index", 0))
+    return (obj.get("output_index", 0), kind)
 
 
 def _json_object(data: bytes) -> Any:

@@ -1,6 +1,7 @@
 """Where a request's texts are: the strings a provider would read, as slots that the PII
 middleware can read and write back (chat messages and tool calls, Anthropic system and
-content blocks, the legacy prompt, embeddings input). Only strings are slots; keys,
+content blocks, the legacy prompt, embeddings input, the Responses API's instructions and
+input items). Only strings are slots; keys,
 numbers and token-id lists are not text. Tool-call arguments are JSON text: their string
 values are the slots, and the arguments are re-serialized when one of them changes, so
 the masked arguments stay valid JSON."""
@@ -78,7 +79,8 @@ class Texts:
 
 
 def request_texts(body: dict, api: str) -> Texts:
-    """The slots of a request body for `api` (chat, completions, embeddings, messages)."""
+    """The slots of a request body for `api` (chat, completions, embeddings, messages,
+    responses)."""
     texts = Texts()
     if api == "chat":
         for msg in _list(body.get("messages")):
@@ -98,6 +100,8 @@ def request_texts(body: dict, api: str) -> Texts:
         for msg in _list(body.get("messages")):
             if isinstance(msg, dict) and "content" in msg:
                 _anthropic_content(texts, msg, "content")
+    elif api in ("responses", "input_tokens"):
+        _responses_request(texts, body)
     elif api in ("completions", "embeddings"):
         field = "prompt" if api == "completions" else "input"
         value = body.get(field)
@@ -122,6 +126,61 @@ def _openai_content(texts: Texts, msg: dict) -> None:
         for part in content:
             if isinstance(part, dict) and part.get("type") == "text" and "text" in part:
                 texts.add(part, "text")
+
+
+def _responses_request(texts: Texts, body: dict) -> None:
+    """`instructions`; `input` as a string or items: messages (`content` a string or parts
+    with `text`: input_text, and the output_text of earlier assistant turns), function and
+    custom tool calls' `arguments` / `input` (arguments as JSON text) and their outputs
+    (a string or parts); a reusable prompt's `variables`. Reasoning items (their
+    `encrypted_content` is the provider's, their summaries its own words about a masked
+    request) and references by id are left as they are."""
+    if "instructions" in body:
+        texts.add(body, "instructions")
+    given = body.get("input")
+    if isinstance(given, str):
+        texts.add(body, "input")
+    for i, item in enumerate(_list(given)):
+        if isinstance(item, str):
+            texts.add(given, i)
+            continue
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind is None or kind == "message":
+            if "content" in item:
+                _responses_parts(texts, item, "content")
+        elif kind == "function_call":
+            if "arguments" in item:
+                texts.add_json_text(item, "arguments")
+        elif kind == "custom_tool_call":
+            if "input" in item:
+                texts.add(item, "input")
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            if "output" in item:
+                _responses_parts(texts, item, "output")
+    prompt = body.get("prompt")
+    variables = prompt.get("variables") if isinstance(prompt, dict) else None
+    if isinstance(variables, dict):
+        for name, value in variables.items():
+            if isinstance(value, str):
+                texts.add(variables, name)
+            elif isinstance(value, dict) and value.get("type") == "input_text" and "text" in value:
+                texts.add(value, "text")
+
+
+def _responses_parts(texts: Texts, item: dict, key: str) -> None:
+    """A string, or a list of parts whose `text` is read (input_text, output_text)."""
+    content = item[key]
+    if isinstance(content, str):
+        texts.add(item, key)
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and "text" in part and part.get("type") in _TEXT_PARTS:
+                texts.add(part, "text")
+
+
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text", None})
 
 
 def _anthropic_content(texts: Texts, container: dict, key: str, depth: int = 0) -> None:

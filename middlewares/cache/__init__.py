@@ -4,7 +4,8 @@ Per request of the model APIs, in this order:
 1. Controls (`llmproxy.middlewares.cache.key`): `Cache-Control` and the body's `cache` field,
    which is removed here so it never reaches the provider. A request that asks for samples
    (`n` > 1, a `temperature` other than 0) is not cached unless `cache_nondeterministic:
-   true`: it is a `bypass`, and so is `no-cache` (no lookup).
+   true`: it is a `bypass`, and so is `no-cache` (no lookup), and a Responses request whose
+   answer changes state the provider keeps (a `conversation`, a `background` run).
 2. The key: SHA-256 of a canonical JSON of what changes the answer, scoped to the tenant
    (`scope: team` by default), so one team never reads another's answer.
 3. Lookup: this process's LRU, then, on a miss, Redis (when there is one: the cache's own
@@ -42,8 +43,8 @@ from llmproxy.context import Reply
 from llmproxy.errors import ProxyError
 from llmproxy.middlewares.cache import convert
 from llmproxy.middlewares.cache.capture import Capture, Flight, tap
-from llmproxy.middlewares.cache.key import (OFF_LOOP_BYTES, Controls, canonical, hash_in_thread, nondeterministic,
-                                            take_controls)
+from llmproxy.middlewares.cache.key import (OFF_LOOP_BYTES, Controls, canonical, hash_in_thread, keeps_state,
+                                            nondeterministic, take_controls)
 from llmproxy.middlewares.cache.store import Entry, LocalStore, RedisStore
 
 if TYPE_CHECKING:
@@ -71,8 +72,7 @@ class Cache:
     """Built once at start as `Cache(options, services)`; called once per request."""
 
     Options = Options
-    # The Responses API is not cached yet (its stream <-> JSON forms are not converted): passed by.
-    apis = frozenset({"chat", "completions", "embeddings", "messages"})
+    apis = frozenset({"chat", "completions", "embeddings", "messages", "responses"})
 
     def __init__(self, options: Options | None, services: "Services | None") -> None:
         self.options = opts = options or Options()
@@ -125,7 +125,8 @@ class Cache:
         `call_next`, so nothing inside it (scheduler, forwarder) runs."""
         controls = take_controls(ctx)
         record = ctx.record
-        if not self.options.cache_nondeterministic and nondeterministic(ctx.body, ctx.api):
+        if keeps_state(ctx.body, ctx.api) or (not self.options.cache_nondeterministic
+                                              and nondeterministic(ctx.body, ctx.api)):
             record.cache = "bypass"
             return await self._onward(ctx, call_next, "bypass", None)
         data = canonical(ctx, self.options.scope, controls.namespace)
@@ -218,7 +219,7 @@ class Cache:
                     body, ctype = entry.body, entry.content_type
             elif ctx.stream:
                 body, ctype = entry.body, entry.content_type
-                if api != "messages":
+                if api in ("chat", "completions"):
                     body = convert.openai_stream_for(body, entry.usage_span, entry.usage, ctx.client_wants_usage)
             else:
                 body, ctype = convert.sse_to_json(api, entry.body, entry.usage), convert.JSON

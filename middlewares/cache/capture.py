@@ -115,11 +115,13 @@ class Capture:
             if not _whole_stream(body, ctx.api):
                 return None
             kind, ctype = "sse", self.content_type or convert.SSE
-            if ctx.api != "messages" and ctx.client_wants_usage:
+            if ctx.api in ("chat", "completions") and ctx.client_wants_usage:
                 span = convert.usage_chunk_span(body)
         else:
             stripped = body.strip()
             if stripped[:1] != b"{" or stripped[-1:] != b"}":
+                return None
+            if ctx.api == "responses" and not convert.whole_response(stripped):
                 return None
             kind, ctype = "json", self.content_type or convert.JSON
         now = self.cache.wall()
@@ -130,7 +132,10 @@ class Capture:
 
 def _whole_stream(body: bytes, api: str) -> bool:
     """Whether a stream ended as a whole answer does: OpenAI's last event is `[DONE]`,
-    Anthropic's `message_stop` (an error event, ours or upstream's, is never last but one)."""
+    Anthropic's `message_stop` (an error event, ours or upstream's, is never last but one),
+    the Responses API's `response.completed` or `.incomplete` (never `.failed`, an error)."""
+    if api == "responses":
+        return convert.responses_end(body) in convert.RESPONSES_DONE
     tail = body[-256:].rstrip()
     if api == "messages":
         return b"message_stop" in tail[-96:] and b"event: error" not in tail

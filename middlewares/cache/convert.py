@@ -2,8 +2,13 @@
 answer of that API, a JSON answer written as that API's stream, and an OpenAI stream with
 or without its usage-only chunk as the client asks (`stream_options.include_usage`).
 
-APIs: OpenAI chat completions and legacy completions, Anthropic messages (embeddings are
-never streamed). Every function here is one pass over the answer (text pieces are joined
+APIs: OpenAI chat completions and legacy completions, Anthropic messages, OpenAI Responses
+(embeddings are never streamed). A Responses stream's JSON answer is the `response` of its
+`response.completed` (or `.incomplete`) event, which is the whole response object; a JSON
+response is written as the events the API streams for it: `response.created` and
+`.in_progress`, then per output item `.output_item.added`, its content parts (added, the
+text or refusal as one delta, done) or its function call's arguments (one delta, done),
+`.output_item.done`, and `response.completed` (or `.incomplete`) with the response. Every function here is one pass over the answer (text pieces are joined
 once, at the end); a body it cannot read raises `ValueError`, and the caller serves a miss
 rather than a broken answer.
 """
@@ -17,6 +22,7 @@ import orjson
 from llmproxy.sse import SSEParser
 
 _OPENAI_ENVELOPE = ("id", "created", "model", "system_fingerprint", "service_tier")
+RESPONSES_DONE = frozenset({"response.completed", "response.incomplete"})  # the last event of a whole answer
 SSE = "text/event-stream; charset=utf-8"
 JSON = "application/json"
 
@@ -59,7 +65,56 @@ def sse_to_json(api: str, body: bytes, usage: tuple[int, int, int, int, int]) ->
         return orjson.dumps(_anthropic_message(body))
     if api in ("chat", "completions"):
         return orjson.dumps(_openai_answer(api, body, usage))
+    if api == "responses":
+        return orjson.dumps(_responses_object(body))
     raise ValueError(f"no stream form for {api}")
+
+
+def responses_end(body: bytes) -> str | None:
+    """The type of a Responses stream's last event (its `event:` line, else its data's
+    `type`); None when there is none. Reads only the last event."""
+    end = len(body)
+    while end and body[end - 1] in b"\r\n":
+        end -= 1
+    lf, crlf = body.rfind(b"\n\n", 0, end), body.rfind(b"\r\n\r\n", 0, end)
+    start = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    events = SSEParser().feed(body[start:end] + b"\n\n")
+    if not events:
+        return None
+    ev = events[-1]
+    if ev.event:
+        return ev.event
+    try:
+        obj = orjson.loads(ev.data)
+    except orjson.JSONDecodeError:
+        return None
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def whole_response(body: bytes) -> bool:
+    """Whether a JSON Responses answer is a finished one (completed, or incomplete as the
+    request's limits made it), not a failed, queued or in-progress one."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and obj.get("status") in ("completed", "incomplete")
+
+
+def _responses_object(body: bytes) -> dict[str, Any]:
+    final = None
+    for name, obj in _objects(body):
+        if not isinstance(obj, dict):
+            continue
+        kind = obj.get("type", name)
+        if kind in ("error", "response.failed"):
+            raise ValueError("the stream holds an error")
+        if kind in RESPONSES_DONE:
+            final = obj.get("response")
+    if not isinstance(final, dict):
+        raise ValueError("the stream is not a whole response")
+    return final
 
 
 class _Choice:
@@ -240,6 +295,8 @@ def json_to_sse(api: str, body: bytes, wants_usage: bool) -> bytes:
         return _anthropic_stream(obj)
     if api in ("chat", "completions"):
         return _openai_stream(api, obj, wants_usage)
+    if api == "responses":
+        return _responses_stream(obj)
     raise ValueError(f"no stream form for {api}")
 
 
@@ -329,6 +386,61 @@ def _anthropic_stream(msg: dict[str, Any]) -> bytes:
                                                   "stop_sequence": msg.get("stop_sequence")},
                                         "usage": {"output_tokens": usage.get("output_tokens", 0)}}))
     out.append(_event("message_stop", {"type": "message_stop"}))
+    return b"".join(out)
+
+
+def _responses_stream(obj: dict[str, Any]) -> bytes:
+    status = obj.get("status")
+    output = obj.get("output")
+    if status not in ("completed", "incomplete") or not isinstance(output, list):
+        raise ValueError("the stored answer is not a finished response")
+    out: list[bytes] = []
+
+    def ev(kind: str, **data: Any) -> None:
+        out.append(_event(kind, {"type": kind, "sequence_number": len(out), **data}))
+
+    start = {**obj, "status": "in_progress", "output": [], "usage": None}
+    if "incomplete_details" in obj:
+        start["incomplete_details"] = None
+    ev("response.created", response=start)
+    ev("response.in_progress", response=start)
+    for i, item in enumerate(output):
+        if not isinstance(item, dict):
+            raise ValueError("an output item is not an object")
+        kind, item_id = item.get("type"), item.get("id")
+        if kind == "message":
+            ev("response.output_item.added", output_index=i, item={**item, "status": "in_progress", "content": []})
+            content = item.get("content")
+            for j, part in enumerate(content if isinstance(content, list) else ()):
+                if not isinstance(part, dict):
+                    raise ValueError("a content part is not an object")
+                at = {"item_id": item_id, "output_index": i, "content_index": j}
+                ptype = part.get("type")
+                if ptype == "output_text":
+                    text = part.get("text") or ""
+                    ev("response.content_part.added", **at, part={**part, "text": "", "annotations": []})
+                    if text:
+                        ev("response.output_text.delta", **at, delta=text, logprobs=[])
+                    ev("response.output_text.done", **at, text=text, logprobs=[])
+                elif ptype == "refusal":
+                    refusal = part.get("refusal") or ""
+                    ev("response.content_part.added", **at, part={**part, "refusal": ""})
+                    if refusal:
+                        ev("response.refusal.delta", **at, delta=refusal)
+                    ev("response.refusal.done", **at, refusal=refusal)
+                else:
+                    ev("response.content_part.added", **at, part=part)
+                ev("response.content_part.done", **at, part=part)
+        elif kind == "function_call":
+            args = item.get("arguments") or ""
+            ev("response.output_item.added", output_index=i, item={**item, "arguments": "", "status": "in_progress"})
+            if args:
+                ev("response.function_call_arguments.delta", item_id=item_id, output_index=i, delta=args)
+            ev("response.function_call_arguments.done", item_id=item_id, output_index=i, arguments=args)
+        else:  # reasoning, tool calls of the provider's own...: whole when added, as they are done
+            ev("response.output_item.added", output_index=i, item=item)
+        ev("response.output_item.done", output_index=i, item=item)
+    ev("response.completed" if status == "completed" else "response.incomplete", response=obj)
     return b"".join(out)
 
 

@@ -13,6 +13,16 @@ The key is a SHA-256 of a canonical JSON (orjson, keys sorted at every level) of
 A stream and a non-stream request for the same thing share a key (one answers the other).
 The key is never shown to a client nor logged.
 
+The Responses API's server-side state: `previous_response_id` is part of the key (an id
+names one stored response, which never changes, so the same id and input is the same
+question). `store` is keyed there, as what it means (absent is true): the id of an answer
+made with `store: false` was never kept by the provider, so it must not answer a request
+that will continue from its id; an answer made with `store: true` has an id the provider
+keeps, and a hit hands that id on (a follow-up from it works as from the first caller's).
+A request with a `conversation` (the provider appends each answer to it: a hit would
+leave it behind) or `background: true` (the answer is a handle to poll) is never cached
+(`keeps_state`).
+
 Controls come from `Cache-Control` (`no-cache`, `no-store`, `max-age=N`) and LiteLLM's body
 field `cache` (`no-cache`, `no-store`, `ttl`, `s-maxage`, `namespace`), which `take_controls`
 removes from the body before it goes upstream.
@@ -32,7 +42,9 @@ from llmproxy import errors
 if TYPE_CHECKING:
     from llmproxy.context import Context
 
-# Body fields that do not change the answer: how it is delivered, who asks, what to log.
+# Body fields that do not change the answer: how it is delivered, who asks, what to log
+# (the Responses API's `store` is keyed again by `canonical`: there it decides whether the
+# answer's id can be continued from).
 UNKEYED = frozenset({"stream", "stream_options", "user", "metadata", "cache", "store", "safety_identifier",
                      "prompt_cache_key"})
 KEYED_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta")
@@ -133,6 +145,12 @@ def nondeterministic(body: dict[str, Any], api: str) -> bool:
     return temperature is not None and temperature != 0
 
 
+def keeps_state(body: dict[str, Any], api: str) -> bool:
+    """Whether answering the request changes state the provider keeps, which a stored
+    answer would not: a Responses `conversation`, or a `background` run."""
+    return api == "responses" and (body.get("conversation") is not None or body.get("background") is True)
+
+
 def tenant(ctx: "Context", scope: str) -> str:
     """Whose answers these are: `team` (a key without a team is a tenant of its own),
     `key`, or `global` (everyone). The master key and an unauthenticated gateway are one
@@ -153,6 +171,8 @@ def canonical(ctx: "Context", scope: str, namespace: str) -> bytes:
     """The canonical JSON the key is the hash of (see the module docstring)."""
     body = ctx.body
     keyed = {k: v for k, v in body.items() if k not in UNKEYED}
+    if ctx.api == "responses":
+        keyed["store"] = body.get("store") is not False  # the provider's default is true
     headers = ctx.headers
     beta = None
     if "anthropic-version" in headers or "anthropic-beta" in headers or "openai-beta" in headers:

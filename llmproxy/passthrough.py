@@ -60,6 +60,7 @@ from . import errors
 from .config import Deployment
 from .context import Attempt, BodyCut, Context, Reply
 from .forwarder import response_headers
+from .patterns import NameTable
 from .providers.anthropic import DEFAULT_VERSION
 from .providers.base import FORWARD_HEADERS
 from .usage import MAX_TOKENS, Usage, anthropic_usage, openai_usage
@@ -149,7 +150,7 @@ class Passthrough:
     def __init__(self, config: "Config", services: "Services", middlewares: Sequence[Any] = ()) -> None:
         self.routes = [_Route(r, config.server.max_body_bytes) for r in config.passthrough]
         self.max_json = config.server.max_body_bytes
-        self.models = {m.name: m for m in config.models}
+        self.models = NameTable({m.name: m for m in config.models})  # exact names, then patterns
         self.services = services
         self.admission: Admission | None = next(
             (a for a in (getattr(mw, "admission", None) for mw in middlewares) if hasattr(a, "acquire")), None)
@@ -209,7 +210,8 @@ class Passthrough:
             status = resp.status
             record.attempts.append(_attempt(route, status, time.perf_counter() - t0))
             length = resp.content_length if "Content-Encoding" not in resp.headers else None
-            sniff = _Sniff() if 200 <= status < 300 and _is_json(resp.headers.get("Content-Type")) and (
+            ctype = resp.headers.get("Content-Type")
+            sniff = _Sniff() if 200 <= status < 300 and ctype is not None and _is_json(ctype) and (
                 length is None or length <= SNIFF_BYTES) else None
             out_headers = response_headers(list(resp.headers.items()))
             retry_after = resp.headers.get("Retry-After")
@@ -249,8 +251,8 @@ class Passthrough:
         record = ctx.record
         model = self.models.get(name)
         if model is not None:
-            record.model = name
-        else:
+            record.model = model.name  # a configured name (a pattern's for one it serves): a bounded label
+        if model is None or model.name != name:
             record.requested_model = errors.shown(name)
         if not ctx.permits(name):
             denial = getattr(ctx.principal, "denial", None)

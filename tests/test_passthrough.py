@@ -247,12 +247,15 @@ async def test_a_keys_model_list_applies_to_a_json_body_naming_a_model(upstream,
         assert "dall-e-3" in denied.value.message
         made = await oai.images.generate(model="gpt-image-1", prompt="a cat")
         assert made.data[0].b64_json == "aGk="
-    assert len(upstream.requests) == 1  # the refused one never left
+        upstream.push(reply_json(200, image))
+        await oai.images.generate(model="gpt-test", prompt="a cat")  # a configured name: the record's model
+    assert len(upstream.requests) == 2  # the refused one never left
     got = upstream.requests[0]
     assert got.path == "/v1/images/generations" and got.json == {"model": "gpt-image-1", "prompt": "a cat"}
     no_client_key(got, key)
-    refused, served = passthrough_records(proxy)
+    refused, served, configured = passthrough_records(proxy)
     assert (refused.status, refused.requested_model, refused.error_type) == (403, "dall-e-3", "permission_error")
+    assert (served.model, served.requested_model, configured.model) == (None, "gpt-image-1", "gpt-test")
     assert (served.status, served.prompt_tokens, served.completion_tokens) == (200, 12, 30)
     assert served.spend == 0
 
@@ -366,8 +369,10 @@ async def test_header_hygiene_both_ways(upstream, make_proxy):
         assert name not in got
     assert got["user-agent"] != "client/1"
     no_client_key(upstream.requests[0], MASTER)
-    assert set(got) <= set(REQUEST_HEADERS) | {"authorization", "accept-encoding", "host", "content-length",
-                                               "user-agent"}
+    # (sentry-trace and baggage: added to every outgoing request once a test has installed Sentry's
+    # aiohttp integration, which patches the client session process-wide)
+    assert set(got) - {"sentry-trace", "baggage"} <= set(REQUEST_HEADERS) | {
+        "authorization", "accept-encoding", "host", "content-length", "user-agent"}
     for name in ("set-cookie", "x-ratelimit-remaining-requests", "openai-organization", "x-hop"):
         assert name not in shown
     assert (shown["retry-after"], shown["content-disposition"], shown["openai-processing-ms"]) == ("7", "inline", "12")
@@ -538,3 +543,86 @@ async def test_a_passthrough_record_is_counted_by_the_metrics(upstream, make_pro
         async with s.get(proxy.url + "/metrics") as r:
             text = await r.text()
     assert 'deployment="passthrough:/openai"' in text
+
+
+async def test_every_identity_middleware_guards_the_route_whatever_it_lists():
+    """The pass-through chain takes identity middlewares that do not list "passthrough"
+    (a plugin written before the API existed), and only the others that do."""
+    from llmproxy.pipeline import chain_for
+    from llmproxy.testing import make_context, ok_reply
+
+    seen = []
+
+    class Gate:
+        stage, apis = "identity", frozenset({"chat"})
+
+        async def __call__(self, ctx, call_next):
+            seen.append("gate")
+            return await call_next(ctx)
+
+    class Later:
+        apis = frozenset({"chat"})
+
+        async def __call__(self, ctx, call_next):
+            seen.append("later")
+            return await call_next(ctx)
+
+    class Listed(Later):
+        apis = frozenset({"passthrough"})
+
+        async def __call__(self, ctx, call_next):
+            seen.append("listed")
+            return await call_next(ctx)
+
+    async def terminal(ctx):
+        seen.append("terminal")
+        return ok_reply()
+
+    chain = chain_for("passthrough", [Gate(), Later(), Listed()], terminal=terminal)
+    await chain(make_context({}, api="passthrough"))
+    assert seen == ["gate", "listed", "terminal"]
+
+
+@needs("tracing", "auth")
+async def test_a_traced_passthrough_request(upstream, make_proxy):
+    from .test_tracing import finished, spans_of
+
+    proxy = await make_proxy(config(upstream, middlewares=["tracing", "auth"]))
+    exporter = spans_of(proxy)
+    upstream.push(reply_json(200, {"object": "list", "data": []}))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.url + "/openai/v1/files") as r:
+            assert r.status == 401
+        async with s.get(proxy.url + "/openai/v1/files", headers={"Authorization": f"Bearer {MASTER}"}) as r:
+            assert r.status == 200
+    spans = await finished(exporter, 3)
+    names = sorted(s.name for s in spans)
+    assert names == ["GET /openai/v1/files", "GET /openai/v1/files", "llmproxy.passthrough"]
+    inner = next(s for s in spans if s.name == "llmproxy.passthrough")
+    assert inner.attributes["llmproxy.passthrough.prefix"] == "/openai"
+    assert all(r.trace_id for r in passthrough_records(proxy))
+
+
+async def test_a_client_leaving_mid_download_cuts_the_upstream(upstream, make_proxy):
+    proxy = await make_proxy(config(upstream))
+
+    async def endless(request, got):
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        for _ in range(10_000):  # until the proxy closes the connection
+            await resp.write(b"x" * 4096)
+            await asyncio.sleep(0.005)
+        return resp
+
+    upstream.push(endless)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {MASTER}"}) as s:
+        resp = await s.get(proxy.url + "/openai/v1/files/file-abc/content")
+        assert len(await resp.content.readexactly(20_000)) == 20_000
+        resp.close()
+    await asyncio.wait_for(upstream.disconnected.wait(), 10)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while not passthrough_records(proxy) and loop.time() < end:
+        await asyncio.sleep(0.01)
+    rec = passthrough_records(proxy)[-1]
+    assert rec.client_disconnected and rec.status == 499

@@ -121,6 +121,7 @@ def install(config: "Config", env: Mapping[str, str] = os.environ) -> bool:
     sentry_sdk.init(
         dsn=dsn, integrations=[AioHttpIntegration()], include_local_variables=False,
         max_request_body_size="never", traces_sample_rate=None, release=f"llmproxy@{__version__}",
+        trace_propagation_targets=[],  # no sentry-trace / baggage on upstream requests: they carry the DSN's key
         environment=env.get("SENTRY_ENVIRONMENT"),
         before_send=lambda event, hint: scrub(event, secrets),
         before_breadcrumb=lambda crumb, hint: _walk(crumb, secrets))

@@ -324,7 +324,7 @@ def test_every_step_is_linear_in_its_input(what, make, run, n):
 
 
 def test_copying_a_stream_for_the_cache_is_linear():
-    ratio = growth(_tapped, _run_tap, 500)
+    ratio = min(growth(_tapped, _run_tap, 500) for _ in range(3))  # the least disturbed of three runs
     assert ratio < 40, ratio
 
 

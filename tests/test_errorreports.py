@@ -104,6 +104,15 @@ async def test_a_500_and_an_error_line_reach_sentry_scrubbed(make_proxy, upstrea
         assert secret not in sent, secret
     assert "[Filtered]" in sent  # the key in the exception's message, replaced
 
+    # With Sentry on, an upstream request carries no sentry-trace or baggage (the DSN's key)
+    plain = await make_proxy(openai_config(upstream))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(plain.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {MASTER}"},
+                          json={"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status == 200
+    sent_headers = {k.lower() for k in upstream.requests[-1].headers}
+    assert "sentry-trace" not in sent_headers and "baggage" not in sent_headers
+
 
 def test_without_a_dsn_nothing_is_installed():
     from llmproxy import errorreports

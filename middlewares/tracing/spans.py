@@ -201,7 +201,11 @@ class RequestTracer:
         link = owner.options.link_client_trace and client is not None
         method = ctx.request.method if ctx.request is not None else "POST"
         path = owner.path_of(ctx)
-        name = method if ctx.api == "unknown" else f"{method} {path}"  # an unknown path is no route
+        # The route's template, not the path (a pass-through's `/openai/v1/files/file-abc` is
+        # `/openai/{tail:.*}`): span names stay few. An unknown path is no route.
+        resource = getattr(getattr(getattr(ctx.request, "match_info", None), "route", None), "resource", None)
+        template = getattr(resource, "canonical", None) or path
+        name = method if ctx.api == "unknown" else f"{method} {template}"
         span = start_span(owner, name, client, SpanKind.SERVER, {
             "http.request.method": method, "url.path": path, "llmproxy.request_id": ctx.record.request_id,
             "llmproxy.api": ctx.api}, links=[Link(client)] if link else (), root=link)

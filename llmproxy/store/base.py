@@ -403,10 +403,15 @@ class Store(abc.ABC):
     async def update_key(self, id: str, **fields: Any) -> KeyInfo:
         """Set the given fields (any KeyInfo field but id and timestamps; TypeError
         otherwise) and `updated_at`, atomically; returns the key. NotFound."""
-        updates = clean_updates("key", fields)
-        found = await self._update_record("key", id, updates) if updates else await self.key(id)
+        return await self._updated("key", id, fields, self.key)
+
+    async def _updated(self, kind: str, ident: str, fields: dict[str, Any], read: Any) -> Any:
+        """`update_key`/`update_team`/`update_subscription`: the checked fields applied (or,
+        with none, the record read), NotFound when there is no such record."""
+        updates = clean_updates(kind, fields)
+        found = await self._update_record(kind, ident, updates) if updates else await read(ident)
         if found is None:
-            raise NotFound(f"key {id} not found")
+            raise NotFound(f"{kind} {ident} not found")
         return found
 
     @abc.abstractmethod
@@ -435,11 +440,7 @@ class Store(abc.ABC):
 
     async def update_team(self, team_id: str, **fields: Any) -> TeamInfo:
         """Like `update_key`. NotFound."""
-        updates = clean_updates("team", fields)
-        found = await self._update_record("team", team_id, updates) if updates else await self.team(team_id)
-        if found is None:
-            raise NotFound(f"team {team_id} not found")
-        return found
+        return await self._updated("team", team_id, fields, self.team)
 
     # -- what the implementation (SqlStore) provides for the shared methods above
 
@@ -478,12 +479,7 @@ class Store(abc.ABC):
 
     async def update_subscription(self, subscription_id: str, **fields: Any) -> SubscriptionInfo:
         """Like `update_key` (the team cannot change). NotFound."""
-        updates = clean_updates("subscription", fields)
-        found = (await self._update_record("subscription", subscription_id, updates) if updates
-                 else await self.subscription(subscription_id))
-        if found is None:
-            raise NotFound(f"subscription {subscription_id} not found")
-        return found
+        return await self._updated("subscription", subscription_id, fields, self.subscription)
 
     @abc.abstractmethod
     async def delete_subscriptions(self, ids: Sequence[str]) -> list[SubscriptionInfo]:

@@ -615,3 +615,306 @@ def test_alert_rule_checks_catch_a_broken_file(mutate, expected):
     mutate(doc)
     problems = rules_problems(doc, "alert")
     assert any(expected in p for p in problems), problems
+
+
+# --------------------------------------------------------------------------- Helm chart
+
+# The chart's kubeVersion floor and the newest schemas kubernetes-validate ships.
+KUBE_VERSIONS = ("1.25.0", "latest")
+ALL_ON = {"ingress": {"enabled": True, "tls": [{"hosts": ["llmproxy.example.com"], "secretName": "tls"}]},
+          "serviceMonitor": {"enabled": True}, "podAnnotations": {"a": "b"}}
+HPA_OFF = {"autoscaling": {"enabled": False}, "replicaCount": 3, "podDisruptionBudget": {"enabled": False}}
+
+
+def helm_sdk():
+    try:
+        import helm_python
+    except ImportError:
+        tool("helm-python-sdk")  # fails where the wheel exists, skips elsewhere
+    return helm_python
+
+
+def render(values: dict | None = None, name: str = "prod") -> dict[str, list[dict]]:
+    """{template path: [manifests]} rendered by Helm's own engine, as an install would."""
+    helm = helm_sdk()
+    with helm.Chart.load(str(CHART)) as chart:
+        out = chart.render(values or {}, name=name, namespace="llm", is_install=True)
+    return {path: [d for d in yaml.safe_load_all(text) if d] for path, text in out.items()}
+
+
+def manifests(rendered: dict[str, list[dict]]) -> list[dict]:
+    return [m for docs in rendered.values() for m in docs]
+
+
+def one(docs: list[dict], kind: str, hook: bool | None = None) -> dict:
+    """The one manifest of `kind` (a hook or not, when `hook` says)."""
+    found = [d for d in docs if d["kind"] == kind and (
+        hook is None or ("helm.sh/hook" in d["metadata"].get("annotations", {})) == hook)]
+    assert len(found) == 1, f"{len(found)} {kind}"
+    return found[0]
+
+
+def gateway_config_of(configmap: dict) -> dict:
+    return yaml.safe_load(configmap["data"]["llmproxy.yaml"])
+
+
+def chart_problems(docs: list[dict], values: dict) -> list[str]:
+    """The chart's invariants on what it rendered."""
+    problems = []
+    kinds = [d["kind"] for d in docs]
+    if "Secret" in kinds:
+        problems.append("the chart renders a Secret: secrets come from existingSecret only")
+    dep = one(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    cms = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    used = [v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v]
+    if not used or used[0] not in cms:
+        return problems + ["the Deployment mounts no ConfigMap of the chart"]
+    config = gateway_config_of(cms[used[0]])
+    server = config.get("server", {})
+    drain, graceful = server.get("drain_delay", 0), server.get("graceful_timeout", 30)
+    if c.get("readinessProbe", {}).get("httpGet", {}).get("path") != "/health/readiness":
+        problems.append("readinessProbe is not GET /health/readiness")
+    if c.get("livenessProbe", {}).get("httpGet", {}).get("path") != "/health/liveliness":
+        problems.append("livenessProbe is not GET /health/liveliness")
+    pre = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    if len(pre) != 2 or pre[0] != "sleep" or float(pre[1]) != float(drain):
+        problems.append(f"preStop {pre} does not sleep server.drain_delay ({drain})")
+    sleep = float(pre[1]) if len(pre) == 2 else 0
+    if not pod.get("terminationGracePeriodSeconds", 30) > sleep + drain + graceful:
+        problems.append(f"terminationGracePeriodSeconds {pod.get('terminationGracePeriodSeconds')} is not "
+                        f"above preStop + drain_delay + graceful_timeout ({sleep:g} + {drain} + {graceful})")
+    secret = values["existingSecret"]
+    refs = [e.get("secretRef", {}).get("name") for e in c.get("envFrom", [])]
+    if refs != [secret]:
+        problems.append(f"Deployment: envFrom is {refs}, not the existing Secret {secret!r}")
+    if c.get("ports", [{}])[0].get("containerPort") != server.get("port"):
+        problems.append("containerPort differs from server.port")
+    if not c.get("resources", {}).get("requests", {}).get("cpu"):
+        problems.append("no CPU request (the HPA needs one)")
+    sc = c.get("securityContext", {})
+    if not (sc.get("runAsNonRoot") and sc.get("readOnlyRootFilesystem")):
+        problems.append("container may run as root or write its root filesystem")
+    mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+    if os.path.dirname(str(config.get("spend", {}).get("spill_path", ""))) not in mounts:
+        problems.append("spend.spill_path is not on a mounted volume (the root filesystem is read-only)")
+    for key in ("master_key", "database_url", "redis_url"):
+        if not str(config.get(key, "")).startswith("os.environ/"):
+            problems.append(f"config {key} is not os.environ/NAME")
+
+    selector = dep["spec"]["selector"]["matchLabels"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    if not selector.items() <= labels.items():
+        problems.append("the Deployment's selector does not match its pods")
+    service = one(docs, "Service")
+    if service["spec"]["selector"] != selector:
+        problems.append("the Service does not select the Deployment's pods")
+    job = [d for d in docs if d["kind"] == "Job"]
+    if values.get("migrations", {}).get("enabled", True):
+        if len(job) != 1:
+            problems.append("no migrations Job")
+        else:
+            job = job[0]
+            ann = job["metadata"].get("annotations", {})
+            if set(ann.get("helm.sh/hook", "").split(",")) != {"pre-install", "pre-upgrade"}:
+                problems.append("the migrations Job is not a pre-install,pre-upgrade hook")
+            jpod = job["spec"]["template"]["spec"]
+            (jc,) = jpod["containers"]
+            if jc.get("args", [])[:2] != ["llmproxy", "migrate"] or "--config" not in jc.get("args", []):
+                problems.append("the Job does not run llmproxy migrate --config")
+            if [e.get("secretRef", {}).get("name") for e in jc.get("envFrom", [])] != [secret]:
+                problems.append("the Job does not get the existing Secret")
+            jlabels = job["spec"]["template"]["metadata"].get("labels", {})
+            if selector.items() <= jlabels.items():
+                problems.append("the Service and PDB would select the migrations Job's pod")
+            used = [v["configMap"]["name"] for v in jpod.get("volumes", []) if "configMap" in v]
+            hook_cm = cms.get(used[0]) if used else None
+            if hook_cm is None or "helm.sh/hook" not in hook_cm["metadata"].get("annotations", {}):
+                problems.append("the Job's config is not a hook made before it (the release's "
+                                "ConfigMap does not exist yet at pre-install)")
+            elif int(hook_cm["metadata"]["annotations"].get("helm.sh/hook-weight", 0)) >= \
+                    int(ann.get("helm.sh/hook-weight", 0)):
+                problems.append("the Job's ConfigMap hook is not weighted before the Job")
+            elif gateway_config_of(hook_cm) != config:
+                problems.append("the Job's config differs from the gateway's")
+    hpa = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    if hpa:
+        if hpa[0]["spec"]["scaleTargetRef"] != {"apiVersion": "apps/v1", "kind": "Deployment",
+                                                 "name": dep["metadata"]["name"]}:
+            problems.append("the HPA does not scale the Deployment")
+        if "replicas" in dep["spec"]:
+            problems.append("the Deployment sets replicas while an HPA scales it")
+    for pdb in (d for d in docs if d["kind"] == "PodDisruptionBudget"):
+        if pdb["spec"]["selector"]["matchLabels"] != selector:
+            problems.append("the PDB does not select the Deployment's pods")
+    for sm in (d for d in docs if d["kind"] == "ServiceMonitor"):
+        ep = sm["spec"]["endpoints"][0]
+        if sm["spec"]["selector"]["matchLabels"].items() > service["metadata"]["labels"].items() \
+                or ep.get("path") != "/metrics" \
+                or ep.get("port") not in [p["name"] for p in service["spec"]["ports"]]:
+            problems.append("the ServiceMonitor does not scrape the Service's /metrics")
+    return problems
+
+
+def test_chart_has_no_remote_dependencies_and_generates_no_secret():
+    chart = load_yaml(CHART / "Chart.yaml")
+    assert chart["apiVersion"] == "v2" and not chart.get("dependencies")
+    assert not (CHART / "charts").exists() and not (CHART / "Chart.lock").exists()
+    templates = "".join(p.read_text() for p in (CHART / "templates").iterdir())
+    for generator in ("randAlphaNum", "randAlpha", "randAscii", "randBytes", "genPrivateKey",
+                      "genCA", "uuidv4", "kind: Secret"):
+        assert generator not in templates, generator
+    from llmproxy import __version__
+    assert chart["appVersion"] == __version__
+
+
+def values_schema_problems(values: Any) -> list[str]:
+    import jsonschema
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+            for e in cls(schema).iter_errors(values)]
+
+
+def test_values_match_their_schema():
+    assert values_schema_problems(load_yaml(CHART / "values.yaml")) == []
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda v: v.update(replicaCount="two"), "replicaCount: 'two' is not of type 'integer'"),
+    (lambda v: v.pop("existingSecret"), "'existingSecret' is a required property"),
+    (lambda v: v.update(existingSecret="My_Secret"), "existingSecret: 'My_Secret' does not match"),
+    (lambda v: v["config"].update(master_key="sk-literal"), "config/master_key: 'sk-literal' does not match"),
+    (lambda v: v["config"]["models"][0]["deployments"][0].update(api_key="sk-x"),
+     "config/models/0/deployments/0/api_key"),
+    (lambda v: v["config"].update(server={"port": 1}), "config: {"),
+    (lambda v: v["server"].update(drainDelay=-1), "server/drainDelay: -1 is less than the minimum"),
+    (lambda v: v.update(replicas=2), "Additional properties are not allowed ('replicas'"),
+    (lambda v: v["resources"]["requests"].update(cpu="lots"), "resources/requests/cpu: 'lots' does not match"),
+])
+def test_values_schema_rejects_broken_values(mutate, expected):
+    values = load_yaml(CHART / "values.yaml")
+    mutate(values)
+    problems = values_schema_problems(values)
+    assert any(expected in p for p in problems), problems
+
+
+def test_helm_lint_finds_nothing_wrong():
+    helm = helm_sdk()
+    report = helm.lint(str(CHART), strict=True, kube_version="v1.30.0")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+    # Helm's own schema check runs at render: a value the schema refuses is an error
+    with helm.Chart.load(str(CHART)) as chart:
+        with pytest.raises(helm.HelmError, match="replicaCount"):
+            chart.render({"replicaCount": "two"}, name="prod", namespace="llm")
+
+
+@pytest.mark.parametrize("values", [{}, ALL_ON, HPA_OFF, {"migrations": {"enabled": False}}],
+                         ids=["defaults", "all-on", "hpa-off", "no-migrations"])
+def test_rendered_manifests_are_valid_kubernetes(values):
+    import kubernetes_validate
+
+    docs = manifests(render(values))
+    kinds = sorted(d["kind"] for d in docs)
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: no schema ships with kubernetes-validate (chart_problems checks it)
+        for version in KUBE_VERSIONS:
+            v = kubernetes_validate.latest_version() if version == "latest" else version
+            kubernetes_validate.validate(doc, v, strict=True)
+    merged = load_yaml(CHART / "values.yaml")
+    for key, value in values.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+    assert chart_problems(docs, merged) == []
+    expected = {"ConfigMap", "Deployment", "Service"}
+    if merged["autoscaling"]["enabled"]:
+        expected.add("HorizontalPodAutoscaler")
+    if merged["podDisruptionBudget"]["enabled"]:
+        expected.add("PodDisruptionBudget")
+    if merged["ingress"]["enabled"]:
+        expected.add("Ingress")
+    if merged["serviceMonitor"]["enabled"]:
+        expected.add("ServiceMonitor")
+    if merged["migrations"]["enabled"]:
+        expected.add("Job")
+    assert set(kinds) == expected
+    if not merged["autoscaling"]["enabled"]:
+        assert one(docs, "Deployment")["spec"]["replicas"] == merged["replicaCount"]
+
+
+def test_kubernetes_schemas_reject_a_broken_manifest():
+    import kubernetes_validate
+
+    dep = copy.deepcopy(one(manifests(render()), "Deployment"))
+    dep["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = ["http"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, "1.25.0", strict=True)
+    dep = copy.deepcopy(one(manifests(render()), "Deployment"))
+    dep["spec"]["template"]["spec"]["containers"][0]["prestop"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, "1.25.0", strict=True)
+
+
+def _container(docs):
+    return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def _set_server(docs, **server):
+    cm = one(docs, "ConfigMap", hook=False)
+    config = gateway_config_of(cm)
+    config["server"].update(server)
+    cm["data"]["llmproxy.yaml"] = yaml.safe_dump(config)
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: _container(d)["readinessProbe"]["httpGet"].update(path="/health"), "readinessProbe"),
+    (lambda d: _container(d).pop("livenessProbe"), "livenessProbe"),
+    (lambda d: _container(d)["lifecycle"]["preStop"]["exec"].update(command=["sleep", "1"]),
+     "does not sleep server.drain_delay"),
+    (lambda d: one(d, "Deployment")["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=30),
+     "terminationGracePeriodSeconds 30 is not above"),
+    (lambda d: _set_server(d, graceful_timeout=40), "terminationGracePeriodSeconds 45 is not above"),
+    (lambda d: _container(d).update(envFrom=[]), "envFrom is [], not the existing Secret"),
+    (lambda d: d.append({"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "k"}}), "renders a Secret"),
+    (lambda d: one(d, "Job")["metadata"]["annotations"].update({"helm.sh/hook": "post-install"}),
+     "not a pre-install,pre-upgrade hook"),
+    (lambda d: one(d, "Job")["spec"]["template"]["metadata"]["labels"].update(
+        {"app.kubernetes.io/name": "llmproxy"}), "would select the migrations Job's pod"),
+    (lambda d: one(d, "ConfigMap", hook=True)["metadata"]["annotations"].pop("helm.sh/hook"),
+     "the Job's config is not a hook"),
+    (lambda d: one(d, "Service")["spec"]["selector"].update({"app.kubernetes.io/name": "other"}),
+     "the Service does not select"),
+    (lambda d: one(d, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"].update(name="x"),
+     "the HPA does not scale the Deployment"),
+    (lambda d: _container(d)["resources"]["requests"].pop("cpu"), "no CPU request"),
+    (lambda d: _container(d)["volumeMounts"].pop(1), "spend.spill_path is not on a mounted volume"),
+])
+def test_chart_invariants_catch_a_broken_render(mutate, expected):
+    docs = manifests(render(ALL_ON))
+    mutate(docs)
+    problems = chart_problems(docs, load_yaml(CHART / "values.yaml"))
+    assert any(expected in p for p in problems), problems
+
+
+def test_chart_refuses_a_grace_period_below_the_drain():
+    helm = helm_sdk()
+    with helm.Chart.load(str(CHART)) as chart:
+        with pytest.raises(helm.HelmError, match="terminationGracePeriodSeconds"):
+            chart.render({"terminationGracePeriodSeconds": 35}, name="prod", namespace="llm")
+
+
+def test_rendered_gateway_config_passes_check_config(tmp_path, monkeypatch, capsys):
+    from llmproxy.cli import main
+
+    config = gateway_config_of(one(manifests(render()), "ConfigMap", hook=False))
+    path = tmp_path / "llmproxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for name in env_names(config):
+        monkeypatch.setenv(name, {"DATABASE_URL": "postgresql://u:p@db:5432/llmproxy",
+                                  "REDIS_URL": "redis://redis:6379/0"}.get(name, "sk-change-me-dummy"))
+    assert main(["check-config", "--config", str(path)]) == 0
+    assert ": ok (" in capsys.readouterr().out

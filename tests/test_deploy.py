@@ -918,3 +918,18 @@ def test_rendered_gateway_config_passes_check_config(tmp_path, monkeypatch, caps
                                   "REDIS_URL": "redis://redis:6379/0"}.get(name, "sk-change-me-dummy"))
     assert main(["check-config", "--config", str(path)]) == 0
     assert ": ok (" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------- the guide
+
+
+def test_operations_guide_is_linked_and_names_the_alerts_that_exist():
+    assert "`deploy/README.md`" in (ROOT / "README.md").read_text()
+    guide = (DEPLOY / "README.md").read_text()
+    in_guide = set(re.findall(r"`(Llmproxy[A-Za-z]+)`", guide))
+    in_file = {r["alert"] for g in load_yaml(ALERTS)["groups"] for r in g["rules"]}
+    assert in_guide == in_file
+    for section in ("## Sizing", "## Metrics to alert on", "## Backing up the spend log",
+                    "## Rotating keys without downtime", "## Upgrading, with migrations",
+                    "## What each failure does to clients", "## What is checked here, and what is not"):
+        assert section in guide, section

@@ -30,6 +30,21 @@ from .context import Context, Record, Reply
 from .validate import client_key
 
 
+def growth(make: Callable[[int], Any], run: Callable[[Any], Any], n: int) -> float:
+    """How much longer `run` takes on an input 16x as large as `make(n)` (best of 5 runs of
+    each, in this process): about 16 for linear work, 256 for quadratic. For tests of
+    "linear in its input", which compare n and 16n rather than time anything."""
+    def best(size: int) -> float:
+        data = make(size)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            run(data)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    return best(16 * n) / best(n)
+
+
 def make_context(body: dict[str, Any], api: str = "chat", headers: dict[str, str] | None = None,
                  stream: bool | None = None, model: Any = None) -> Context:
     """A context as the chain's stages leave it for a middleware: the body read and parsed;

@@ -8,7 +8,6 @@ masked requests. Through the real openai SDK against the counting fake upstream.
 
 from __future__ import annotations
 
-import time
 from decimal import Decimal
 from typing import Any, Callable
 
@@ -19,7 +18,7 @@ from aiohttp import web
 
 pytest.importorskip("llmproxy.middlewares.cache", reason="the cache middleware is not installed")
 from llmproxy.middlewares.cache.convert import json_to_sse, responses_end, sse_to_json
-from llmproxy.testing import Received, reply_json, reply_sse, responses_events, responses_object
+from llmproxy.testing import Received, growth, reply_json, reply_sse, responses_events, responses_object
 
 from .conftest import MASTER, needs, openai_config
 
@@ -247,17 +246,6 @@ def test_conversions_round_trip_and_refuse_what_is_not_whole():
         sse_to_json("responses", b"".join(responses_events("m", ["a"], final="response.failed")), (0,) * 5)
 
 
-def growth(make: Callable[[int], Any], run: Callable[[Any], Any], n: int) -> float:
-    """How much longer `run` takes on an input 16x as large (best of 5 each, same process)."""
-    def best(size: int) -> float:
-        data = make(size)
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            run(data)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-    return best(16 * n) / best(n)
 
 
 def _stream(n: int) -> bytes:

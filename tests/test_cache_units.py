@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -24,7 +23,7 @@ from llmproxy.middlewares.cache.convert import (json_to_sse, openai_stream_for, 
 from llmproxy.middlewares.cache.key import Controls, canonical, nondeterministic, take_controls, tenant
 from llmproxy.middlewares.cache.store import ENTRY_OVERHEAD, Entry, LocalStore
 from llmproxy.errors import ProxyError
-from llmproxy.testing import TestPrincipal, anthropic_events, make_context, openai_events
+from llmproxy.testing import TestPrincipal, anthropic_events, growth, make_context, openai_events
 
 from . import test_layout
 from .test_layout import BLOCKED_START, ROOT, imports, module_package
@@ -242,17 +241,6 @@ def test_the_lru_is_bounded_in_bytes_and_drops_the_least_recently_used():
 # --- linear growth ---------------------------------------------------------------------------
 
 
-def growth(make: Callable[[int], Any], run: Callable[[Any], Any], n: int) -> float:
-    """How much longer `run` takes on an input 16x as large (best of 5 each, same process)."""
-    def best(size: int) -> float:
-        data = make(size)
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            run(data)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-    return best(16 * n) / best(n)
 
 
 def _chat_body(n: int) -> Any:

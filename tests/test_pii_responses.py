@@ -9,7 +9,6 @@ upstream, and the stream restorer on its own at any byte split."""
 from __future__ import annotations
 
 import re
-import time
 from typing import Any, Callable
 
 import openai
@@ -24,7 +23,7 @@ from llmproxy.middlewares.pii.masking import Vault, restore_answer
 from llmproxy.middlewares.pii.streams import RestoredStream
 from llmproxy.middlewares.pii.texts import request_texts
 from llmproxy.sse import SSEParser
-from llmproxy.testing import Received, reply_sse, responses_object
+from llmproxy.testing import Received, growth, reply_sse, responses_object
 
 from .conftest import MASTER, openai_config
 from .test_pii_stream import chunked, email_spans, split_bytes, texts
@@ -329,17 +328,6 @@ def test_held_text_goes_out_as_its_own_delta_before_the_value_ends():
     assert stream.chunk(plain) is plain  # no `<`: as it came
 
 
-def growth(make: Callable[[int], Any], run: Callable[[Any], Any], n: int) -> float:
-    """How much longer `run` takes on an input 16x as large (best of 5 each, same process)."""
-    def best(size: int) -> float:
-        data = make(size)
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            run(data)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-    return best(16 * n) / best(n)
 
 
 def _many_items(n: int) -> dict[str, Any]:

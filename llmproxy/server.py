@@ -291,6 +291,10 @@ class Gateway:
                     cleanup()
                 except Exception:
                     log.exception("cleanup_failed", request_id=rid)
+            # A cleanup holds the context it cleans up (the forwarder's `_Finish`): dropped now,
+            # the request's objects go with their last reference, not with the next GC pass.
+            ctx.cleanups.clear()
+            ctx.tracer = None  # likewise the tracer, which holds the context it traces
             if record.client_disconnected:
                 record.status = 499
             elif record.status == 0:

@@ -60,6 +60,7 @@ from aiohttp import web
 from . import errors, keys
 from .context import Reply
 from .errors import ProxyError
+from .validate import read_bounded
 from .store import (AlreadyExists, AuditRow, KeyInfo, NotFound, SpendRow, Store, StoreUnavailable,
                     SubscriptionInfo, TeamInfo)
 from .store.base import LIMIT_NAMES, money
@@ -958,14 +959,7 @@ def _query(request: web.BaseRequest) -> dict[str, str]:
 
 
 async def _body(request: web.BaseRequest) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise errors.too_large(MAX_BODY_BYTES)
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise errors.too_large(MAX_BODY_BYTES) from None
-    if len(raw) > MAX_BODY_BYTES:
-        raise errors.too_large(MAX_BODY_BYTES)
+    raw = await read_bounded(request, MAX_BODY_BYTES)
     if not raw.strip():
         return {}
     try:

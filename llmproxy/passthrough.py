@@ -64,6 +64,7 @@ from .patterns import NameTable
 from .providers.anthropic import DEFAULT_VERSION
 from .providers.base import FORWARD_HEADERS
 from .usage import MAX_TOKENS, Usage, anthropic_usage, openai_usage
+from .validate import read_bounded
 
 if TYPE_CHECKING:
     from .config import Config, Model, Passthrough as RouteConfig
@@ -230,13 +231,7 @@ class Passthrough:
 
     async def _json_body(self, ctx: Context, request: web.BaseRequest) -> tuple[bytes, "Model | None"]:
         """The JSON body, read and checked (step 2); the configured model it names, if any."""
-        limit = self.max_json
-        if request.content_length is not None and request.content_length > limit:
-            raise errors.too_large(limit)
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise errors.too_large(limit) from None
+        raw = await read_bounded(request, self.max_json)
         if not raw:
             return raw, None
         try:

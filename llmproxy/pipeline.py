@@ -42,7 +42,7 @@ from . import errors
 from .context import BODY_APIS, COUNT_APIS, Context, Next, Reply
 from .keys import same_secret
 from .patterns import NameTable
-from .validate import validate_body
+from .validate import read_bounded, validate_body
 
 if TYPE_CHECKING:
     from .config import Config, Model
@@ -114,12 +114,7 @@ class ReadBody:
     async def __call__(self, ctx: Context, call_next: Next) -> Reply:
         request = ctx.request
         assert request is not None, "ReadBody needs the aiohttp request on the context"
-        if request.content_length is not None and request.content_length > self.max_body:
-            raise errors.too_large(self.max_body)
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise errors.too_large(self.max_body) from None
+        raw = await read_bounded(request, self.max_body)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:

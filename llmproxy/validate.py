@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .errors import invalid_request
+from .errors import invalid_request, too_large
 
 _BODY_FIELD = {"chat": "messages", "messages": "messages", "completions": "prompt", "embeddings": "input",
                "responses": "input", "count_tokens": "messages", "input_tokens": "input"}
@@ -73,6 +73,23 @@ def validate_body(api: str, body: Any) -> None:
         v = body.get(name)
         if v is not None and (not _is_int(v) or v < 0):
             raise invalid_request(f"'{name}' must be a non-negative integer.", name)
+
+
+async def read_bounded(request: Any, limit: int) -> bytes:
+    """A request's whole body, at most `limit` bytes, else a 413: refused from its
+    Content-Length before anything is read, and past the limit while reading (a chunked
+    body says no length)."""
+    from aiohttp import web
+
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(limit)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(limit) from None
+    if len(raw) > limit:
+        raise too_large(limit)
+    return raw
 
 
 def client_key(headers: Any) -> str | None:

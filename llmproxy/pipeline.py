@@ -36,7 +36,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import orjson
-from aiohttp import web
 
 from . import errors
 from .context import BODY_APIS, COUNT_APIS, Context, Next, Reply
